@@ -1,0 +1,89 @@
+"""The OpenAI-compatible HTTP adapter both providers share, on the lean HTTP/1.1 client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from gateway.config import BackendConfig
+from providers.base import UpstreamBroken, UpstreamConnectError
+from providers.http1 import ConnectionPool, Response
+
+# Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection the server is
+# about to close would otherwise fail a request that never reached it.
+KEEPALIVE_S = 4.0
+MAX_HEALTH_BODY = 64 * 1024
+
+
+class HTTPUpstreamResponse:
+    __slots__ = ("_response", "content_type", "retry_after", "status")
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+        self.status = response.status
+        self.content_type = response.header(b"content-type") or ""
+        self.retry_after = response.header(b"retry-after")
+
+    # The lean client's errors are already UpstreamBroken / UpstreamConnectError.
+
+    async def read(self, limit: int) -> bytes:
+        return await self._response.read(limit)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.chunks()
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class OpenAICompatibleAdapter:
+    provider: ClassVar[str] = "openai-compatible"
+    health_path: ClassVar[str] = "/health"
+
+    def __init__(
+        self, backend: BackendConfig, *, connect_timeout_s: float, api_key: str | None
+    ) -> None:
+        self.name = backend.name
+        self._base_url = backend.url
+        self._max_connections = backend.max_connections
+        self._connect_timeout_s = connect_timeout_s
+        # The header block is encoded once; only the request id changes per request.
+        headers = b"Content-Type: application/json\r\n"
+        if api_key:
+            headers += b"Authorization: Bearer " + api_key.encode("latin-1") + b"\r\n"
+        self._headers = headers
+        self._pool: ConnectionPool | None = None
+
+    async def start(self) -> None:
+        self._pool = ConnectionPool(
+            self._base_url,
+            max_connections=self._max_connections,
+            keepalive_s=KEEPALIVE_S,
+            connect_timeout_s=self._connect_timeout_s,
+        )
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+    async def post(self, path: str, body: bytes, request_id: str) -> HTTPUpstreamResponse:
+        return await self._send(b"POST", path, body, request_id)
+
+    async def _send(
+        self, method: bytes, path: str, body: bytes, request_id: str
+    ) -> HTTPUpstreamResponse:
+        assert self._pool is not None, "adapter used before start()"
+        headers = self._headers + b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
+        response = await self._pool.request(method, path.encode(), headers, body)
+        return HTTPUpstreamResponse(response)
+
+    async def health(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._send(b"GET", self.health_path, b"", "health-check")
+                await response.read(MAX_HEALTH_BODY)
+                return response.status == 200
+        except (UpstreamConnectError, UpstreamBroken, TimeoutError):
+            return False

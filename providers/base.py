@@ -1,0 +1,50 @@
+"""What every adapter offers the router, and the two ways an upstream can fail."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+
+class UpstreamConnectError(Exception):
+    """No connection could be made: the request never reached the upstream."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class UpstreamBroken(Exception):
+    """The connection failed after the request was sent (reset, closed, malformed HTTP)."""
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    content_type: str
+    retry_after: str | None
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, or `UpstreamBroken` if it breaks off or exceeds `limit` bytes."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; raises `UpstreamBroken` if the connection fails."""
+        ...
+
+    def close(self) -> None:
+        """Drop the connection (cancels the upstream's work) unless the body was consumed."""
+        ...
+
+
+class Adapter(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def post(self, path: str, body: bytes, request_id: str) -> UpstreamResponse:
+        """Send a JSON POST; returns once the response's status and headers arrived."""
+        ...
+
+    async def health(self, timeout_s: float) -> bool: ...

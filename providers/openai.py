@@ -1,0 +1,27 @@
+"""OpenAI's API (api.openai.com or anything at the configured base URL).
+
+OpenAI has no health endpoint; listing models is the cheapest authenticated call.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gateway.config import BackendConfig
+from providers._http import OpenAICompatibleAdapter
+
+
+class MissingCredential(Exception):
+    """The environment variable that should hold a backend's API key is unset or empty."""
+
+
+class OpenAIAdapter(OpenAICompatibleAdapter):
+    provider = "openai"
+    health_path = "/v1/models"
+
+    def __init__(self, backend: BackendConfig, *, connect_timeout_s: float) -> None:
+        assert backend.api_key_env is not None  # enforced by BackendConfig
+        api_key = os.environ.get(backend.api_key_env)
+        if not api_key:
+            raise MissingCredential(f"environment variable {backend.api_key_env} is not set")
+        super().__init__(backend, connect_timeout_s=connect_timeout_s, api_key=api_key)
