@@ -1,0 +1,112 @@
+"""Active health checks: probe each backend's health endpoint, eject and readmit it.
+
+A backend is ejected after `unhealthy_after` failed probes in a row and readmitted after
+`healthy_after` good ones, so one slow probe does not flap it. Passive detection from live
+traffic is the circuit breaker's and the connect-failure ejection's job; this one finds a
+backend that is down (or back) while no traffic reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.config import HealthConfig
+
+logger = logging.getLogger("vgate.health")
+
+
+@dataclass(slots=True)
+class HealthState:
+    healthy: bool = True  # until the first probe says otherwise
+    probed: bool = False
+    failures: int = 0
+    successes: int = 0
+
+    def record(self, ok: bool, config: HealthConfig) -> bool:
+        """Count one probe; True when it changed `healthy`."""
+        if not self.probed:
+            # The first probe decides outright: nothing is known to hold a state against.
+            self.probed = True
+            self.failures, self.successes = (0, 1) if ok else (1, 0)
+            changed, self.healthy = self.healthy != ok, ok
+            return changed
+        if ok:
+            self.failures = 0
+            self.successes += 1
+            if not self.healthy and self.successes >= config.healthy_after:
+                self.healthy = True
+                return True
+        else:
+            self.successes = 0
+            self.failures += 1
+            if self.healthy and self.failures >= config.unhealthy_after:
+                self.healthy = False
+                return True
+        return False
+
+
+@dataclass(slots=True)
+class Probe:
+    name: str
+    config: HealthConfig
+    check: Callable[[float], Awaitable[bool]]
+    state: HealthState
+    next_due: float = 0.0
+
+
+class HealthChecker:
+    """Probes every backend on its route's interval, in one background task."""
+
+    def __init__(
+        self, probes: Sequence[Probe], *, on_change: Callable[[str, bool], None] | None = None
+    ) -> None:
+        self._probes = [probe for probe in probes if probe.config.enabled]
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_all(self) -> None:
+        """One round over every probe, concurrently."""
+        await asyncio.gather(*(self._check(probe) for probe in self._probes))
+
+    async def check_due(self, now: float) -> None:
+        """A round over the probes whose interval has elapsed."""
+        due = [probe for probe in self._probes if probe.next_due <= now]
+        for probe in due:
+            probe.next_due = now + probe.config.interval_s
+        await asyncio.gather(*(self._check(probe) for probe in due))
+
+    async def _check(self, probe: Probe) -> None:
+        try:
+            ok = await probe.check(probe.config.timeout_s)
+        except Exception:  # a probe that blows up is a failed probe, never a dead checker
+            logger.exception("health probe of %s failed unexpectedly", probe.name)
+            ok = False
+        if probe.state.record(ok, probe.config):
+            healthy = probe.state.healthy
+            logger.warning("backend %s is %s", probe.name, "healthy" if healthy else "unhealthy")
+            if self._on_change is not None:
+                self._on_change(probe.name, healthy)
+
+    async def start(self) -> None:
+        if self._probes:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        tick = min(probe.config.interval_s for probe in self._probes)
+        for probe in self._probes:
+            probe.next_due = loop.time() + probe.config.interval_s
+        while True:
+            await asyncio.sleep(tick)
+            await self.check_due(loop.time())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
