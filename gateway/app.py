@@ -1,0 +1,247 @@
+"""Assemble the edge: configuration in, a Starlette ASGI application out.
+
+Nothing here is global: every dependency is built from the config in `Gateway` and
+passed in, and the lifespan starts and stops what holds connections.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HTTPRoute
+
+from gateway.accesslog import AccessLog
+from gateway.asgi import ASGIApp, Receive, Scope, Send
+from gateway.auth import KeyRing
+from gateway.config import ConfigError, GatewayConfig, RetryConfig
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import RequestContextMiddleware
+from gateway.proxy import ProxyEndpoint
+from gateway.router import Backend, Route, Router
+from gateway.validation import Endpoint
+from policies.admission import Admission
+from policies.breaker import BackendBreaker
+from policies.health import HealthChecker, Probe
+from policies.retry import RetryBudget, RetryPolicy
+from providers import MissingCredential, create_adapter
+
+
+@dataclass
+class Gateway:
+    """The runtime pieces built from one configuration."""
+
+    config: GatewayConfig
+    keys: KeyRing
+    router: Router
+    metrics: GatewayMetrics
+    access_log: AccessLog | None
+    health: HealthChecker
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig, *, log_stream: BinaryIO | None = None) -> Gateway:
+        keys = KeyRing.load(config.keys.file)
+        metrics = GatewayMetrics(
+            [model.name for model in config.models],
+            [backend.name for model in config.models for backend in model.backends],
+        )
+        routes = [
+            Route(
+                model,
+                [_backend(config, m, b, metrics) for b in range(len(model.backends))],
+                _retry_policy(model.retries),
+            )
+            for m, model in enumerate(config.models)
+        ]
+        server = config.server
+        admission = Admission(
+            limit=server.max_in_flight,
+            max_waiting=server.queue_max_waiting,
+            timeout_s=server.queue_timeout_s,
+        )
+        router = Router(routes, admission)
+        metrics.watch_admission(admission)
+        router.on_retry = lambda route, failure, delay: metrics.retries.labels(route.name).inc()
+        router.on_fallback = lambda old, new: metrics.fallbacks.labels(old.name, new.name).inc()
+        access_log = None
+        if config.server.access_log:
+            access_log = AccessLog(log_stream if log_stream is not None else sys.stdout.buffer)
+        health = HealthChecker(
+            [
+                Probe(backend.name, route.config.health, backend.adapter.health, backend.health)
+                for route in routes
+                for backend in route.backends
+            ],
+            on_change=metrics.health_changed,
+        )
+        return cls(config, keys, router, metrics, access_log, health)
+
+    async def start(self) -> None:
+        for backend in self.router.backends:
+            await backend.adapter.start()
+        # One round before serving, so that /ready and routing know from the first request.
+        await self.health.check_all()
+        await self.health.start()
+
+    async def aclose(self) -> None:
+        await self.health.aclose()
+        for backend in self.router.backends:
+            await backend.adapter.aclose()
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Whether every model has a backend passing its health checks, and which do."""
+        models: dict[str, object] = {}
+        ready = True
+        for route in self.router.routes:
+            up = [b.name for b in route.backends if b.health.healthy]
+            down = [b.name for b in route.backends if not b.health.healthy]
+            ready = ready and bool(up)
+            models[route.name] = {"live": up, "down": down}
+        return ready, models
+
+
+def _backend(
+    config: GatewayConfig, model_index: int, backend_index: int, metrics: GatewayMetrics
+) -> Backend:
+    route = config.models[model_index]
+    backend = route.backends[backend_index]
+    try:
+        adapter = create_adapter(backend, route.timeouts)
+    except MissingCredential as exc:
+        field = f"models[{model_index}].backends[{backend_index}].api_key_env"
+        raise ConfigError(config.source, field, str(exc)) from None
+    breaker = BackendBreaker(backend.name, route.breaker, on_change=metrics.breaker_changed)
+    return Backend(backend, adapter, backend.model or route.name, breaker)
+
+
+def _retry_policy(config: RetryConfig) -> RetryPolicy:
+    budget = RetryBudget(config.budget_ratio, config.budget_window_s, config.budget_min_per_s)
+    return RetryPolicy(config, budget)
+
+
+class Edge:
+    """The outermost app: the proxied POST endpoints directly, everything else via Starlette.
+
+    The three proxied paths are the hot path; dispatching them by a dict lookup spares
+    each request Starlette's error and exception middleware and its regex routing. Their
+    other methods still reach Starlette, which answers 405 with `Allow`.
+    """
+
+    def __init__(self, proxies: Mapping[str, ProxyEndpoint], fallback: ASGIApp) -> None:
+        self.proxies = dict(proxies)
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.proxies.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.fallback(scope, receive, send)
+
+
+def create_app(gateway: Gateway) -> ASGIApp:
+    router = gateway.router
+    config = gateway.config
+
+    models_body = orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
+                for route in router.routes
+                for name in (route.name, *route.config.aliases)
+            ],
+        }
+    )
+
+    async def list_models(request: Request) -> Response:
+        request.scope["vgate.record"].endpoint = "models"
+        request.scope["vgate.record"].caller = gateway.keys.authenticate(
+            request.headers.get("authorization", "").encode() or None
+        ).name
+        return Response(models_body, media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def ready(request: Request) -> Response:
+        is_ready, models = gateway.readiness()
+        body = orjson.dumps({"status": "ready" if is_ready else "not_ready", "models": models})
+        return Response(body, status_code=200 if is_ready else 503, media_type="application/json")
+
+    async def metrics(request: Request) -> Response:
+        return Response(
+            gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    proxies = {
+        endpoint.value: ProxyEndpoint(
+            endpoint, router=router, keys=gateway.keys, max_body_bytes=config.server.max_body_bytes
+        )
+        for endpoint in Endpoint
+    }
+    routes = [
+        *(HTTPRoute(path, proxy, methods=["POST"]) for path, proxy in proxies.items()),
+        HTTPRoute("/v1/models", list_models, methods=["GET"]),
+        HTTPRoute("/health", health, methods=["GET"]),
+        HTTPRoute("/ready", ready, methods=["GET"]),
+        HTTPRoute("/metrics", metrics, methods=["GET"]),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        # Everything built so far lives as long as the process: keep it out of the
+        # cyclic collector's generations so collections on the hot path stay short.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    starlette = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, GatewayError: _gateway_error},
+        lifespan=lifespan,
+    )
+    return RequestContextMiddleware(
+        Edge(proxies, starlette), metrics=gateway.metrics, access_log=gateway.access_log
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = NotFound(f"Unknown path {request.url.path}.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    else:
+        error = GatewayError(exc.detail)
+        error.status = exc.status_code
+    return await _gateway_error(request, error, extra_headers=exc.headers)
+
+
+async def _gateway_error(
+    request: Request, exc: Exception, extra_headers: Mapping[str, str] | None = None
+) -> Response:
+    assert isinstance(exc, GatewayError)
+    record = request.scope.get("vgate.record")
+    if record is not None:
+        record.error = exc.code or exc.type
+    headers = {**exc.headers, **(extra_headers or {})}
+    return Response(
+        exc.body(), status_code=exc.status, headers=headers, media_type="application/json"
+    )

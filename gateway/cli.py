@@ -1,0 +1,97 @@
+"""`vgate`: the one command line. Verbs: serve, sim, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vgate", description="An OpenAI-compatible LLM gateway.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: the embedded default)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+
+    check = verbs.add_parser("check-config", help="validate a config file and its keys file")
+    check.add_argument("file", nargs="?", help="YAML config file (default: the embedded default)")
+
+    sim = verbs.add_parser("sim", help="run one simulated vLLM worker")
+    from chaos import sim as sim_module
+
+    sim_module.add_arguments(sim)
+
+    args = parser.parse_args(argv)
+    if args.verb == "sim":
+        return sim_module.run(args)
+    if args.verb == "check-config":
+        return _check_config(args.file)
+    return _serve(args)
+
+
+def _load(path: str | None) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_config(path: str | None) -> int:
+    from gateway.app import Gateway
+
+    config = _load(path)
+    try:
+        Gateway.from_config(config)  # keys file and credentials too; connects to nothing
+    except ConfigError as exc:
+        print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    models = ", ".join(route.name for route in config.models)
+    print(f"{config.source}: ok ({len(config.models)} models: {models})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import Gateway, create_app
+
+    config = _load(args.config)
+    server = config.server
+    if args.host or args.port is not None:
+        server = server.model_copy(
+            update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        gateway = Gateway.from_config(config)
+    except ConfigError as exc:
+        print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        create_app(gateway),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(server.graceful_shutdown_s),
+        server_header=False,
+        date_header=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""The gateway's configuration: typed, frozen value objects loaded from YAML.
+
+Every value can be overridden by an environment variable `VGATE_<SECTION>__<KEY>` (nested
+keys and list indexes joined by `__`, e.g. `VGATE_MODELS__0__BACKENDS__1__URL`). Values
+are parsed as YAML scalars, so `VGATE_SERVER__PORT=9000` is an integer. Any problem is a
+`ConfigError` naming the file, the field and the reason, raised at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "VGATE_"
+
+
+class ConfigError(Exception):
+    """A configuration problem: which file, which field, and why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        self.source = source
+        self.field = field
+        self.reason = reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: Literal[1] = 1
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    access_log: bool = True
+    graceful_shutdown_s: float = Field(10.0, gt=0)
+    max_in_flight: int = Field(1024, ge=1)  # requests worked on at once by this process
+    queue_max_waiting: int = Field(256, ge=0)  # beyond max_in_flight, at most this many wait...
+    queue_timeout_s: float = Field(1.0, gt=0)  # ...each at most this long, then 503
+
+
+class Timeouts(_Frozen):
+    """Phase timeouts: a stalled backend is cut off by whichever phase it stalls in."""
+
+    connect_s: float = Field(2.0, gt=0)
+    first_token_s: float = Field(30.0, gt=0)
+    idle_s: float = Field(30.0, gt=0)
+    total_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _total_is_the_ceiling(self) -> Timeouts:
+        for name in ("connect_s", "first_token_s", "idle_s"):
+            if getattr(self, name) > self.total_s:
+                raise ValueError(f"{name} ({getattr(self, name)}) exceeds total_s ({self.total_s})")
+        return self
+
+
+class RetryConfig(_Frozen):
+    """Retries before the first byte reaches the client; never after."""
+
+    attempts: int = Field(2, ge=1, le=10)  # in all, the first included: 1 means no retry
+    backoff_initial_s: float = Field(0.05, ge=0)
+    backoff_max_s: float = Field(2.0, ge=0)
+    retry_after_max_s: float = Field(5.0, ge=0)  # an upstream's Retry-After is honoured up to this
+    budget_ratio: float = Field(0.2, ge=0, le=1)  # retries at most this share of requests...
+    budget_window_s: float = Field(10.0, gt=0)  # ...over this window...
+    budget_min_per_s: float = Field(1.0, ge=0)  # ...but always this many per second
+
+
+class BreakerConfig(_Frozen):
+    """Per backend: opens on consecutive failures or a failure ratio, probes after open_s."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(10.0, gt=0)
+    min_requests: int = Field(20, ge=1)  # the ratio is judged only over at least this many
+    open_s: float = Field(5.0, gt=0)
+    half_open_probes: int = Field(1, ge=1)
+
+
+class HealthConfig(_Frozen):
+    """Active health checks of each backend of a route."""
+
+    enabled: bool = True
+    interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+    unhealthy_after: int = Field(2, ge=1)  # failed probes in a row before ejection
+    healthy_after: int = Field(2, ge=1)  # good probes in a row before readmission
+
+
+class BackendConfig(_Frozen):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    provider: Literal["vllm", "openai"]
+    url: str
+    weight: int = Field(1, ge=1, le=1000)
+    model: str | None = None  # the name the upstream serves; defaults to the route's name
+    api_key_env: str | None = None
+    max_connections: int = Field(256, ge=1, le=10_000)
+    max_in_flight: int | None = Field(None, ge=1)  # requests at once; default max_connections
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")) or len(url) < 10:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _openai_needs_a_key(self) -> BackendConfig:
+        if self.provider == "openai" and not self.api_key_env:
+            raise ValueError("provider openai needs api_key_env (the variable holding the key)")
+        return self
+
+
+class ModelRoute(_Frozen):
+    name: str = Field(min_length=1, max_length=128)
+    aliases: tuple[str, ...] = ()
+    strategy: Literal["weighted", "least_inflight", "p2c_latency"] = "weighted"
+    seed: int = 0  # for p2c_latency's draws: the same seed, the same choices
+    timeouts: Timeouts = Timeouts()
+    retries: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    health: HealthConfig = HealthConfig()
+    fallbacks: tuple[str, ...] = ()  # model names tried in order when this one cannot answer
+    context_window: int | None = Field(
+        None, ge=1
+    )  # tokens; lets a too-long prompt go to a larger fallback
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+
+
+class KeysConfig(_Frozen):
+    file: Path
+
+
+class GatewayConfig(_Frozen):
+    server: ServerConfig = ServerConfig()
+    models: tuple[ModelRoute, ...] = Field(min_length=1)
+    keys: KeysConfig
+    source: str = "<memory>"
+
+    @field_validator("models")
+    @classmethod
+    def _names_are_unique(cls, models: tuple[ModelRoute, ...]) -> tuple[ModelRoute, ...]:
+        seen_models: set[str] = set()
+        seen_backends: set[str] = set()
+        for route in models:
+            for name in (route.name, *route.aliases):
+                if name in seen_models:
+                    raise ValueError(f"model name or alias {name!r} is used twice")
+                seen_models.add(name)
+            for backend in route.backends:
+                if backend.name in seen_backends:
+                    raise ValueError(f"backend name {backend.name!r} is used twice")
+                seen_backends.add(backend.name)
+        names = {route.name for route in models}
+        for index, route in enumerate(models):
+            for fallback in route.fallbacks:
+                if fallback not in names:
+                    raise ValueError(f"models[{index}].fallbacks: {fallback!r} is not a model name")
+                if fallback == route.name:
+                    raise ValueError(f"models[{index}].fallbacks: {fallback!r} is the model itself")
+        return models
+
+
+def default_config_path() -> Path:
+    """The embedded default: packaged beside the code, or the checkout's config/."""
+    packaged = Path(__file__).with_name("_config") / "gateway.yaml"
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "config" / "gateway.yaml"
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Read, override from the environment, and validate a configuration file."""
+    file = Path(path) if path is not None else default_config_path()
+    source = str(file)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "the top level must be a mapping")
+    _apply_env_overrides(raw, os.environ if environ is None else environ, source)
+    return parse_config(raw, source=source, base_dir=file.parent)
+
+
+def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> GatewayConfig:
+    raw = dict(raw)
+    raw.pop("source", None)
+    keys = raw.get("keys")
+    if isinstance(keys, dict) and isinstance(keys.get("file"), str):
+        raw["keys"] = {**keys, "file": base_dir / keys["file"]}
+    try:
+        return GatewayConfig.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = field_path(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        raise ConfigError(source, field, message) from None
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: str) -> None:
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
+            continue
+        path = [part.lower() for part in variable[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node: Any = raw
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(source, variable, f"no list item {part!r} to override")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(source, variable, f"{'.'.join(path[:depth])} is not a section")

@@ -1,0 +1,182 @@
+"""Prometheus metrics with bounded label sets.
+
+Labels come only from configuration (model and backend names), fixed sets (endpoint), and
+HTTP status codes. Keys, prompts and request ids never become labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from gateway.record import RequestRecord
+from policies.admission import Admission
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
+NONE = "none"
+
+
+class _Children(NamedTuple):
+    requests: Counter
+    duration: Histogram
+    overhead: Histogram
+    ttft: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+
+
+class GatewayMetrics:
+    def __init__(self, models: Iterable[str], backends: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        self._models = frozenset(models)
+        self._backends = frozenset(backends)
+        registry = self.registry
+        self.requests = Counter(
+            "vgate_requests",
+            "Requests answered, by endpoint, model and status.",
+            ["endpoint", "model", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "vgate_request_duration_seconds",
+            "Time from request to the end of the response.",
+            ["endpoint", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "vgate_time_to_first_token_seconds",
+            "Time to the first streamed event.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "vgate_gateway_overhead_seconds",
+            "The gateway's own time up to the response's start, excluding the upstream's.",
+            ["endpoint"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.upstream = Histogram(
+            "vgate_upstream_duration_seconds",
+            "Upstream time until the response (non-streaming) or the first event (streaming).",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "vgate_tokens",
+            "Tokens reported by upstreams' usage.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "vgate_requests_in_flight", "Requests being handled now.", registry=registry
+        )
+        self.retries = Counter(
+            "vgate_retries", "Attempts retried, by model route.", ["model"], registry=registry
+        )
+        self.fallbacks = Counter(
+            "vgate_fallbacks",
+            "Requests passed on to a fallback model route.",
+            ["from_model", "to_model"],
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "vgate_breaker_transitions",
+            "Circuit breaker state changes, by backend and new state.",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self.breaker_open = Gauge(
+            "vgate_breaker_open",
+            "1 while a backend's circuit breaker is open or half-open.",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_healthy = Gauge(
+            "vgate_backend_healthy",
+            "1 while a backend passes its active health checks.",
+            ["backend"],
+            registry=registry,
+        )
+        for backend in self._backends:
+            self.backend_healthy.labels(backend).set(1)
+        self._children: dict[tuple[str, str, int], _Children] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def observe(self, record: RequestRecord, end: float) -> None:
+        endpoint = record.endpoint if record.endpoint in _ENDPOINTS else "other"
+        model = record.model if record.model in self._models else NONE
+        key = (endpoint, model, record.status)
+        children = self._children.get(key)
+        if children is None:
+            # Resolved once per label combination: `.labels()` locks and hashes each time.
+            children = self._children[key] = _Children(
+                self.requests.labels(endpoint, model, str(record.status)),
+                self.duration.labels(endpoint, model),
+                self.overhead.labels(endpoint),
+                self.ttft.labels(model),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        children.requests.inc()
+        children.duration.observe(end - record.start)
+        if record.response_started is not None:
+            own = record.response_started - record.start - (record.upstream_s or 0.0)
+            children.overhead.observe(max(own, 0.0))
+        if record.ttft_s is not None:
+            children.ttft.observe(record.ttft_s)
+        if record.prompt_tokens:
+            children.prompt_tokens.inc(record.prompt_tokens)
+        if record.completion_tokens:
+            children.completion_tokens.inc(record.completion_tokens)
+        backend = record.backend
+        if backend is not None and record.upstream_s is not None:
+            upstream = self._upstream_children.get(backend)
+            if upstream is None and backend in self._backends:
+                upstream = self._upstream_children[backend] = self.upstream.labels(backend)
+            if upstream is not None:
+                upstream.observe(record.upstream_s)
+
+    def breaker_changed(self, backend: str, old: str, new: str) -> None:
+        if backend in self._backends:
+            self.breaker_transitions.labels(backend, new).inc()
+            self.breaker_open.labels(backend).set(0 if new == "closed" else 1)
+
+    def watch_admission(self, admission: Admission) -> None:
+        """Admission's own counters, read at scrape time: nothing on the hot path."""
+        self.registry.register(_AdmissionCollector(admission))
+
+    def health_changed(self, backend: str, healthy: bool) -> None:
+        if backend in self._backends:
+            self.backend_healthy.labels(backend).set(1 if healthy else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _AdmissionCollector(Collector):
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self._admission
+        yield GaugeMetricFamily(
+            "vgate_admission_in_flight", "Requests holding an admission slot.", admission.in_flight
+        )
+        yield GaugeMetricFamily(
+            "vgate_admission_waiting", "Requests waiting for an admission slot.", admission.waiting
+        )
+        shed = CounterMetricFamily("vgate_shed", "Requests shed by admission.", labels=["reason"])
+        shed.add_metric(["queue_full"], admission.shed_full)
+        shed.add_metric(["queue_timeout"], admission.shed_timeout)
+        yield shed

@@ -1,0 +1,100 @@
+"""The one middleware on the hot path: request id, timing headers, access log, metrics.
+
+Pure ASGI, one `send` wrapper, no per-request objects beyond the record, and a
+last-resort guard so that no exception ever reaches a client as a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+from gateway.accesslog import AccessLog
+from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.record import RequestRecord
+
+logger = logging.getLogger("vgate")
+
+# Probes and scrapes are neither logged nor counted: they would drown the requests.
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+def request_id_from(scope: Scope) -> str:
+    """The client's X-Request-ID if it is sane (printable ASCII, bounded), else a new one."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return str(value.decode("ascii"))
+            break
+    return os.urandom(16).hex()
+
+
+class RequestContextMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, metrics: GatewayMetrics, access_log: AccessLog | None
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        record = RequestRecord(request_id_from(scope), start, scope["method"], scope["path"])
+        scope["vgate.record"] = record
+        request_id = record.request_id.encode("ascii")
+
+        async def send_with_context(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                now = time.perf_counter()
+                record.status = message["status"]
+                record.response_started = now
+                upstream = record.upstream_s
+                own = now - start - (upstream or 0.0)
+                timing = f"gateway;dur={own * 1000:.3f}"
+                if upstream is not None:
+                    timing += f", upstream;dur={upstream * 1000:.3f}"
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id),
+                    (b"server-timing", timing.encode("ascii")),
+                ]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_context)
+        except Exception as exc:
+            logger.exception("unhandled error in request %s", record.request_id)
+            record.error = "internal_error"
+            if record.response_started is None:
+                error = GatewayError(
+                    f"The gateway failed to handle this request (request id {record.request_id})."
+                )
+                await send_error(send_with_context, error)
+            elif not isinstance(exc, OSError):
+                raise
+        finally:
+            self.metrics.in_flight.dec()
+            end = time.perf_counter()
+            self.metrics.observe(record, end)
+            if self.access_log is not None:
+                self.access_log.write(record, end)
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    body = error.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers.extend((name.lower().encode(), value.encode()) for name, value in error.headers.items())
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

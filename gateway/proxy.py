@@ -1,0 +1,138 @@
+"""The proxied OpenAI endpoints: authenticate, read and check the body, hand to the router.
+
+A pure ASGI endpoint rather than a Starlette request/response one: the response is either
+a whole body or a stream of events, written with two `send` calls or one per event batch,
+and a client that leaves cancels the upstream request at once (`DisconnectWatch`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.asgi import (
+    BodyTooLarge,
+    ClientDisconnected,
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+)
+from gateway.auth import KeyRing
+from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.middleware import send_error
+from gateway.record import RequestRecord
+from gateway.router import Route, Router, StreamInterrupted
+from gateway.validation import Endpoint, ProxyRequest, parse_request
+from policies.admission import Priority
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ProxyEndpoint:
+    def __init__(
+        self, endpoint: Endpoint, *, router: Router, keys: KeyRing, max_body_bytes: int
+    ) -> None:
+        self.endpoint = endpoint
+        self.label = {
+            Endpoint.CHAT: "chat",
+            Endpoint.COMPLETIONS: "completions",
+            Endpoint.EMBEDDINGS: "embeddings",
+        }[endpoint]
+        self.router = router
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record: RequestRecord = scope["vgate.record"]
+        record.endpoint = self.label
+        try:
+            caller = self.keys.authenticate(header(scope, b"authorization"))
+            record.caller = caller.name
+            priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
+            try:
+                body = await read_body(scope, receive, self.max_body_bytes)
+            except BodyTooLarge as exc:
+                raise PayloadTooLarge(
+                    f"Request body is larger than the gateway's limit of {exc.limit} bytes.",
+                ) from None
+            except ClientDisconnected:
+                record.status = CLIENT_CLOSED_REQUEST
+                record.error = "client_disconnected"
+                return
+            request = parse_request(self.endpoint, body)
+            route = self.router.route_for(request.model)
+            record.model = route.name
+            record.stream = request.stream
+            admission = self.router.admission
+            async with DisconnectWatch(receive) as watch:
+                await admission.acquire(priority)
+                try:
+                    if request.stream:
+                        await self._stream(route, request, record, send)
+                    else:
+                        await self._complete(route, request, record, send)
+                finally:
+                    admission.release()
+            if watch.disconnected:
+                record.status = CLIENT_CLOSED_REQUEST
+                record.error = "client_disconnected"
+        except GatewayError as error:
+            record.error = error.code or error.type
+            await send_error(send, error)
+
+    async def _complete(
+        self, route: Route, request: ProxyRequest, record: RequestRecord, send: Send
+    ) -> None:
+        completion = await self.router.complete(route, request, record)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", completion.content_type.encode("latin-1")),
+                    (b"content-length", str(len(completion.body)).encode()),
+                    (b"x-vgate-model", (record.model or route.name).encode()),
+                    (b"x-vgate-backend", (record.backend or "").encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": completion.body})
+
+    async def _stream(
+        self, route: Route, request: ProxyRequest, record: RequestRecord, send: Send
+    ) -> None:
+        stream = await self.router.open_stream(route, request, record)
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        *_SSE_HEADERS,
+                        (b"x-vgate-model", (record.model or route.name).encode()),
+                        (b"x-vgate-backend", stream.backend.name.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": stream.first, "more_body": True})
+            record.ttft_s = time.perf_counter() - record.start
+            try:
+                async for events in stream.rest():
+                    await send({"type": "http.response.body", "body": events, "more_body": True})
+            except StreamInterrupted as interrupted:
+                # Never a clean-looking end: an error event, and no [DONE].
+                record.error = interrupted.code
+                await send({"type": "http.response.body", "body": interrupted.event()})
+                return
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            stream.close()
+            record.record_usage(stream.observer.usage)

@@ -1,0 +1,642 @@
+"""The router: model name → route → backend → one upstream exchange, under phase timeouts.
+
+It knows models, backends and failure, and nothing of HTTP framing: it hands the edge
+either a complete body or a stream of whole SSE events, and raises `GatewayError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import pybreaker
+
+from gateway.config import BackendConfig, ModelRoute, Timeouts
+from gateway.errors import (
+    ContextTooLong,
+    GatewayError,
+    ModelNotFound,
+    NoLiveBackend,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from gateway.record import RequestRecord
+from gateway.sse import SSEObserver, error_event
+from gateway.validation import ProxyRequest
+from policies.admission import Admission
+from policies.breaker import BackendBreaker
+from policies.health import HealthState
+from policies.retry import AttemptFailed, RetryPolicy
+from policies.selection import Selector, create_selector
+from providers import Adapter, UpstreamBroken, UpstreamConnectError, UpstreamResponse
+
+# A backend that refused a connection sits out this long; nothing was sent to it, so
+# skipping it costs nobody anything. Active health checks come with the health policy.
+CONNECT_FAILURE_EJECT_S = 2.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+LATENCY_EWMA_ALPHA = 0.3  # weight of the newest sample
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Backend:
+    config: BackendConfig
+    adapter: Adapter
+    upstream_model: str
+    breaker: BackendBreaker
+    health: HealthState = field(default_factory=HealthState)
+    ejected_until: float = 0.0
+    in_flight: int = 0
+    latency_ewma_s: float = 0.0  # upstream time to answer (or to the first event), smoothed
+
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    def observe_latency(self, seconds: float) -> None:
+        ewma = self.latency_ewma_s
+        self.latency_ewma_s = (
+            seconds if ewma == 0.0 else ewma + LATENCY_EWMA_ALPHA * (seconds - ewma)
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight or self.config.max_connections
+
+    def usable(self, now: float) -> bool:
+        return (
+            self.health.healthy
+            and self.ejected_until <= now
+            and self.in_flight < self.max_in_flight
+            and self.breaker.allows()
+        )
+
+
+@dataclass(slots=True)
+class Route:
+    config: ModelRoute
+    backends: list[Backend]
+    retry: RetryPolicy
+    fallbacks: tuple[Route, ...] = ()
+    selector: Selector = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.selector = create_selector(
+            self.config.strategy, [backend.weight for backend in self.backends], self.config.seed
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.config.timeouts
+
+    def choose(self, now: float, avoid: Collection[Backend] = ()) -> Backend:
+        """The next backend by weight among the usable ones, preferring any not in `avoid`."""
+        backends = self.backends
+        usable = [backend.usable(now) for backend in backends]
+        index = None
+        if avoid:
+            index = self.selector.pick(
+                backends,
+                [ok and backend not in avoid for ok, backend in zip(usable, backends, strict=True)],
+            )
+        if index is None:
+            index = self.selector.pick(backends, usable)
+        if index is None:
+            raise NoLiveBackend(
+                f"No live backend for model '{self.name}': every backend is failing its "
+                "health checks, refusing connections, at its in-flight limit, or behind an "
+                "open circuit breaker.",
+                headers={"Retry-After": str(self._retry_in(now))},
+            )
+        return backends[index]
+
+    def _retry_in(self, now: float) -> int:
+        waits = [max(b.ejected_until - now, 0.0) for b in self.backends if b.ejected_until > now]
+        waits.append(self.config.breaker.open_s if not waits else min(waits))
+        return max(1, math.ceil(min(waits)))
+
+
+@dataclass(slots=True)
+class Completion:
+    body: bytes
+    content_type: str
+
+
+Attempt = Callable[[Route, Backend, ProxyRequest, RequestRecord, float], Awaitable[T]]
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route], admission: Admission | None = None) -> None:
+        self.routes = tuple(routes)
+        self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
+        self._by_name: dict[str, Route] = {}
+        for route in self.routes:
+            for name in (route.name, *route.config.aliases):
+                self._by_name[name] = route
+        by_route_name = {route.name: route for route in self.routes}
+        for route in self.routes:
+            route.fallbacks = tuple(by_route_name[name] for name in route.config.fallbacks)
+        self._available = ", ".join(sorted(self._by_name))
+        self.on_retry: Callable[[Route, AttemptFailed, float], None] | None = None
+        self.on_fallback: Callable[[Route, Route], None] | None = None
+
+    @property
+    def backends(self) -> list[Backend]:
+        return [backend for route in self.routes for backend in route.backends]
+
+    def route_for(self, model: str) -> Route:
+        route = self._by_name.get(model)
+        if route is None:
+            shown = model if len(model) <= 100 else model[:100] + "…"
+            raise ModelNotFound(
+                f"The model '{shown}' does not exist. Available models: {self._available}.",
+                param="model",
+            )
+        return route
+
+    async def complete(
+        self, route: Route, request: ProxyRequest, record: RequestRecord
+    ) -> Completion:
+        return await self._run(route, request, record, self._complete_once)
+
+    async def open_stream(
+        self, route: Route, request: ProxyRequest, record: RequestRecord
+    ) -> UpstreamStream:
+        """Start a stream and wait for its first event; failures so far are HTTP errors."""
+        return await self._run(route, request, record, self._stream_once)
+
+    async def _run(
+        self, route: Route, request: ProxyRequest, record: RequestRecord, once: Attempt[T]
+    ) -> T:
+        """Attempts on `route` under its retry policy, then on its fallbacks, in order.
+
+        One deadline, the first route's `total_s`, covers every attempt and every wait.
+        A fallback is tried when a route has no usable backend or runs out of attempts; a
+        prompt too long for a route goes only to fallbacks with a larger context window.
+        A client error (400, 404...) from an upstream ends the request as it is.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + route.timeouts.total_s
+        current = route
+        candidates = list(route.fallbacks)
+        while True:
+            try:
+                return await self._on_route(current, request, record, once, deadline)
+            except NoLiveBackend as error:
+                last: GatewayError = error
+            except _RouteExhausted as exhausted:
+                last = exhausted.failure.error
+            except AttemptFailed as failure:
+                last = failure.error
+                if isinstance(failure.error, ContextTooLong):
+                    window = current.config.context_window or 0
+                    candidates = [c for c in candidates if (c.config.context_window or 0) > window]
+                elif not failure.retryable:
+                    raise failure.error from None
+            if not candidates or loop.time() >= deadline:
+                raise last
+            previous, current = current, candidates.pop(0)
+            record.model = current.name
+            record.fallback_from = record.fallback_from or route.name
+            if self.on_fallback is not None:
+                self.on_fallback(previous, current)
+
+    async def _on_route(
+        self,
+        route: Route,
+        request: ProxyRequest,
+        record: RequestRecord,
+        once: Attempt[T],
+        deadline: float,
+    ) -> T:
+        """Attempts on one route's backends, a different one each time while any is left."""
+        loop = asyncio.get_running_loop()
+        tried: list[Backend] = []
+        failures: list[AttemptFailed] = []
+
+        async def attempt(number: int) -> T:
+            try:
+                backend = route.choose(loop.time(), tried)
+            except NoLiveBackend:
+                if failures:  # the last real failure says more than "nothing left"
+                    raise _RouteExhausted(failures[-1]) from None
+                raise
+            tried.append(backend)
+            record.backend = backend.name
+            record.attempts += 1
+            try:
+                return await once(route, backend, request, record, deadline)
+            except pybreaker.CircuitBreakerError:
+                # Opened between selection and the attempt: skip it, no fault of its own.
+                raise AttemptFailed(
+                    NoLiveBackend(f"Backend '{backend.name}' is not taking requests."),
+                    backend=backend.name,
+                    retryable=True,
+                    backend_fault=False,
+                ) from None
+            except AttemptFailed as failure:
+                failures.append(failure)
+                if failure.retry_after_s is not None:
+                    _honour_retry_after(route, backend, failure, loop.time())
+                raise
+
+        def on_retry(failure: AttemptFailed, delay: float) -> None:
+            if self.on_retry is not None:
+                self.on_retry(route, failure, delay)
+
+        return await route.retry.run(attempt, deadline=deadline, on_retry=on_retry)
+
+    async def _complete_once(
+        self,
+        route: Route,
+        backend: Backend,
+        request: ProxyRequest,
+        record: RequestRecord,
+        deadline: float,
+    ) -> Completion:
+        loop = asyncio.get_running_loop()
+        body = _upstream_body(request, backend, ask_usage=False)
+        sent = time.perf_counter()
+        response: UpstreamResponse | None = None
+        backend.in_flight += 1
+        with backend.breaker.attempt():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await backend.adapter.post(
+                        request.endpoint.value, body, record.request_id
+                    )
+                    if response.status != 200:
+                        raise await _rejection(backend, response)
+                    data = await response.read(MAX_RESPONSE_BYTES)
+                    content_type = response.content_type or "application/json"
+            except TimeoutError:
+                raise AttemptFailed(
+                    UpstreamTimeout(
+                        f"Backend '{backend.name}' did not answer within the request's "
+                        f"{route.timeouts.total_s:g}s (timeouts.total_s)."
+                    ),
+                    backend=backend.name,
+                    retryable=False,
+                    backend_fault=True,
+                ) from None
+            except UpstreamConnectError as exc:
+                raise _connect_failure(backend, exc, loop.time()) from None
+            except UpstreamBroken as exc:
+                raise _broken(backend, f"failed mid-response: {exc}") from None
+            finally:
+                backend.in_flight -= 1
+                if response is not None:
+                    response.close()
+                record.upstream_s = time.perf_counter() - sent
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                payload = None
+            if not isinstance(payload, dict):
+                raise _broken(backend, "answered with a body that is not JSON")
+        record.record_usage(payload.get("usage"))
+        backend.observe_latency(record.upstream_s)
+        return Completion(data, content_type)
+
+    async def _stream_once(
+        self,
+        route: Route,
+        backend: Backend,
+        request: ProxyRequest,
+        record: RequestRecord,
+        deadline: float,
+    ) -> UpstreamStream:
+        loop = asyncio.get_running_loop()
+        timeouts = route.timeouts
+        # Ask for usage even when the client did not, so tokens are always accounted.
+        body = _upstream_body(request, backend, ask_usage=not request.client_wants_usage)
+        observer = SSEObserver(drop_usage_chunk=not request.client_wants_usage)
+        now = loop.time()
+        stream = UpstreamStream(backend, observer, deadline=deadline, idle_s=timeouts.idle_s)
+        first_token_deadline = min(now + timeouts.first_token_s, deadline)
+        sent = time.perf_counter()
+        with backend.breaker.attempt():
+            try:
+                async with asyncio.timeout_at(first_token_deadline):
+                    stream.response = response = await backend.adapter.post(
+                        request.endpoint.value, body, record.request_id
+                    )
+                    if response.status != 200:
+                        raise await _rejection(backend, response)
+                    if not response.content_type.startswith("text/event-stream"):
+                        raise _broken(
+                            backend,
+                            f"answered a stream request with "
+                            f"'{response.content_type or 'no content type'}', not an event stream",
+                        )
+                    stream.first = await stream.first_events()
+            except TimeoutError:
+                stream.close()
+                in_time = first_token_deadline < deadline
+                phase = "first_token_s" if in_time else "total_s"
+                raise AttemptFailed(
+                    UpstreamTimeout(
+                        f"Backend '{backend.name}' sent no first token within "
+                        f"{first_token_deadline - now:g}s (timeouts.{phase}).",
+                    ),
+                    backend=backend.name,
+                    retryable=in_time,
+                    backend_fault=True,
+                ) from None
+            except UpstreamConnectError as exc:
+                stream.close()
+                raise _connect_failure(backend, exc, loop.time()) from None
+            except UpstreamBroken as exc:
+                stream.close()
+                raise _broken(backend, f"failed before the first token: {exc}") from None
+            except BaseException:
+                stream.close()
+                raise
+            finally:
+                record.upstream_s = time.perf_counter() - sent
+            if observer.error is not None:
+                stream.close()
+                raise _first_event_error(backend, observer.error)
+        backend.observe_latency(record.upstream_s)
+        return stream
+
+
+def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:
+    """A Retry-After speaks for the backend that sent it, not for the request.
+
+    When another backend can answer now, this one sits out the (capped) time and the
+    retry goes elsewhere at once; otherwise the retry itself waits that long.
+    """
+    if not any(other.usable(now) for other in route.backends if other is not backend):
+        return
+    assert failure.retry_after_s is not None
+    rest = min(failure.retry_after_s, route.config.retries.retry_after_max_s)
+    backend.ejected_until = max(backend.ejected_until, now + rest)
+    failure.retry_after_s = None
+
+
+class _RouteExhausted(Exception):
+    """A retry found no usable backend left on its route."""
+
+    def __init__(self, failure: AttemptFailed) -> None:
+        super().__init__(failure.error.message)
+        self.failure = failure
+
+
+class StreamInterrupted(GatewayError):
+    """A stream broke after its first byte reached the client."""
+
+    def event(self) -> bytes:
+        return error_event(self.payload())
+
+
+class UpstreamStream:
+    """An upstream event stream whose first event has arrived."""
+
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "backend",
+        "deadline",
+        "first",
+        "idle_s",
+        "observer",
+        "response",
+    )
+
+    def __init__(
+        self, backend: Backend, observer: SSEObserver, *, deadline: float, idle_s: float
+    ) -> None:
+        # The stream counts against its backend's in-flight limit until it is closed.
+        backend.in_flight += 1
+        self._closed = False
+        self.backend = backend
+        self.observer = observer
+        self.deadline = deadline
+        self.idle_s = idle_s
+        self.response: UpstreamResponse | None = None
+        self.first = b""
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def first_events(self) -> bytes:
+        while True:
+            events = await self._next()
+            if events is None:
+                raise UpstreamBroken("the stream ended before its first event")
+            if events:
+                return events
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Events after the first, each batch as soon as it is whole; ends after [DONE].
+
+        Raises `StreamInterrupted` when the upstream breaks, stalls past `idle_s`, runs
+        past `total_s`, or ends before it finished.
+        """
+        loop = asyncio.get_running_loop()
+        observer = self.observer
+        name = self.backend.name
+        while not observer.done:
+            deadline = min(loop.time() + self.idle_s, self.deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    events = await self._next()
+            except TimeoutError:
+                if deadline < self.deadline:
+                    reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
+                else:
+                    reason = "ran past the request's total time (timeouts.total_s)"
+                raise StreamInterrupted(
+                    f"Backend '{name}' {reason}; the stream was cut off.",
+                    code="upstream_timeout",
+                ) from None
+            except UpstreamBroken as exc:
+                raise StreamInterrupted(
+                    f"Backend '{name}' broke off the stream: {exc}", code="upstream_stream_broken"
+                ) from None
+            if events is None:
+                if observer.finished:
+                    # Finished but forgot [DONE]: the answer is whole, so complete it.
+                    observer.done = True
+                    yield b"data: [DONE]\n\n"
+                    return
+                raise StreamInterrupted(
+                    f"Backend '{name}' ended the stream before the answer finished.",
+                    code="upstream_stream_incomplete",
+                )
+            if observer.error is not None:
+                raise StreamInterrupted(
+                    f"Backend '{name}' reported an error mid-stream: "
+                    f"{observer.error.get('message', 'no message')}",
+                    code="upstream_stream_error",
+                )
+            if events:
+                yield events
+
+    async def _next(self) -> bytes | None:
+        """Whole events from the next read (maybe b""), or None at end of stream."""
+        if self._chunks is None:
+            assert self.response is not None
+            self._chunks = self.response.chunks()
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            tail = self.observer.flush()
+            return tail or None
+        return self.observer.feed(chunk)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.backend.in_flight -= 1
+        if self.response is not None:
+            self.response.close()
+
+
+def _upstream_body(request: ProxyRequest, backend: Backend, *, ask_usage: bool) -> bytes:
+    payload = request.payload
+    payload["model"] = backend.upstream_model
+    if request.stream and ask_usage:
+        options = payload.get("stream_options") or {}
+        payload["stream_options"] = {**options, "include_usage": True}
+    return orjson.dumps(payload)
+
+
+def _connect_failure(backend: Backend, exc: UpstreamConnectError, now: float) -> AttemptFailed:
+    # Nothing reached the backend: always safe to try another.
+    backend.ejected_until = now + CONNECT_FAILURE_EJECT_S
+    error: GatewayError
+    if exc.timed_out:
+        error = UpstreamTimeout(
+            f"Backend '{backend.name}' did not accept a connection in time (timeouts.connect_s)."
+        )
+    else:
+        error = UpstreamError(
+            f"Backend '{backend.name}' is unreachable: {exc}", code="upstream_unreachable"
+        )
+    return AttemptFailed(error, backend=backend.name, retryable=True, backend_fault=True)
+
+
+def _broken(backend: Backend, what: str) -> AttemptFailed:
+    return AttemptFailed(
+        UpstreamError(f"Backend '{backend.name}' {what}."),
+        backend=backend.name,
+        retryable=True,
+        backend_fault=True,
+    )
+
+
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CONTEXT_TOO_LONG = re.compile(
+    r"context length|context window|too many tokens|prompt is too long", re.I
+)
+
+
+async def _rejection(backend: Backend, response: UpstreamResponse) -> AttemptFailed:
+    """What an upstream's non-200 answer means for the client and for the retry policy."""
+    status = response.status
+    try:
+        data = await response.read(MAX_ERROR_BODY_BYTES)
+        payload: Any = orjson.loads(data)
+    except (UpstreamBroken, orjson.JSONDecodeError):
+        payload = None
+    message = _error_message(payload)
+    retryable = status in _RETRYABLE_STATUSES
+    retry_after = _seconds(response.retry_after) if retryable else None
+    error: GatewayError
+    if status in (401, 403, 407):
+        # The client's key was fine; the gateway's own credentials for this backend are not.
+        error = UpstreamError(
+            f"Backend '{backend.name}' refused the gateway's credentials ({status}).",
+            code="upstream_auth_failed",
+        )
+        return AttemptFailed(error, backend=backend.name, retryable=True, backend_fault=True)
+    if 400 <= status < 500:
+        error_body = payload.get("error") if isinstance(payload, dict) else None
+        # OpenAI's four keys, always: the upstream's values where it gave them.
+        normalised = {
+            "message": message or f"Backend '{backend.name}' answered {status}.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+            **(error_body if isinstance(error_body, dict) else {}),
+        }
+        headers = {"Retry-After": response.retry_after} if response.retry_after else {}
+        rejected_type = (
+            ContextTooLong
+            if status == 400 and _CONTEXT_TOO_LONG.search(message or "")
+            else UpstreamRejected
+        )
+        error = rejected_type(status, {"error": normalised}, headers)
+        return AttemptFailed(
+            error,
+            backend=backend.name,
+            retryable=retryable,
+            backend_fault=False,
+            retry_after_s=retry_after,
+        )
+    detail = f": {message}" if message else ""
+    error = UpstreamError(
+        f"Backend '{backend.name}' answered {status}{detail}", code="upstream_error"
+    )
+    return AttemptFailed(
+        error,
+        backend=backend.name,
+        retryable=retryable,
+        backend_fault=True,
+        retry_after_s=retry_after,
+    )
+
+
+def _first_event_error(backend: Backend, error: dict[str, Any]) -> AttemptFailed:
+    code = error.get("code")
+    message = str(error.get("message") or "no message")
+    if isinstance(code, int) and 400 <= code < 500 and code not in (401, 403, 407, 429):
+        rejected_type = ContextTooLong if _CONTEXT_TOO_LONG.search(message) else UpstreamRejected
+        return AttemptFailed(
+            rejected_type(code, {"error": error}, {}),
+            backend=backend.name,
+            retryable=False,
+            backend_fault=False,
+        )
+    return AttemptFailed(
+        UpstreamError(f"Backend '{backend.name}' failed its stream at once: {message}"),
+        backend=backend.name,
+        retryable=True,
+        backend_fault=code != 429,
+    )
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    if retry_after is None:
+        return None
+    try:
+        return max(float(retry_after), 0.0)
+    except ValueError:
+        return None  # an HTTP date: rare from inference servers, and backoff still applies
+
+
+def _error_message(payload: Any) -> str | None:
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:500]
+        if isinstance(payload.get("message"), str):
+            return str(payload["message"])[:500]
+    return None

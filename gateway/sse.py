@@ -1,0 +1,110 @@
+"""Server-sent events from an upstream: split into whole events, observed as they pass.
+
+Events are forwarded whole and as soon as they are complete, never merged across reads
+or re-chunked, so an error event the gateway adds can never land inside a half-sent one.
+Observing is byte scans; only events that may carry `usage` or an `error` are parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from providers.base import UpstreamBroken
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+_MAX_PENDING = 1024 * 1024  # one event larger than this is not an LLM stream chunk
+
+
+class MalformedStream(UpstreamBroken):
+    """The upstream's event stream is not one: handled like a connection that broke."""
+
+
+class SSEObserver:
+    """Splits upstream bytes into events and records what the stream has said so far."""
+
+    __slots__ = (
+        "_pending",
+        "done",
+        "drop_usage_chunk",
+        "error",
+        "events",
+        "finished",
+        "usage",
+    )
+
+    def __init__(self, *, drop_usage_chunk: bool) -> None:
+        self._pending = b""
+        # Set when the gateway asked for usage on the client's behalf: the usage-only
+        # chunk is then the gateway's, not the client's.
+        self.drop_usage_chunk = drop_usage_chunk
+        self.done = False
+        self.finished = False
+        self.error: dict[str, Any] | None = None
+        self.events = 0
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Whole events completed by `chunk`, ready to forward (maybe b"")."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            if len(data) > _MAX_PENDING:
+                raise MalformedStream("an upstream event exceeded 1 MiB")
+            self._pending = data
+            return b""
+        self._pending = data[end + 2 :]
+        complete = data[: end + 2]
+        out: list[bytes] = []
+        for event in complete.split(b"\n\n"):
+            if event and self._observe(event):
+                out.append(event)
+                out.append(b"\n\n")
+            if self.done:
+                break
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """At end of stream: a final event that lacked its blank line, if any."""
+        rest, self._pending = self._pending.strip(), b""
+        if rest and self._observe(rest):
+            return rest + b"\n\n"
+        return b""
+
+    def _observe(self, event: bytes) -> bool:
+        """Record what `event` says; False when it must not be forwarded."""
+        self.events += 1
+        if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+            self.done = True
+            return True
+        if _FINISHED.search(event):
+            self.finished = True
+        if b'"usage"' in event or b'"error"' in event:
+            payload = _data_of(event)
+            if isinstance(payload, dict):
+                usage = payload.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = usage
+                    if self.drop_usage_chunk and not payload.get("choices"):
+                        return False
+                error = payload.get("error")
+                if isinstance(error, dict):
+                    self.error = error
+        return True
+
+
+def _data_of(event: bytes) -> Any:
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    try:
+        return orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def error_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
