@@ -1,0 +1,1 @@
+"""Fault injection, drills and the simulated vLLM worker."""
