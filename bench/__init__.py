@@ -1,0 +1,1 @@
+"""vgate's benchmark (`make bench`): the gateway against a simulated worker, direct and through."""

@@ -1,0 +1,985 @@
+"""`make bench`: the gateway against a simulated vLLM worker, direct and through, in one run.
+
+Starts two simulated workers (`vgate sim`: an instant one for non-streaming load, a paced one
+for streams) and one gateway process (`vgate serve`, auth, access log and metrics on), then
+measures each load twice, straight to the worker and through the gateway, with the same load
+generator, settings and run:
+
+- non-streaming chat at 1, 16 and 64 concurrent clients with wrk;
+- streaming chat at 1, 16 and 64 concurrent clients with bench/streamload.py (time to first
+  token, which wrk cannot see);
+- the gateway's CPU time per request, from /proc/<pid>/stat around each phase;
+- optionally (on by default, off with --quick) bare proxies, one per upstream HTTP client, to
+  show what the choice of client costs (README, "Why aiohttp").
+
+The gateway is pinned to core 0; the workers and the load generators to core 1. Prints a
+table and PASS/FAIL per target, writes JSON to bench/results/<UTC time>.json and latest.json.
+Exit status: 0 when the run completed (whatever the targets say; 1 with --strict when a target
+failed), 2 when the run itself failed (errors under load, a server that did not start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: `python bench/run.py`
+    sys.path.insert(0, str(REPO))
+
+from bench import transports  # noqa: E402
+from bench.procs import BenchError, Processes, Server, cores, free_port, pinned  # noqa: E402
+from bench.wrk import Wrk, WrkResult, ensure_wrk  # noqa: E402
+
+T = TypeVar("T")
+
+RESULTS_DIR = REPO / "bench" / "results"
+PYDEPS_DIR = REPO / "bench" / ".cache" / "pydeps"
+KEYS_FILE = REPO / "config" / "keys.yaml"
+DEMO_KEY = "vg-demo-0123456789abcdef"
+CHAT_PATH = "/v1/chat/completions"
+
+GATEWAY_CORE = 0
+LOAD_CORE = 1  # the workers and the load generators
+
+FAST_MODEL = "tiny-llama"  # instant worker: the gateway's cost, not the worker's, dominates
+STREAM_MODEL = "tiny-llama-stream"  # paced worker: streams shaped like a small fast model's
+# Streams: 10 ms to the first token (a short prompt's prefill), then 200 tokens/s per sequence
+# (a small model on a fast GPU) in chunks of 2 tokens (vLLM groups tokens under load): 32
+# tokens last about 165 ms, 19 events. Short, so that a phase sees hundreds of streams, and
+# light enough that core 1 (worker + load client) stays below saturation even at 64 streams,
+# so the direct baseline's TTFT is the worker's, not a queue on the load side.
+STREAM_SIM = {"ttft-ms": 10, "tokens-per-s": 200, "tokens-per-chunk": 2}
+NONSTREAM_MAX_TOKENS = 16
+STREAM_MAX_TOKENS = 32
+
+TARGET_RPS = 3000.0
+TARGET_RPS_CONCURRENCY = 16
+TARGET_ADDED_TTFT_MS = 1.0
+TARGET_TTFT_CONCURRENCY = 16
+
+PACKAGES = (
+    "vgate",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "aiohttp",
+    "httpx",
+    "httpx-aiohttp",
+    "pyreqwest",
+    "orjson",
+    "prometheus-client",
+    "pydantic",
+)
+
+
+def chat_body(model: str, *, stream: bool, max_tokens: int) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write one short sentence about benchmarks."}],
+        "max_tokens": max_tokens,
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+NONSTREAM_BODY = chat_body(FAST_MODEL, stream=False, max_tokens=NONSTREAM_MAX_TOKENS)
+STREAM_BODY = chat_body(STREAM_MODEL, stream=True, max_tokens=STREAM_MAX_TOKENS)
+JSON_HEADERS = {"Content-Type": "application/json"}
+AUTH_HEADERS = {**JSON_HEADERS, "Authorization": f"Bearer {DEMO_KEY}"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration_s: float
+    warmup_s: float
+    concurrencies: tuple[int, ...]
+    transports: bool
+    transport_concurrency: int = 16
+
+
+# ------------------------------------------------------------------------------------------
+# CPU accounting around a phase
+
+
+def _system_busy_s() -> tuple[float, float]:
+    """(process time, interrupt time) of all CPUs since boot, from /proc/stat.
+
+    Interrupt time (mostly the loopback network's softirqs) is kept apart: the kernel does
+    that work for this run's own sockets but charges it to no process.
+    """
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + steal) / ticks, (irq + softirq) / ticks
+
+
+def _own_and_children_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the finished load generators
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Accounting:
+    """CPU seconds spent during one phase, by whom. `other_s`: processes not of this run."""
+
+    wall_s: float
+    servers_s: dict[str, float]
+    load_s: float
+    interrupts_s: float
+    other_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": {name: round(v, 3) for name, v in self.servers_s.items()},
+            "load_generator_cpu_s": round(self.load_s, 3),
+            "interrupts_cpu_s": round(self.interrupts_s, 3),
+            "other_processes_cpu_s": round(self.other_s, 3),
+        }
+
+
+def accounted(servers: Sequence[Server], run: Callable[[], T]) -> tuple[T, Accounting]:
+    before = {s.name: s.cpu_seconds() for s in servers}
+    (busy, irq), own, wall = _system_busy_s(), _own_and_children_s(), time.monotonic()
+    result = run()
+    wall = time.monotonic() - wall
+    own = _own_and_children_s() - own
+    busy_after, irq_after = _system_busy_s()
+    spent = {s.name: s.cpu_seconds() - before[s.name] for s in servers}
+    other = max(0.0, busy_after - busy - own - sum(spent.values()))
+    return result, Accounting(wall, spent, own, irq_after - irq, other)
+
+
+# ------------------------------------------------------------------------------------------
+# One-off requests: preflight checks and scrapes
+
+
+def http(
+    url: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body, headers=dict(headers or {}), method="POST" if body is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def check_completion(label: str, url: str, headers: Mapping[str, str]) -> None:
+    status, body = http(url + CHAT_PATH, NONSTREAM_BODY, headers)
+    if status != 200 or b'"choices"' not in body:
+        raise BenchError(f"{label}: a non-streaming request got {status}: {body[:300]!r}")
+
+
+def check_stream(label: str, url: str, headers: Mapping[str, str]) -> None:
+    status, body = http(url + CHAT_PATH, STREAM_BODY, headers)
+    if status != 200 or not body.rstrip().endswith(b"data: [DONE]") or b'"content"' not in body:
+        raise BenchError(f"{label}: a streaming request got {status}: {body[:300]!r}")
+
+
+def scrape_counter(url: str, name: str) -> float | None:
+    """Sum of one counter over its label sets in a Prometheus text page; None if absent."""
+    status, body = http(url + "/metrics")
+    if status != 200:
+        return None
+    total, found = 0.0, False
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith((name + "{", name + " ")):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Phase:
+    mode: str  # "non-stream" | "stream" | "transport"
+    target: str  # "direct" | "gateway" | a transport client
+    concurrency: int
+    requests: int
+    requests_total: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    cpu_us_per_request: float | None = None
+    cpu_core_share: float | None = None
+    server_timing_gateway_p50_ms: float | None = None
+    accounting: Accounting | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("accounting", "raw")}
+        out["accounting"] = self.accounting.to_json() if self.accounting else None
+        out["raw"] = self.raw
+        return out
+
+
+class Bench:
+    def __init__(self, plan: Plan, procs: Processes, wrk_binary: str, workdir: Path) -> None:
+        self.plan = plan
+        self.procs = procs
+        self.workdir = workdir
+        pin = cores() >= 2
+        self.gateway_core = GATEWAY_CORE if pin else None
+        self.load_core = LOAD_CORE if pin else None
+        self.wrk = Wrk(wrk_binary, procs, workdir, self.load_core)
+        self.phases: list[Phase] = []
+        self.warnings: list[str] = []
+        self.checks: dict[str, Any] = {}
+        self.transport_rows: list[dict[str, Any]] = []
+        if not pin:
+            self.warnings.append("fewer than 2 cores: nothing pinned; numbers are not comparable")
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start_sim(self, name: str, model: str, options: Mapping[str, object]) -> Server:
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "sim",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            "--max-num-seqs",
+            "1024",
+        ]
+        for key, value in options.items():
+            argv += [f"--{key}", str(value)]
+        return self.procs.server(name, pinned(self.load_core, argv), port=port)
+
+    def start_gateway(self, fast: Server, stream: Server) -> tuple[Server, Path]:
+        port = free_port()
+        config = self.workdir / "gateway.yaml"
+        # JSON is YAML: no YAML writer needed here.
+        config.write_text(
+            json.dumps(
+                {
+                    "server": {"host": "127.0.0.1", "port": port, "access_log": True},
+                    "keys": {"file": str(KEYS_FILE)},
+                    "models": [
+                        {
+                            "name": FAST_MODEL,
+                            "backends": [{"name": "sim-fast", "provider": "vllm", "url": fast.url}],
+                        },
+                        {
+                            "name": STREAM_MODEL,
+                            "backends": [
+                                {"name": "sim-stream", "provider": "vllm", "url": stream.url}
+                            ],
+                        },
+                    ],
+                },
+                indent=2,
+            )
+        )
+        access_log = self.workdir / "gateway.access.jsonl"
+        argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+        gateway = self.procs.server(
+            "gateway", pinned(self.gateway_core, argv), port=port, stdout_path=access_log
+        )
+        return gateway, access_log
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def _wrk(
+        self,
+        label: str,
+        url: str,
+        headers: Mapping[str, str],
+        concurrency: int,
+        duration_s: float,
+        server: Server | None,
+    ) -> WrkResult:
+        result = self.wrk.run(
+            url + CHAT_PATH, NONSTREAM_BODY, headers, concurrency=concurrency, duration_s=duration_s
+        )
+        if result.error_count:
+            status, body = http(url + CHAT_PATH, NONSTREAM_BODY, headers)
+            tail = f"\n{server.name} log:\n{server.log_tail()}" if server else ""
+            raise BenchError(
+                f"{label}: wrk saw errors {result.errors} in {result.requests} requests "
+                f"(a request now gets {status}: {body[:200]!r}){tail}"
+            )
+        if result.requests == 0:
+            raise BenchError(f"{label}: wrk completed no requests")
+        return result
+
+    def wrk_phase(
+        self,
+        mode: str,
+        target: str,
+        server: Server,
+        url: str,
+        headers: Mapping[str, str],
+        concurrency: int,
+        observed: Sequence[Server],
+        measured: Server | None,
+    ) -> Phase:
+        label = f"{mode} c={concurrency} {target}"
+        self._wrk(label + " (warm-up)", url, headers, concurrency, self.plan.warmup_s, server)
+        result, acct = accounted(
+            observed,
+            lambda: self._wrk(label, url, headers, concurrency, self.plan.duration_s, server),
+        )
+        phase = Phase(
+            mode,
+            target,
+            concurrency,
+            result.requests,
+            result.requests,
+            result.rps,
+            result.p50_ms,
+            result.p99_ms,
+            accounting=acct,
+            raw=result.to_json(),
+        )
+        if measured is not None:
+            self._cpu(phase, measured, acct, result.requests)
+        return phase
+
+    def stream_phase(
+        self,
+        target: str,
+        server: Server,
+        url: str,
+        headers: Mapping[str, str],
+        concurrency: int,
+        observed: Sequence[Server],
+        measured: Server | None,
+    ) -> Phase:
+        label = f"stream c={concurrency} {target}"
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.streamload",
+            "--url",
+            url + CHAT_PATH,
+            "--body",
+            STREAM_BODY.decode(),
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(self.plan.duration_s),
+            "--warmup",
+            str(self.plan.warmup_s),
+        ]
+        for name, value in headers.items():
+            if name.lower() != "content-type":
+                argv += ["--header", f"{name}: {value}"]
+        timeout = self.plan.duration_s + self.plan.warmup_s + 60
+        done, acct = accounted(
+            observed,
+            lambda: self.procs.run(pinned(self.load_core, argv), timeout_s=timeout, cwd=REPO),
+        )
+        if done.returncode != 0:
+            raise BenchError(f"{label}: streamload failed: {done.stderr.decode()[-2000:]}")
+        data: dict[str, Any] = json.loads(done.stdout)
+        if data["errors"]:
+            tail = f"\n{server.name} log:\n{server.log_tail()}"
+            raise BenchError(
+                f"{label}: errors {data['errors']} in {data['requests_total']} streams{tail}"
+            )
+        if data["requests"] == 0:
+            raise BenchError(f"{label}: no stream completed")
+        phase = Phase(
+            "stream",
+            target,
+            concurrency,
+            data["requests"],
+            data["requests_total"],
+            data["rps"],
+            data["total_p50_ms"],
+            data["total_p99_ms"],
+            ttft_p50_ms=data["ttft_p50_ms"],
+            ttft_p99_ms=data["ttft_p99_ms"],
+            server_timing_gateway_p50_ms=data["server_timing_gateway_p50_ms"],
+            accounting=acct,
+            raw=data,
+        )
+        if measured is not None:
+            # The warm-up streams ran inside the same process: count them too.
+            self._cpu(phase, measured, acct, data["requests_total"])
+        return phase
+
+    def _cpu(self, phase: Phase, server: Server, acct: Accounting, requests: int) -> None:
+        spent = acct.servers_s[server.name]
+        phase.cpu_us_per_request = round(spent / max(requests, 1) * 1e6, 1)
+        phase.cpu_core_share = round(spent / acct.wall_s, 3) if acct.wall_s > 0 else None
+
+    def note(self, phase: Phase) -> None:
+        self.phases.append(phase)
+        acct = phase.accounting
+        line = (
+            f"  {phase.mode:<10} c={phase.concurrency:<3} {phase.target:<14} "
+            f"{phase.rps:>9,.0f} req/s  p50 {_f(phase.p50_ms)} ms  p99 {_f(phase.p99_ms)} ms"
+        )
+        if phase.ttft_p50_ms is not None:
+            line += f"  ttft p50 {_f(phase.ttft_p50_ms)} ms"
+        if phase.cpu_us_per_request is not None:
+            line += f"  cpu {phase.cpu_us_per_request:,.0f} us/req"
+        print(line, file=sys.stderr, flush=True)
+        if acct is not None and acct.wall_s > 0:
+            load_side = (
+                sum(v for k, v in acct.servers_s.items() if k.startswith("sim")) + acct.load_s
+            ) / acct.wall_s
+            if load_side > 0.9 and (phase.target != "direct" or phase.mode == "stream"):
+                self.warnings.append(
+                    f"{phase.mode} c={phase.concurrency} {phase.target}: core {self.load_core} "
+                    f"(worker + load generator) was {load_side:.0%} busy: the load side, not "
+                    "the gateway, may bound this phase"
+                )
+            other = acct.other_s / acct.wall_s
+            if other > 0.15:
+                self.warnings.append(
+                    f"{phase.mode} c={phase.concurrency} {phase.target}: other processes on "
+                    f"this machine used {other:.0%} of a core during the phase; its numbers "
+                    "are disturbed"
+                )
+
+    # -- the whole run -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        started = datetime.now(UTC)
+        (busy, _), wall = _system_busy_s(), time.monotonic()
+        time.sleep(1.0)
+        busy_cores = (_system_busy_s()[0] - busy) / (time.monotonic() - wall)
+        self.checks["cores_busy_before_run"] = round(busy_cores, 2)
+        if busy_cores > 0.2:
+            self.warnings.append(
+                f"the machine was already busy before the run ({busy_cores:.1f} "
+                "cores in use by other processes): numbers may be disturbed"
+            )
+        print("bench: starting workers and the gateway", file=sys.stderr, flush=True)
+        fast = self.start_sim("sim-fast", FAST_MODEL, {})
+        stream = self.start_sim("sim-stream", STREAM_MODEL, STREAM_SIM)
+        gateway, access_log = self.start_gateway(fast, stream)
+
+        check_completion("direct", fast.url, JSON_HEADERS)
+        check_stream("direct", stream.url, JSON_HEADERS)
+        check_completion("gateway", gateway.url, AUTH_HEADERS)
+        check_stream("gateway", gateway.url, AUTH_HEADERS)
+        status, _ = http(gateway.url + CHAT_PATH, NONSTREAM_BODY, JSON_HEADERS)
+        if status != 401:
+            raise BenchError(
+                f"the gateway answered {status} to a request without a key: "
+                "auth must be on for the benchmark"
+            )
+        self.checks["auth_rejects_missing_key"] = True
+
+        observed = [gateway, fast, stream]
+        print(
+            f"bench: {plan.duration_s:g} s per phase, warm-up {plan.warmup_s:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        for c in plan.concurrencies:
+            self.note(
+                self.wrk_phase(
+                    "non-stream", "direct", fast, fast.url, JSON_HEADERS, c, observed, None
+                )
+            )
+            self.note(
+                self.wrk_phase(
+                    "non-stream",
+                    "gateway",
+                    gateway,
+                    gateway.url,
+                    AUTH_HEADERS,
+                    c,
+                    observed,
+                    gateway,
+                )
+            )
+        for c in plan.concurrencies:
+            self.note(
+                self.stream_phase("direct", stream, stream.url, JSON_HEADERS, c, observed, None)
+            )
+            self.note(
+                self.stream_phase(
+                    "gateway", gateway, gateway.url, AUTH_HEADERS, c, observed, gateway
+                )
+            )
+
+        self.check_observability(gateway, access_log)
+        self.procs.stop(gateway.popen)
+        self.procs.stop(stream.popen)
+        if plan.transports:
+            self.run_transports(fast)
+        self.procs.stop(fast.popen)
+
+        return {
+            "schema": 1,
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "plan": plan.__dict__,
+            "machine": machine_info(self.wrk.binary),
+            "setup": {
+                "gateway_core": self.gateway_core,
+                "load_core": self.load_core,
+                "gateway": "one `vgate serve` process; auth (demo key), JSON access log to a "
+                "file, /metrics on",
+                "sim_fast": {
+                    "model": FAST_MODEL,
+                    "ttft_ms": 0,
+                    "tokens_per_s": 0,
+                    "max_tokens": NONSTREAM_MAX_TOKENS,
+                },
+                "sim_stream": {
+                    "model": STREAM_MODEL,
+                    **STREAM_SIM,
+                    "max_tokens": STREAM_MAX_TOKENS,
+                },
+                "load": {"non-stream": "wrk -t1 (Lua POST)", "stream": "bench/streamload.py"},
+            },
+            "rows": self.rows(),
+            "targets": self.targets(),
+            "transports": self.transport_rows,
+            "checks": self.checks,
+            "warnings": self.warnings,
+            "phases": [p.to_json() for p in self.phases],
+        }
+
+    def check_observability(self, gateway: Server, access_log: Path) -> None:
+        """The access log and the metrics were on and saw the load: else the run is invalid."""
+        served = sum(p.requests_total for p in self.phases if p.target == "gateway")
+        deadline = time.monotonic() + 5
+        lines = 0
+        while time.monotonic() < deadline:
+            with access_log.open("rb") as log:
+                lines = sum(1 for _ in log)
+            if lines >= served:
+                break
+            time.sleep(0.1)
+        self.checks["access_log_lines"] = lines
+        self.checks["gateway_requests_counted_by_load"] = served
+        if lines < served:
+            raise BenchError(
+                f"the access log has {lines} lines for {served} requests: "
+                "it must stay on for the benchmark"
+            )
+        counted = scrape_counter(gateway.url, "vgate_requests_total")
+        self.checks["metrics_vgate_requests_total"] = counted
+        if counted is None:
+            self.warnings.append("vgate_requests_total not found in the gateway's /metrics")
+        elif counted < served:
+            raise BenchError(f"/metrics counted {counted:.0f} requests for {served}")
+
+    # -- transports --------------------------------------------------------------------------
+
+    def run_transports(self, fast: Server) -> None:
+        c = self.plan.transport_concurrency
+        print(f"bench: upstream clients, bare proxies, c={c}", file=sys.stderr, flush=True)
+        for client in transports.CLIENTS:
+            env = {"PYTHONPATH": os.pathsep.join([str(PYDEPS_DIR), str(REPO)])}
+            if not self.transport_available(client, env):
+                self.transport_rows.append(
+                    {
+                        "client": client,
+                        "label": transports.LABELS[client],
+                        "skipped": "the package could not be installed",
+                    }
+                )
+                print(f"  {client}: skipped (not installable)", file=sys.stderr)
+                continue
+            port = free_port()
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.transports",
+                "--client",
+                client,
+                "--port",
+                str(port),
+                "--upstream",
+                fast.url,
+            ]
+            proxy = self.procs.server(
+                f"proxy-{client}", pinned(self.gateway_core, argv), port=port, env=env
+            )
+            try:
+                check_completion(f"proxy {client}", proxy.url, JSON_HEADERS)
+                phase = self.wrk_phase(
+                    "transport", client, proxy, proxy.url, JSON_HEADERS, c, [proxy, fast], proxy
+                )
+            finally:
+                self.procs.stop(proxy.popen)
+            self.note(phase)
+            self.transport_rows.append(
+                {
+                    "client": client,
+                    "label": transports.LABELS[client],
+                    "concurrency": c,
+                    "rps": phase.rps,
+                    "p50_ms": phase.p50_ms,
+                    "p99_ms": phase.p99_ms,
+                    "cpu_us_per_request": phase.cpu_us_per_request,
+                    "cpu_core_share": phase.cpu_core_share,
+                }
+            )
+
+    def transport_available(self, client: str, env: Mapping[str, str]) -> bool:
+        test = [sys.executable, "-c", f"import {transports.IMPORTS[client]}"]
+        if self.procs.run(test, timeout_s=60, env=env).returncode == 0:
+            return True
+        if client not in transports.OPTIONAL:
+            return False
+        package = transports.OPTIONAL[client][1]
+        # Beside the project's venv, not in it: a folder on the proxy's PYTHONPATH only.
+        print(f"  installing {package} into bench/.cache/pydeps", file=sys.stderr)
+        install = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(PYDEPS_DIR),
+            package,
+        ]
+        with contextlib.suppress(BenchError):
+            self.procs.run(install, timeout_s=180)
+        return self.procs.run(test, timeout_s=60, env=env).returncode == 0
+
+    # -- report ------------------------------------------------------------------------------
+
+    def find(self, mode: str, target: str, c: int) -> Phase | None:
+        for phase in self.phases:
+            if (phase.mode, phase.target, phase.concurrency) == (mode, target, c):
+                return phase
+        return None
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for mode in ("non-stream", "stream"):
+            for c in self.plan.concurrencies:
+                direct, gw = self.find(mode, "direct", c), self.find(mode, "gateway", c)
+                if direct is None or gw is None:
+                    continue
+                rows.append(
+                    {
+                        "mode": mode,
+                        "concurrency": c,
+                        "direct_rps": direct.rps,
+                        "gateway_rps": gw.rps,
+                        "direct_p50_ms": direct.p50_ms,
+                        "direct_p99_ms": direct.p99_ms,
+                        "gateway_p50_ms": gw.p50_ms,
+                        "gateway_p99_ms": gw.p99_ms,
+                        "added_p50_ms": _diff(gw.p50_ms, direct.p50_ms),
+                        "added_p99_ms": _diff(gw.p99_ms, direct.p99_ms),
+                        "direct_ttft_p50_ms": direct.ttft_p50_ms,
+                        "gateway_ttft_p50_ms": gw.ttft_p50_ms,
+                        "added_ttft_p50_ms": _diff(gw.ttft_p50_ms, direct.ttft_p50_ms),
+                        "gateway_cpu_us_per_request": gw.cpu_us_per_request,
+                        "gateway_cpu_core_share": gw.cpu_core_share,
+                        "server_timing_gateway_p50_ms": gw.server_timing_gateway_p50_ms,
+                    }
+                )
+        return rows
+
+    def targets(self) -> list[dict[str, Any]]:
+        out = []
+        rps = self.find("non-stream", "gateway", TARGET_RPS_CONCURRENCY)
+        out.append(
+            {
+                "name": f"non-streaming req/s through the gateway at c={TARGET_RPS_CONCURRENCY}",
+                "target": f">= {TARGET_RPS:,.0f}",
+                "value": rps.rps if rps else None,
+                "pass": bool(rps and rps.rps >= TARGET_RPS) if rps else None,
+            }
+        )
+        direct = self.find("stream", "direct", TARGET_TTFT_CONCURRENCY)
+        gw = self.find("stream", "gateway", TARGET_TTFT_CONCURRENCY)
+        added = _diff(gw.ttft_p50_ms, direct.ttft_p50_ms) if gw and direct else None
+        out.append(
+            {
+                "name": f"added time to first token, p50, {TARGET_TTFT_CONCURRENCY} streams (ms)",
+                "target": f"<= {TARGET_ADDED_TTFT_MS:g}",
+                "value": added,
+                "pass": (added <= TARGET_ADDED_TTFT_MS) if added is not None else None,
+            }
+        )
+        return out
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+
+
+def render_table(report: dict[str, Any]) -> str:
+    header = [
+        "mode",
+        "c",
+        "direct req/s",
+        "gw req/s",
+        "direct p50/p99 ms",
+        "gw p50/p99 ms",
+        "added p50 ms",
+        "TTFT p50 d/gw ms",
+        "added TTFT p50 ms",
+        "gw CPU us/req",
+        "gw core",
+    ]
+    body = []
+    for r in report["rows"]:
+        ttft = (
+            f"{_f(r['direct_ttft_p50_ms'])} / {_f(r['gateway_ttft_p50_ms'])}"
+            if r["direct_ttft_p50_ms"] is not None
+            else "-"
+        )
+        share = r["gateway_cpu_core_share"]
+        body.append(
+            [
+                r["mode"],
+                str(r["concurrency"]),
+                _f(r["direct_rps"], 0),
+                _f(r["gateway_rps"], 0),
+                f"{_f(r['direct_p50_ms'])} / {_f(r['direct_p99_ms'])}",
+                f"{_f(r['gateway_p50_ms'])} / {_f(r['gateway_p99_ms'])}",
+                _f(r["added_p50_ms"]),
+                ttft,
+                _f(r["added_ttft_p50_ms"]),
+                _f(r["gateway_cpu_us_per_request"], 0),
+                "-" if share is None else f"{share:.0%}",
+            ]
+        )
+    lines = [_grid(header, body)]
+    lines.append(
+        "  stream p50/p99 is the whole stream; TTFT: time to the first content event; "
+        "gw core: the gateway's CPU time / wall time"
+    )
+    for t in report["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
+        value = "-" if t["value"] is None else f"{t['value']:,.3f}".rstrip("0").rstrip(".")
+        lines.append(f"{verdict}  {t['name']}: {value} (target {t['target']})")
+    if report["transports"]:
+        lines.append("")
+        lines.append(
+            "Upstream HTTP client, bare Starlette proxy on one core, wrk "
+            f"c={report['plan']['transport_concurrency']}:"
+        )
+        rows = []
+        for t in report["transports"]:
+            if "skipped" in t:
+                rows.append([t["label"], "skipped", "", "", "", t["skipped"]])
+                continue
+            rows.append(
+                [
+                    t["label"],
+                    _f(t["rps"], 0),
+                    _f(t["p50_ms"]),
+                    _f(t["p99_ms"]),
+                    _f(t["cpu_us_per_request"], 0),
+                    f"{t['cpu_core_share']:.0%}",
+                ]
+            )
+        lines.append(_grid(["client", "req/s", "p50 ms", "p99 ms", "CPU us/req", "core"], rows))
+    for warning in report["warnings"]:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def machine_info(wrk_binary: str) -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    wrk_version = subprocess.run(
+        [wrk_binary, "-v"], capture_output=True, text=True, check=False, timeout=10
+    ).stdout.splitlines()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": cores(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "packages": versions,
+        "wrk": wrk_version[0] if wrk_version else None,
+        "git_commit": commit.stdout.strip() if commit.returncode == 0 else None,
+    }
+
+
+def write_report(report: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(report, indent=2) + "\n"
+    path = RESULTS_DIR / f"{stamp}.json"
+    path.write_text(text)
+    (RESULTS_DIR / "latest.json").write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_plan(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py",
+        description="vgate's benchmark: direct-to-worker vs through the gateway.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run (about 2 s per phase, no transports)",
+    )
+    parser.add_argument("--duration", type=float, help="seconds per measured phase (default 10)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per phase (default 1)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        help="concurrent clients; repeat (default: 1, 16, 64)",
+    )
+    parser.add_argument(
+        "--transports",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare upstream HTTP clients (default: on, off with --quick)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the servers' logs and configs (the path is printed)",
+    )
+    args = parser.parse_args(argv)
+    duration = args.duration if args.duration is not None else (2.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else 1.0
+    if duration < 1 or warmup < 1:
+        parser.error("--duration and --warmup are whole seconds, at least 1 (wrk's unit)")
+    transports_on = args.transports if args.transports is not None else not args.quick
+    plan = Plan(
+        duration_s=float(round(duration)),
+        warmup_s=float(round(warmup)),
+        concurrencies=tuple(args.concurrency or (1, 16, 64)),
+        transports=transports_on,
+    )
+    return plan, args
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vgate-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"bench: logs and configs kept in {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan, args = parse_plan(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Even when started in the background, where the shell set SIGINT to ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        wrk_binary = ensure_wrk()
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    with _workdir(args.keep_logs) as workdir:
+        procs = Processes(workdir)
+        try:
+            report = Bench(plan, procs, wrk_binary, workdir).run()
+        except BenchError as exc:
+            print(f"bench: FAILED: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            procs.stop_all()
+    path = write_report(report)
+    print()
+    print(render_table(report))
+    print(f"\nwrote {path.relative_to(REPO)} and bench/results/latest.json")
+    failed = any(t["pass"] is False for t in report["targets"])
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
