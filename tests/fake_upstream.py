@@ -1,0 +1,199 @@
+"""FakeUpstream: an HTTP server that misbehaves on purpose, for failures the sim cannot act.
+
+It is a fake (a raw asyncio socket server, not vLLM) because nothing real breaks on
+command in these exact ways: garbage bodies, resets, hangs, streams cut mid-way.
+It runs its own event loop in a thread so sync and async tests can both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def content_event(text: str, finish: str | None = None) -> bytes:
+    return _event(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fake",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+        }
+    )
+
+
+def usage_event(prompt: int, completion: int) -> bytes:
+    return _event(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fake",
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+    )
+
+
+@dataclass
+class FakeUpstream:
+    mode: str
+    status: int = 500
+    body: bytes = b'{"error": {"message": "boom", "type": "server_error", "code": 500}}'
+    retry_after: str | None = "7"
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._server = server
+        self._ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                self.requests.append(
+                    {"method": method, "path": path, "headers": headers, "body": body}
+                )
+                if path == "/health":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                if not await self._respond(writer):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, writer: asyncio.StreamWriter) -> bool:
+        """Act out `mode`; False when the connection must be dropped."""
+        mode = self.mode
+        if mode == "reset":
+            return False
+        if mode == "hang":
+            await asyncio.Event().wait()
+        if mode == "garbage":
+            body = b"<html>definitely not json</html>"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            return True
+        if mode == "status":
+            retry_after = f"retry-after: {self.retry_after}\r\n" if self.retry_after else ""
+            writer.write(
+                f"HTTP/1.1 {self.status} X\r\ncontent-type: application/json\r\n".encode()
+                + retry_after.encode()
+                + f"content-length: {len(self.body)}\r\n\r\n".encode()
+                + self.body
+            )
+            await writer.drain()
+            return True
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        if mode == "stream_cut":
+            # Two tokens, then the connection dies in the middle of the chunked body.
+            writer.write(_chunk(content_event("Hello") + content_event(" world")))
+            await writer.drain()
+            writer.write(b'40\r\ndata: {"partial')
+            await writer.drain()
+            return False
+        if mode == "stream_oversized":
+            # A first event, then one that never ends: more than the gateway will hold.
+            writer.write(_chunk(content_event("Hello")))
+            writer.write(_chunk(b"data: " + b"x" * (1024 * 1024 + 10)))
+            await writer.drain()
+            await asyncio.Event().wait()
+        if mode == "stream_stall":
+            writer.write(_chunk(content_event("Hello")))
+            await writer.drain()
+            await asyncio.Event().wait()
+        if mode == "stream_no_done":
+            writer.write(_chunk(content_event("Hello")))
+            writer.write(_chunk(content_event(" world", finish="stop") + usage_event(3, 2)))
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if mode == "stream_error_first":
+            error = {
+                "error": {
+                    "message": "This model's maximum context length is 16 tokens",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                }
+            }
+            writer.write(_chunk(_event(error) + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if mode == "stream_split_events":
+            # One event per byte: the gateway must reassemble whole events.
+            for event in (
+                content_event("Hel"),
+                content_event("lo", finish="stop"),
+                usage_event(3, 2),
+                b"data: [DONE]\n\n",
+            ):
+                for index in range(len(event)):
+                    writer.write(_chunk(event[index : index + 1]))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        raise ValueError(f"unknown FakeUpstream mode {mode!r}")

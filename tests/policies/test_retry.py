@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.config import RetryConfig
+from gateway.errors import InvalidRequest, UpstreamError
+from policies.retry import AttemptFailed, RetryBudget, RetryPolicy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def failure(retryable: bool = True, retry_after_s: float | None = None) -> AttemptFailed:
+    return AttemptFailed(
+        UpstreamError("boom"),
+        backend="b",
+        retryable=retryable,
+        backend_fault=True,
+        retry_after_s=retry_after_s,
+    )
+
+
+def policy(budget: RetryBudget | None = None, **config: float) -> RetryPolicy:
+    settings = RetryConfig(**{"backoff_initial_s": 0.001, "backoff_max_s": 0.002, **config})
+    return RetryPolicy(settings, budget or RetryBudget(1.0, 10, 100))
+
+
+def far() -> float:
+    return asyncio.get_running_loop().time() + 60
+
+
+async def test_success_needs_one_attempt() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        return "ok"
+
+    assert await policy(attempts=3).run(attempt, deadline=far()) == "ok"
+    assert calls == [0]
+
+
+async def test_retryable_failures_are_retried_until_success() -> None:
+    calls: list[int] = []
+    delays: list[float] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        if number < 2:
+            raise failure()
+        return "third time"
+
+    result = await policy(attempts=3).run(
+        attempt, deadline=far(), on_retry=lambda f, delay: delays.append(delay)
+    )
+    assert result == "third time" and calls == [0, 1, 2]
+    assert len(delays) == 2 and all(0 <= d <= 0.002 for d in delays)  # full jitter, capped
+
+
+async def test_attempts_are_bounded_and_the_last_failure_is_raised() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise failure()
+
+    with pytest.raises(AttemptFailed):
+        await policy(attempts=3).run(attempt, deadline=far())
+    assert calls == [0, 1, 2]
+
+
+async def test_non_retryable_failure_is_not_retried() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise AttemptFailed(
+            InvalidRequest("bad"), backend="b", retryable=False, backend_fault=False
+        )
+
+    with pytest.raises(AttemptFailed) as caught:
+        await policy(attempts=3).run(attempt, deadline=far())
+    assert calls == [0] and isinstance(caught.value.error, InvalidRequest)
+
+
+async def test_retry_after_is_honoured_up_to_the_cap() -> None:
+    delays: list[float] = []
+
+    async def attempt(number: int) -> str:
+        if number == 0:
+            raise failure(retry_after_s=7)
+        return "ok"
+
+    await policy(attempts=2, retry_after_max_s=0.01).run(
+        attempt, deadline=far(), on_retry=lambda f, delay: delays.append(delay)
+    )
+    assert delays == [0.01]
+
+
+async def test_no_retry_that_would_end_past_the_deadline() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise failure(retry_after_s=5)
+
+    deadline = asyncio.get_running_loop().time() + 1.0
+    with pytest.raises(AttemptFailed):
+        await policy(attempts=5, retry_after_max_s=5).run(attempt, deadline=deadline)
+    assert calls == [0]
+
+
+async def test_an_empty_budget_stops_retries() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.0, window_s=10, min_per_s=0.0, clock=clock)
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise failure()
+
+    with pytest.raises(AttemptFailed):
+        await policy(budget, attempts=4).run(attempt, deadline=far())
+    assert calls == [0]
+
+
+def test_budget_allows_a_share_of_requests_over_the_window() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, window_s=10, min_per_s=0.0, clock=clock)
+    for _ in range(10):
+        budget.record_request()
+    assert budget.can_spend()
+    budget.spend()
+    budget.spend()
+    assert not budget.can_spend()  # 2 retries for 10 requests is the 20% share
+    clock.now += 5
+    for _ in range(5):
+        budget.record_request()
+    assert budget.can_spend()  # 15 requests in the window now allow 3
+    budget.spend()
+    assert not budget.can_spend()
+    clock.now += 11  # everything above has left the window
+    assert not budget.can_spend()
+    budget.record_request()
+    budget.record_request()
+    budget.record_request()
+    budget.record_request()
+    budget.record_request()
+    assert budget.can_spend()
+
+
+def test_budget_floor_allows_retries_when_traffic_is_low() -> None:
+    budget = RetryBudget(ratio=0.0, window_s=10, min_per_s=0.3, clock=Clock())
+    for _ in range(3):
+        assert budget.can_spend()
+        budget.spend()
+    assert not budget.can_spend()

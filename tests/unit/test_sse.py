@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import orjson
+
+from gateway.sse import MalformedStream, SSEObserver, error_event
+
+
+def chunk(content: str, finish: str | None = None) -> bytes:
+    payload = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+USAGE = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def test_whole_events_pass_through_unchanged() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    stream = chunk("a") + chunk("b", "stop") + USAGE + DONE
+    assert observer.feed(stream) == stream
+    assert observer.done and observer.finished
+    assert observer.usage == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+def test_events_split_across_reads_are_held_until_whole() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    stream = chunk("hello") + chunk("world", "length") + DONE
+    out = b""
+    for index in range(len(stream)):
+        piece = observer.feed(stream[index : index + 1])
+        if piece:
+            assert piece.endswith(b"\n\n")
+        out += piece
+    assert out == stream
+    assert observer.events == 3
+
+
+def test_crlf_events_are_normalised() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    assert observer.feed(chunk("x").replace(b"\n", b"\r\n")) == chunk("x")
+
+
+def test_usage_chunk_asked_for_by_the_gateway_is_dropped() -> None:
+    observer = SSEObserver(drop_usage_chunk=True)
+    out = observer.feed(chunk("a", "stop") + USAGE + DONE)
+    assert out == chunk("a", "stop") + DONE
+    assert observer.usage is not None and observer.usage["completion_tokens"] == 2
+
+
+def test_not_finished_until_a_finish_reason_arrives() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    observer.feed(chunk("a"))
+    assert not observer.finished
+    observer.feed(chunk("b", "stop"))
+    assert observer.finished and not observer.done
+
+
+def test_nothing_after_done_is_forwarded() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    assert observer.feed(DONE + chunk("late")) == DONE
+
+
+def test_error_event_is_recorded() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    observer.feed(b'data: {"error": {"message": "bad", "code": 400}}\n\n')
+    assert observer.error == {"message": "bad", "code": 400}
+
+
+def test_final_event_without_blank_line_is_flushed() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    assert observer.feed(b"data: [DONE]") == b""
+    assert observer.flush() == DONE
+    assert observer.done
+
+
+def test_oversized_event_is_refused() -> None:
+    observer = SSEObserver(drop_usage_chunk=False)
+    try:
+        observer.feed(b"data: " + b"x" * (1024 * 1024 + 1))
+    except MalformedStream:
+        return
+    raise AssertionError("a 1 MiB event without an end was accepted")
+
+
+def test_error_event_shape() -> None:
+    assert error_event({"error": {"message": "m"}}) == b'data: {"error":{"message":"m"}}\n\n'
