@@ -6,11 +6,11 @@ goes wrong for. The worker (`chaos.sim`) applies them to POST `/v1/chat/completi
 `PUT/GET/DELETE /sim/faults` and read `GET /sim/stats`.
 
 Which requests fail: the failure faults (`error_status`, `hang`, `reset`, `cut_after_chunks`,
-`stall_after_chunks`, `error_event_first`) hit request n (counting from 0 since the faults were
-set) when floor((n + 1) * error_rate) > floor(n * error_rate), so a rate of 0.5 fails every
-second request and exactly floor(N * rate) of the first N. A rate of 0 with a failure fault
-set means every request. `latency_ms` and `tokens_per_s` apply to every request; they slow a
-worker down but do not fail it, and are not counted as faults.
+`stall_after_chunks`, `garbage_after_chunks`, `error_event_first`) hit request n (counting from
+0 since the faults were set) when floor((n + 1) * error_rate) > floor(n * error_rate), so a rate
+of 0.5 fails every second request and exactly floor(N * rate) of the first N. A rate of 0 with
+a failure fault set means every request. `latency_ms` and `tokens_per_s` apply to every
+request; they slow a worker down but do not fail it, and are not counted as faults.
 
 A request picked to fail gets the first of these that applies:
 
@@ -23,6 +23,7 @@ A request picked to fail gets the first of these that applies:
    event, then `[DONE]`; `cut_after_chunks` and `stall_after_chunks` let that many SSE events
    through (the `[DONE]` line counts as one), then close the connection mid-body or stop
    sending while keeping it open. A stream with fewer events than that ends normally.
+   `garbage_after_chunks` sends one event of unparseable JSON after that many, then goes on.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Faults:
     reset: bool = False  # close the connection without any response
     cut_after_chunks: int | None = None  # streams: this many SSE events, then drop the connection
     stall_after_chunks: int | None = None  # streams: this many SSE events, then send nothing more
+    garbage_after_chunks: int | None = None  # streams: one unparseable event after this many
     error_event_first: bool = False  # streams: 200, one vLLM error event, then [DONE]
     tokens_per_s: float | None = None  # the token rate while set, instead of the worker's own
     health_status: int | None = None  # /health answers this status while set
@@ -71,7 +73,7 @@ class Faults:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("cut_after_chunks", "stall_after_chunks"):
+        for name in ("cut_after_chunks", "stall_after_chunks", "garbage_after_chunks"):
             count = getattr(self, name)
             if count is not None and count < 0:
                 raise ValueError(f"{name} must be >= 0, got {count}")
@@ -85,6 +87,7 @@ class Faults:
             or self.reset
             or self.cut_after_chunks is not None
             or self.stall_after_chunks is not None
+            or self.garbage_after_chunks is not None
             or self.error_event_first
         )
 
@@ -130,6 +133,7 @@ _FIELD_KINDS: dict[str, tuple[type, bool]] = {
     "reset": (bool, False),
     "cut_after_chunks": (int, True),
     "stall_after_chunks": (int, True),
+    "garbage_after_chunks": (int, True),
     "error_event_first": (bool, False),
     "tokens_per_s": (float, True),
     "health_status": (int, True),
@@ -233,6 +237,7 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fault-reset", action="store_true", help="close without a response")
     group.add_argument("--fault-cut-after", type=int, metavar="CHUNKS")
     group.add_argument("--fault-stall-after", type=int, metavar="CHUNKS")
+    group.add_argument("--fault-garbage-after", type=int, metavar="CHUNKS")
     group.add_argument("--fault-error-event-first", action="store_true")
     group.add_argument("--fault-tokens-per-s", type=float, metavar="RATE")
     group.add_argument("--fault-health-status", type=int, metavar="STATUS")
@@ -249,6 +254,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
         reset=args.fault_reset,
         cut_after_chunks=args.fault_cut_after,
         stall_after_chunks=args.fault_stall_after,
+        garbage_after_chunks=args.fault_garbage_after,
         error_event_first=args.fault_error_event_first,
         tokens_per_s=args.fault_tokens_per_s,
         health_status=args.fault_health_status,

@@ -129,6 +129,9 @@ class SimSettings:
     default_max_tokens: int = 16
     embedding_dim: int = 384
     api_key: str | None = None  # when set, /v1/* requires "Authorization: Bearer <key>"
+    # vLLM continues a final assistant message when asked (`continue_final_message`); off,
+    # the worker refuses that field as OpenAI's API does, like a backend that cannot.
+    continue_final_message: bool = True
     faults: Faults = field(default_factory=Faults)  # the faults to start with (chaos.faults)
 
 
@@ -373,8 +376,12 @@ class _Job:
         return max(len(seq.pieces) for seq in self.sequences)
 
 
-def _generate(material: bytes, max_tokens: int, stop: tuple[str, ...]) -> _Sequence:
-    pieces = [_TOKENS[byte] for byte in hashlib.shake_256(material).digest(max_tokens)]
+def _generate(
+    material: bytes, max_tokens: int, stop: tuple[str, ...], *, skip: int = 0
+) -> _Sequence:
+    """`max_tokens` tokens of the output for `material`, after its first `skip` tokens."""
+    digest = hashlib.shake_256(material).digest(skip + max_tokens)
+    pieces = [_TOKENS[byte] for byte in digest[skip:]]
     if stop:
         text = "".join(pieces)
         cut, reason = -1, ""
@@ -579,11 +586,17 @@ class SimWorker:
                             prompt_tokens += _words(text)
                 elif content is not None:
                     raise _field_error("messages.content", "a string or a list of parts")
+            skip, messages = self._continuation(data, messages)
+            if skip is not None:
+                # The final assistant message is continued, not closed and answered: its
+                # role marker stands in for the generation prompt (ChatML, as vLLM renders it).
+                prompt_tokens -= CHAT_TOKENS_PER_MESSAGE
             prompts: list[tuple[Any, int]] = [(messages, prompt_tokens)]
             requested = data.get("max_completion_tokens")
             if requested is None:
                 requested = data.get("max_tokens")
         else:
+            skip = None
             prompts = self._prompts(data.get("prompt"))
             requested = data.get("max_tokens")
         if requested is not None and type(requested) is not int:
@@ -622,11 +635,52 @@ class SimWorker:
         for index, (prompt, prompt_tokens) in enumerate(prompts):
             max_tokens = self._max_tokens(prompt_tokens, requested)
             material = orjson.dumps([model, prompt, seed], option=orjson.OPT_SORT_KEYS)
-            sequence = _generate(material, max_tokens, stop)
+            sequence = _generate(material, max_tokens, stop, skip=skip or 0)
             sequence.index = index
             sequence.prompt_tokens = prompt_tokens
             sequences.append(sequence)
         return _Job(chat, model, stats, sequences, stream, include_usage, continuous_usage)
+
+    def _continuation(
+        self, data: dict[str, Any], messages: list[Any]
+    ) -> tuple[int | None, list[Any]]:
+        """For `continue_final_message`: how many tokens of the answer the final assistant
+        message already holds, and the messages the answer is generated for.
+
+        A prefill that is the start of what this worker would answer anyway is continued
+        where it stops, as greedy decoding would; any other prefill is generated for afresh.
+        """
+        flag = data.get("continue_final_message")
+        if flag is None or flag is False:
+            return None, messages
+        if type(flag) is not bool:
+            raise _field_error("continue_final_message", "a valid boolean")
+        if not self.settings.continue_final_message:
+            raise _invalid(
+                "Unrecognized request argument supplied: continue_final_message",
+                "continue_final_message",
+            )
+        if data.get("add_generation_prompt", True) is not False:
+            raise _invalid(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
+        final = messages[-1]
+        prefill = final.get("content")
+        if final.get("role") != "assistant" or type(prefill) is not str:
+            raise _invalid(
+                "continue_final_message is set but the final message is not an assistant "
+                "message with text content.",
+                "messages",
+            )
+        earlier = messages[:-1]
+        words = _words(prefill)
+        model = data.get("model")
+        if model is None:
+            model = self.settings.models[0]
+        material = orjson.dumps([model, earlier, data.get("seed")], option=orjson.OPT_SORT_KEYS)
+        if "".join(_generate(material, words, ()).pieces) == prefill:
+            return words, earlier
+        return 0, messages
 
     @staticmethod
     def _prompts(prompt: Any) -> list[tuple[Any, int]]:
@@ -1149,7 +1203,9 @@ class SimWorker:
             await _injected_error(faults).send(send)
         elif job.stream:
             if picked and (
-                faults.cut_after_chunks is not None or faults.stall_after_chunks is not None
+                faults.cut_after_chunks is not None
+                or faults.stall_after_chunks is not None
+                or faults.garbage_after_chunks is not None
             ):
                 send = self._interrupting(send, faults)
             await self._stream(receive, send, job)
@@ -1188,15 +1244,19 @@ class SimWorker:
         job.stats.finished["error"] += len(job.sequences)
 
     def _interrupting(self, send: Send, faults: Faults) -> Send:
-        """`send` for a stream that is cut, or stalls, after some SSE events."""
+        """`send` for a stream that is cut, stalls, or sends garbage after some SSE events."""
         cut = faults.cut_after_chunks
         stall = faults.stall_after_chunks
+        garbage = faults.garbage_after_chunks
         injector = self._injector
         sent = 0
 
         async def interrupting(message: Message) -> None:
             nonlocal sent
             if message["type"] == "http.response.body":
+                if sent == garbage:
+                    injector.faulted += 1
+                    await send({**message, "body": _GARBAGE_EVENT, "more_body": True})
                 if sent in (cut, stall):
                     injector.faulted += 1
                     if sent == cut:
@@ -1209,6 +1269,10 @@ class SimWorker:
             await send(message)
 
         return interrupting
+
+
+# An event cut off inside its JSON, as a buggy upstream or a broken proxy might send it.
+_GARBAGE_EVENT = b'data: {"id": "chatcmpl-garbled", "choices": [{"delta": {"cont\n\n'
 
 
 class _Collector(Collector):
@@ -1275,6 +1339,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--no-continue-final-message",
+        dest="continue_final_message",
+        action="store_false",
+        help="refuse `continue_final_message` (400), like a backend that cannot continue",
+    )
     add_fault_arguments(parser)
 
 
@@ -1289,6 +1359,7 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
         default_max_tokens=args.default_max_tokens,
         embedding_dim=args.embedding_dim,
         api_key=args.api_key,
+        continue_final_message=args.continue_final_message,
         faults=faults_from_args(args),
     )
 

@@ -201,6 +201,24 @@ async def test_cut_before_the_first_event(sim: httpx.AsyncClient) -> None:
             await response.aread()
 
 
+async def test_garbage_is_one_unparseable_event_in_an_otherwise_whole_stream(
+    sim: httpx.AsyncClient,
+) -> None:
+    await put(sim, garbage_after_chunks=2)
+    async with stream(sim, 4) as response:
+        received = [data async for data in events(response)]
+    assert received[-1] == "[DONE]"
+    unparseable = []
+    for data in received[:-1]:
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError:
+            unparseable.append(data)
+    assert len(unparseable) == 1 and received.index(unparseable[0]) == 2
+    assert len(received) == 4 + 1 + 1  # four tokens, the garbage, [DONE]
+    assert await stats(sim) == {"requests": 1, "faulted": 1}
+
+
 async def test_stall_stops_sending_and_keeps_the_connection(sim: httpx.AsyncClient) -> None:
     await put(sim, stall_after_chunks=2, tokens_per_s=1000)
     received: list[str] = []

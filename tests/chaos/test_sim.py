@@ -211,6 +211,73 @@ async def test_output_is_deterministic_per_request(sim: httpx.AsyncClient) -> No
     assert first.startswith(await text(prompt="the same prompt", max_tokens=5))
 
 
+async def test_continue_final_message_continues_where_the_prefill_stops(
+    sim: httpx.AsyncClient,
+) -> None:
+    whole = (await chat(sim, messages=MESSAGES, max_tokens=10)).json()
+    text = whole["choices"][0]["message"]["content"]
+    prefill = "".join(" " + word for word in text.split()[:4])
+    continued = await chat(
+        sim,
+        messages=[*MESSAGES, {"role": "assistant", "content": prefill}],
+        continue_final_message=True,
+        add_generation_prompt=False,
+        max_tokens=6,
+    )
+    assert continued.status_code == 200
+    body = continued.json()
+    assert prefill + body["choices"][0]["message"]["content"] == text
+    # The prefill is prompt; its role marker replaces the generation prompt, as in ChatML.
+    assert body["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] + 4
+    assert body["usage"]["completion_tokens"] == 6
+
+
+async def test_a_foreign_prefill_is_continued_with_new_text(sim: httpx.AsyncClient) -> None:
+    response = await chat(
+        sim,
+        messages=[*MESSAGES, {"role": "assistant", "content": " not what it says"}],
+        continue_final_message=True,
+        add_generation_prompt=False,
+        max_tokens=3,
+    )
+    assert response.status_code == 200
+    assert len(response.json()["choices"][0]["message"]["content"].split()) == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "Cannot set both"),
+        ({"add_generation_prompt": False, "final": "user"}, "not an assistant message"),
+    ],
+)
+async def test_continue_final_message_is_checked(
+    sim: httpx.AsyncClient, extra: dict[str, Any], message: str
+) -> None:
+    final = extra.pop("final", "assistant")
+    response = await chat(
+        sim,
+        messages=[*MESSAGES, {"role": final, "content": " x"}],
+        continue_final_message=True,
+        **extra,
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+async def test_a_worker_without_continuation_refuses_it() -> None:
+    async with serve(SimSettings(continue_final_message=False)) as client:
+        response = await chat(
+            client,
+            messages=[*MESSAGES, {"role": "assistant", "content": " x"}],
+            continue_final_message=True,
+            add_generation_prompt=False,
+        )
+        assert response.status_code == 400
+        assert "continue_final_message" in response.json()["error"]["message"]
+        assert (await chat(client, messages=MESSAGES)).status_code == 200
+
+
 async def test_stop_string_ends_the_text_before_it(sim: httpx.AsyncClient) -> None:
     full = (await complete(sim, prompt="stop here", max_tokens=20)).json()["choices"][0]["text"]
     stop = " " + full.split()[5]
