@@ -5,7 +5,10 @@ the listeners. Around it: a failure-ratio window (pybreaker counts only consecut
 failures), a bound on concurrent half-open probes (pybreaker lets every call through), and
 a non-blocking `allows()` the router asks while selecting, before any attempt.
 
-State is in-process; sharing it across processes through Redis is a later step.
+Decisions are always local: nothing here waits on another process. To share state across
+gateway processes, `policies.breaker_sync` hears each local transition (`on_local_change`)
+and hands other processes' transitions to `apply_remote`, which orders them by the wall-clock
+time they happened (`changed_at`): the latest transition wins, wherever it was made.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Literal
 
@@ -48,20 +52,30 @@ class BackendBreaker:
         name: str,
         config: BreakerConfig,
         *,
+        route: str = "",
         on_change: Callable[[str, str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self.route = route
         self.config = config
-        listeners: list[pybreaker.CircuitBreakerListener] = [_Transitions(self._log)]
+        # Called after each transition this process made itself (not one applied from
+        # elsewhere); set by whatever shares the state. Never called on the hot path.
+        self.on_local_change: Callable[[BackendBreaker], None] | None = None
+        self.changed_at = 0.0  # wall clock of the last transition, local or applied
+        self.changed_locally = False  # whether that transition was this process's own
+        self._applying: float | None = None  # `at` of the remote transition being applied
+        listeners: list[pybreaker.CircuitBreakerListener] = [_Transitions(self._changed)]
         if on_change is not None:
             listeners.append(_Transitions(on_change))
+        self._storage = pybreaker.CircuitMemoryStorage(CLOSED)
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=config.consecutive_failures,
             reset_timeout=config.open_s,
             # Only failures the backend is to blame for count; a client's 400 does not.
             exclude=[lambda exc: not (isinstance(exc, AttemptFailed) and exc.backend_fault)],
             listeners=listeners,
+            state_storage=self._storage,
             name=name,
             throw_new_error_on_trip=False,
         )
@@ -79,7 +93,7 @@ class BackendBreaker:
         if state == CLOSED:
             return True
         if state == OPEN:
-            opened_at = self._breaker._state_storage.opened_at
+            opened_at = self._storage.opened_at
             if opened_at is None:
                 return False
             cooled = time.time() - opened_at.timestamp() >= self.config.open_s
@@ -137,8 +151,68 @@ class BackendBreaker:
             self._outcomes.clear()
             self._breaker.open()
 
-    def _log(self, name: str, old: str, new: str) -> None:
+    @property
+    def opened_at(self) -> float | None:
+        """Wall-clock time the breaker last opened; None while closed."""
+        opened_at = self._storage.opened_at
+        if opened_at is None or self._breaker.current_state == CLOSED:
+            return None
+        return opened_at.timestamp()
+
+    def apply_remote(self, state: str, opened_at: float | None, at: float) -> bool:
+        """Take on a transition another process made at `at` (wall clock), if it is newer
+        than the last one this breaker knows of. Open or half-open elsewhere means open
+        here, cooling down from the same `opened_at`, so every process probes again at the
+        same moment. Returns whether anything changed. Never calls `on_local_change`.
+        """
+        if at <= self.changed_at:
+            return False
+        breaker = self._breaker
+        current = breaker.current_state
+        if state == CLOSED:
+            if current == CLOSED:
+                self.changed_at, self.changed_locally = at, False
+                return False
+            self._apply(at, breaker.close)
+            self._outcomes.clear()
+            return True
+        if state not in (OPEN, HALF_OPEN) or opened_at is None:
+            return False
+        # A clock ahead of ours must not hold the backend out for longer than open_s.
+        opened = datetime.fromtimestamp(min(opened_at, time.time()), UTC)
+        if current == OPEN:
+            stored = self._storage.opened_at
+            self.changed_at, self.changed_locally = at, False
+            if stored is not None and stored >= opened:
+                return False
+            self._storage.opened_at = opened  # opened again elsewhere: cool down from then
+            return True
+
+        def open_from_then() -> None:
+            breaker.open()
+            self._storage.opened_at = opened
+
+        self._apply(at, open_from_then)
+        self._outcomes.clear()
+        return True
+
+    def _apply(self, at: float, transition: Callable[[], object]) -> None:
+        self._applying = at
+        try:
+            transition()
+        finally:
+            self._applying = None
+
+    def _changed(self, name: str, old: str, new: str) -> None:
+        applying = self._applying
+        if applying is not None:
+            self.changed_at, self.changed_locally = applying, False
+            logger.info("breaker %s: %s -> %s (as another gateway process saw)", name, old, new)
+            return
+        self.changed_at, self.changed_locally = time.time(), True
         logger.warning("breaker %s: %s -> %s", name, old, new)
+        if self.on_local_change is not None:
+            self.on_local_change(self)
 
 
 def _reraise(failure: AttemptFailed) -> None:

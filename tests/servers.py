@@ -150,6 +150,45 @@ def start_gateway(
     return Gateway(process.name, process.popen, process.log_path, process.url, access_log)
 
 
+@dataclass
+class RedisServer(Process):
+    port: int = 0
+
+    def kill(self) -> None:
+        """Die at once, as a crashed server does: no goodbye to its clients."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def start_redis(log_dir: Path, *, port: int | None = None, timeout_s: float = 10.0) -> RedisServer:
+    """A real, empty redis-server of the tests' own (nothing on disk) on a free port, or
+    on `port` to bring one back where its clients expect it."""
+    port = port if port is not None else free_port()
+    log_path = log_dir / f"redis-{port}.log"
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            ["redis-server", *args], stdout=log, stderr=subprocess.STDOUT, cwd=log_dir
+        )
+    server = RedisServer(f"redis-{port}", popen, log_path, f"redis://127.0.0.1:{port}", port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {popen.returncode}:\n{server.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"redis-server not ready after {timeout_s}s:\n{server.log()}")
+        time.sleep(0.01)
+
+
 def poll_until(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.02) -> Any:
     """Call `predicate` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
