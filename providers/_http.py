@@ -14,6 +14,7 @@ from providers.http1 import ConnectionPool, Response
 # about to close would otherwise fail a request that never reached it.
 KEEPALIVE_S = 4.0
 MAX_HEALTH_BODY = 64 * 1024
+MAX_METRICS_BODY = 2 * 1024 * 1024  # vLLM's /metrics is tens of KiB; more is not vLLM's
 
 
 class HTTPUpstreamResponse:
@@ -87,3 +88,13 @@ class OpenAICompatibleAdapter:
                 return response.status == 200
         except (UpstreamConnectError, UpstreamBroken, TimeoutError):
             return False
+
+    async def metrics(self) -> bytes | None:
+        """The upstream's Prometheus text, or None where it serves none (OpenAI: 404).
+
+        Failures raise (`UpstreamConnectError`, `UpstreamBroken`, also for a body over
+        MAX_METRICS_BODY); the caller bounds the time (policies.load.LoadScraper).
+        """
+        response = await self._send(b"GET", "/metrics", b"", "metrics-scrape")
+        body = await response.read(MAX_METRICS_BODY)
+        return body if response.status == 200 else None

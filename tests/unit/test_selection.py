@@ -44,6 +44,10 @@ class Load:
     latency_ewma_s: float = 0.0
     weight: int = 1
 
+    @property
+    def load(self) -> int:
+        return self.in_flight
+
 
 def test_least_in_flight_per_weight() -> None:
     selector = LeastInFlight()
