@@ -28,6 +28,8 @@ class AccessLog:
             "backend": record.backend,
             "attempts": record.attempts,
             "fallback_from": record.fallback_from,
+            "resumptions": record.resumptions,
+            "dropped_events": record.dropped_events,
             "stream": record.stream,
             "latency_ms": _ms(end - record.start),
             "upstream_ms": _ms(record.upstream_s),
@@ -35,6 +37,7 @@ class AccessLog:
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,
             "error": record.error,
+            "decisions": [decision.to_json() for decision in record.decisions],
         }
         self._stream.write(orjson.dumps(line) + b"\n")
         self._stream.flush()

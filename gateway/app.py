@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import orjson
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,9 +31,13 @@ from gateway.middleware import RequestContextMiddleware
 from gateway.proxy import ProxyEndpoint
 from gateway.router import Backend, Route, Router
 from gateway.validation import Endpoint
+from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker
+from policies.breaker_sync import BreakerSync
 from policies.health import HealthChecker, Probe
+from policies.load import LoadScraper, ScrapeTarget
+from policies.redis_state import RedisHealth, create_client
 from policies.retry import RetryBudget, RetryPolicy
 from providers import MissingCredential, create_adapter
 
@@ -47,6 +52,9 @@ class Gateway:
     metrics: GatewayMetrics
     access_log: AccessLog | None
     health: HealthChecker
+    loads: LoadScraper | None = None  # vLLM's own running/waiting, scraped as a load signal
+    redis: Redis | None = None  # with redis.url: one pooled client, from start to aclose
+    breaker_sync: BreakerSync | None = None
 
     @classmethod
     def from_config(cls, config: GatewayConfig, *, log_stream: BinaryIO | None = None) -> Gateway:
@@ -71,8 +79,12 @@ class Gateway:
         )
         router = Router(routes, admission)
         metrics.watch_admission(admission)
+        metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
         router.on_retry = lambda route, failure, delay: metrics.retries.labels(route.name).inc()
         router.on_fallback = lambda old, new: metrics.fallbacks.labels(old.name, new.name).inc()
+        router.on_resume = lambda route, mode, outcome: metrics.stream_resumed(
+            route.name, mode, outcome
+        )
         access_log = None
         if config.server.access_log:
             access_log = AccessLog(log_stream if log_stream is not None else sys.stdout.buffer)
@@ -84,19 +96,63 @@ class Gateway:
             ],
             on_change=metrics.health_changed,
         )
-        return cls(config, keys, router, metrics, access_log, health)
+        keys.check_pins({backend.name for backend in router.backends})
+        loads = None
+        scrape = config.load_scrape
+        targets = [
+            ScrapeTarget(
+                backend.name, backend.adapter.metrics, backend.upstream, _in_flight_of(backend)
+            )
+            for backend in router.backends
+            if backend.config.scrapes_metrics
+        ]
+        if scrape.enabled and targets:
+            loads = LoadScraper(
+                targets,
+                interval_s=scrape.interval_s,
+                timeout_s=scrape.timeout_s,
+                stale_after=scrape.stale_after,
+                max_concurrency=scrape.max_concurrency,
+                absent_retry_s=scrape.absent_retry_s,
+            )
+        return cls(config, keys, router, metrics, access_log, health, loads)
 
     async def start(self) -> None:
+        await self._start_shared_state()
         for backend in self.router.backends:
             await backend.adapter.start()
         # One round before serving, so that /ready and routing know from the first request.
         await self.health.check_all()
         await self.health.start()
+        if self.loads is not None:
+            await self.loads.start()
 
     async def aclose(self) -> None:
         await self.health.aclose()
+        if self.loads is not None:
+            await self.loads.aclose()
         for backend in self.router.backends:
             await backend.adapter.aclose()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def _start_shared_state(self) -> None:
+        """With redis.url: breakers shared by every process (never blocking a request)."""
+        settings = self.config.redis
+        if settings.url is None:
+            return
+        self.redis = create_client(settings)
+        self.breaker_sync = BreakerSync(
+            self.redis,
+            [b.breaker for b in self.router.backends if b.breaker.config.shared],
+            key_prefix=settings.key_prefix,
+            timeout_s=settings.socket_timeout_s,
+            health=RedisHealth("breaker", self.metrics.redis_changed),
+            on_applied=self.metrics.breaker_applied,
+        )
+        await self.breaker_sync.start()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether every model has a backend passing its health checks, and which do."""
@@ -120,8 +176,34 @@ def _backend(
     except MissingCredential as exc:
         field = f"models[{model_index}].backends[{backend_index}].api_key_env"
         raise ConfigError(config.source, field, str(exc)) from None
-    breaker = BackendBreaker(backend.name, route.breaker, on_change=metrics.breaker_changed)
-    return Backend(backend, adapter, backend.model or route.name, breaker)
+    breaker = BackendBreaker(
+        backend.name, route.breaker, route=route.name, on_change=metrics.breaker_changed
+    )
+    limiter = None
+    adaptive = backend.adaptive_concurrency
+    if adaptive.enabled:
+        ceiling = backend.max_in_flight or backend.max_connections
+        if adaptive.min_limit > ceiling:
+            field = f"models[{model_index}].backends[{backend_index}].adaptive_concurrency"
+            raise ConfigError(
+                config.source, field + ".min_limit", f"exceeds the backend's limit of {ceiling}"
+            )
+        limiter = AdaptiveLimit(
+            max_limit=ceiling,
+            min_limit=adaptive.min_limit,
+            initial_limit=adaptive.initial_limit or min(20, ceiling),
+            tolerance=adaptive.tolerance,
+            long_window=adaptive.long_window,
+        )
+    return Backend(backend, adapter, backend.model or route.name, breaker, limiter=limiter)
+
+
+def _in_flight_of(backend: Backend) -> Callable[[], int]:
+    return lambda: backend.in_flight
+
+
+def _limit_of(backend: Backend) -> Callable[[], int]:
+    return lambda: backend.concurrency_limit
 
 
 def _retry_policy(config: RetryConfig) -> RetryPolicy:

@@ -7,12 +7,13 @@ looked up, so the secret is never compared byte by byte and never kept in memory
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.config import ConfigError, field_path
 from gateway.errors import AuthenticationError
@@ -25,6 +26,8 @@ class Caller:
     id: str
     name: str
     tier: Literal["interactive", "batch"] = "interactive"
+    pins: tuple[str, ...] = ()  # backends this key's requests go to, on routes that have them
+    may_pin: bool = False  # may force a backend for one request with X-VGate-Pin
 
 
 class _KeyEntry(BaseModel):
@@ -34,6 +37,13 @@ class _KeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tier: Literal["interactive", "batch"] = "interactive"  # batch waits behind interactive
     disabled: bool = False
+    pin: tuple[str, ...] = ()  # backend names; a route with one of them always uses it
+    may_pin: bool = False  # the right to send X-VGate-Pin
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
 
 
 class _KeysFile(BaseModel):
@@ -48,10 +58,22 @@ def hash_key(secret: str | bytes) -> str:
 
 
 class KeyRing:
-    __slots__ = ("_by_hash",)
+    __slots__ = ("_by_hash", "source")
 
-    def __init__(self, callers_by_hash: dict[str, Caller]) -> None:
+    def __init__(self, callers_by_hash: dict[str, Caller], source: str = "<memory>") -> None:
         self._by_hash = callers_by_hash
+        self.source = source
+
+    def check_pins(self, backends: Collection[str]) -> None:
+        """Fail at start-up on a key pinned to a backend the config does not have."""
+        for caller in self._by_hash.values():
+            for name in caller.pins:
+                if name not in backends:
+                    raise ConfigError(
+                        self.source,
+                        f"keys[{caller.id}].pin",
+                        f"no backend is named {name!r} (backends: {', '.join(sorted(backends))})",
+                    )
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:
@@ -75,8 +97,14 @@ class KeyRing:
                 raise ConfigError(source, f"keys[{index}].id", f"id {entry.id!r} is used twice")
             ids.add(entry.id)
             if not entry.disabled:
-                by_hash[entry.sha256] = Caller(id=entry.id, name=entry.name, tier=entry.tier)
-        return cls(by_hash)
+                by_hash[entry.sha256] = Caller(
+                    id=entry.id,
+                    name=entry.name,
+                    tier=entry.tier,
+                    pins=entry.pin,
+                    may_pin=entry.may_pin,
+                )
+        return cls(by_hash, source)
 
     def authenticate(self, authorization: bytes | None) -> Caller:
         """Resolve an `Authorization: Bearer <key>` header value to its caller."""

@@ -83,6 +83,7 @@ class BreakerConfig(_Frozen):
     min_requests: int = Field(20, ge=1)  # the ratio is judged only over at least this many
     open_s: float = Field(5.0, gt=0)
     half_open_probes: int = Field(1, ge=1)
+    shared: bool = True  # with redis.url set: every gateway process sees the same state
 
 
 class HealthConfig(_Frozen):
@@ -95,6 +96,16 @@ class HealthConfig(_Frozen):
     healthy_after: int = Field(2, ge=1)  # good probes in a row before readmission
 
 
+class AdaptiveConcurrencyConfig(_Frozen):
+    """A per-backend concurrency limit that follows observed latency (policies.adaptive)."""
+
+    enabled: bool = False
+    min_limit: int = Field(1, ge=1)
+    initial_limit: int | None = Field(None, ge=1)  # default: min(20, the static limit)
+    tolerance: float = Field(1.5, ge=1)  # latency this many times its baseline is congestion
+    long_window: int = Field(600, ge=10)  # samples in the long-term baseline
+
+
 class BackendConfig(_Frozen):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     provider: Literal["vllm", "openai"]
@@ -104,6 +115,24 @@ class BackendConfig(_Frozen):
     api_key_env: str | None = None
     max_connections: int = Field(256, ge=1, le=10_000)
     max_in_flight: int | None = Field(None, ge=1)  # requests at once; default max_connections
+    # Whether it continues a final assistant message (vLLM's `continue_final_message`), so a
+    # broken stream resumes on it from the text already sent. Default: yes for vllm.
+    continue_final_message: bool | None = None
+    # Scrape vLLM's /metrics for its running and waiting requests. Default: yes for vllm.
+    scrape_metrics: bool | None = None
+    adaptive_concurrency: AdaptiveConcurrencyConfig = AdaptiveConcurrencyConfig()
+
+    @property
+    def scrapes_metrics(self) -> bool:
+        if self.scrape_metrics is None:
+            return self.provider == "vllm"
+        return self.scrape_metrics
+
+    @property
+    def can_prefill(self) -> bool:
+        if self.continue_final_message is None:
+            return self.provider == "vllm"
+        return self.continue_final_message
 
     @field_validator("url")
     @classmethod
@@ -119,15 +148,53 @@ class BackendConfig(_Frozen):
         return self
 
 
+class ResumeConfig(_Frozen):
+    """Continuing a stream that broke after reaching the client on another backend."""
+
+    enabled: bool = True
+    attempts: int = Field(2, ge=1, le=10)  # resumptions of one stream, at most
+    max_text_chars: int = Field(256 * 1024, ge=1)  # longer answers so far are not resumed
+
+
+class AffinityConfig(_Frozen):
+    """What `strategy: affinity` hashes: a conversation or a user, never the prompt."""
+
+    key: str = Field("user", pattern=r"^(user|header:[A-Za-z0-9-]+)$")  # OpenAI's `user` field
+    epsilon: float = Field(0.25, gt=0, le=10)  # a backend takes at most (1+ε) times its fair share
+
+    @property
+    def header(self) -> bytes | None:
+        return None if self.key == "user" else self.key[7:].lower().encode("latin-1")
+
+
+class LoadScrapeConfig(_Frozen):
+    """Reading each vLLM worker's own running/waiting gauges as a load signal."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(0.5, gt=0)
+    stale_after: int = Field(3, ge=1)  # intervals after which a report is ignored
+    absent_retry_s: float = Field(300.0, gt=0)  # a backend without /metrics is asked again
+    max_concurrency: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> LoadScrapeConfig:
+        if self.timeout_s > self.interval_s:
+            raise ValueError("timeout_s must not exceed interval_s")
+        return self
+
+
 class ModelRoute(_Frozen):
     name: str = Field(min_length=1, max_length=128)
     aliases: tuple[str, ...] = ()
-    strategy: Literal["weighted", "least_inflight", "p2c_latency"] = "weighted"
+    strategy: Literal["weighted", "least_inflight", "p2c_latency", "affinity"] = "weighted"
+    affinity: AffinityConfig = AffinityConfig()
     seed: int = 0  # for p2c_latency's draws: the same seed, the same choices
     timeouts: Timeouts = Timeouts()
     retries: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     health: HealthConfig = HealthConfig()
+    resume: ResumeConfig = ResumeConfig()
     fallbacks: tuple[str, ...] = ()  # model names tried in order when this one cannot answer
     context_window: int | None = Field(
         None, ge=1
@@ -139,10 +206,28 @@ class KeysConfig(_Frozen):
     file: Path
 
 
+class RedisConfig(_Frozen):
+    """State shared by every gateway process and replica; without a url, in-process only."""
+
+    url: str | None = None  # redis://[:password@]host:6379/0, rediss://..., unix:///path
+    key_prefix: str = Field("vgate", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    socket_timeout_s: float = Field(0.5, gt=0, le=30)  # bounds every Redis call, connect too
+    max_connections: int = Field(16, ge=2, le=10_000)  # pooled; a subscription holds one
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
+        return url
+
+
 class GatewayConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     models: tuple[ModelRoute, ...] = Field(min_length=1)
     keys: KeysConfig
+    redis: RedisConfig = RedisConfig()
+    load_scrape: LoadScrapeConfig = LoadScrapeConfig()
     source: str = "<memory>"
 
     @field_validator("models")

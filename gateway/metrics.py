@@ -6,7 +6,7 @@ HTTP status codes. Keys, prompts and request ids never become labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,6 +20,7 @@ from policies.admission import Admission
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
+_REDIS_COMPONENTS = frozenset({"breaker"})  # what shares state through Redis
 NONE = "none"
 
 
@@ -90,6 +91,19 @@ class GatewayMetrics:
             ["from_model", "to_model"],
             registry=registry,
         )
+        self.resumptions = Counter(
+            "vgate_stream_resumptions",
+            "Streams broken after their first byte and continued elsewhere, by model route, "
+            "mode (prefill, regenerate) and outcome (resumed, failed, diverged).",
+            ["model", "mode", "outcome"],
+            registry=registry,
+        )
+        self.dropped_events = Counter(
+            "vgate_stream_events_dropped",
+            "Unparseable upstream stream events dropped instead of forwarded, by model route.",
+            ["model"],
+            registry=registry,
+        )
         self.breaker_transitions = Counter(
             "vgate_breaker_transitions",
             "Circuit breaker state changes, by backend and new state.",
@@ -100,6 +114,24 @@ class GatewayMetrics:
             "vgate_breaker_open",
             "1 while a backend's circuit breaker is open or half-open.",
             ["backend"],
+            registry=registry,
+        )
+        self.breaker_shared = Counter(
+            "vgate_breaker_shared_updates",
+            "Breaker states taken on from other gateway processes through Redis.",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self.redis_outages = Counter(
+            "vgate_redis_outages",
+            "Episodes of Redis being unreachable, by the component that uses it.",
+            ["component"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "vgate_redis_up",
+            "1 while Redis answers the component that uses it (absent without redis.url).",
+            ["component"],
             registry=registry,
         )
         self.backend_healthy = Gauge(
@@ -139,6 +171,8 @@ class GatewayMetrics:
             children.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
             children.completion_tokens.inc(record.completion_tokens)
+        if record.dropped_events:
+            self.dropped_events.labels(model).inc(record.dropped_events)
         backend = record.backend
         if backend is not None and record.upstream_s is not None:
             upstream = self._upstream_children.get(backend)
@@ -147,14 +181,33 @@ class GatewayMetrics:
             if upstream is not None:
                 upstream.observe(record.upstream_s)
 
+    def stream_resumed(self, model: str, mode: str, outcome: str) -> None:
+        if model in self._models:
+            self.resumptions.labels(model, mode, outcome).inc()
+
     def breaker_changed(self, backend: str, old: str, new: str) -> None:
         if backend in self._backends:
             self.breaker_transitions.labels(backend, new).inc()
             self.breaker_open.labels(backend).set(0 if new == "closed" else 1)
 
+    def breaker_applied(self, backend: str, state: str) -> None:
+        if backend in self._backends:
+            self.breaker_shared.labels(backend, state).inc()
+
+    def redis_changed(self, component: str, up: bool) -> None:
+        if component in _REDIS_COMPONENTS:
+            self.redis_up.labels(component).set(1 if up else 0)
+            if not up:
+                self.redis_outages.labels(component).inc()
+
     def watch_admission(self, admission: Admission) -> None:
         """Admission's own counters, read at scrape time: nothing on the hot path."""
         self.registry.register(_AdmissionCollector(admission))
+
+    def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:
+        """Each backend's concurrency limit in force, read at scrape time (per backend name)."""
+        known = [(name, limit) for name, limit in limits if name in self._backends]
+        self.registry.register(_LimitCollector(known))
 
     def health_changed(self, backend: str, healthy: bool) -> None:
         if backend in self._backends:
@@ -180,3 +233,19 @@ class _AdmissionCollector(Collector):
         shed.add_metric(["queue_full"], admission.shed_full)
         shed.add_metric(["queue_timeout"], admission.shed_timeout)
         yield shed
+
+
+class _LimitCollector(Collector):
+    def __init__(self, limits: list[tuple[str, Callable[[], int]]]) -> None:
+        self._limits = limits
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "vgate_backend_concurrency_limit",
+            "Requests a backend may have in flight now: its adaptive limit where "
+            "adaptive_concurrency is enabled, otherwise its static max_in_flight.",
+            labels=["backend"],
+        )
+        for name, limit in self._limits:
+            gauge.add_metric([name], limit())
+        yield gauge

@@ -19,13 +19,14 @@ from gateway.asgi import (
     header,
     read_body,
 )
-from gateway.auth import KeyRing
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.auth import Caller, KeyRing
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PermissionDenied
 from gateway.middleware import send_error
 from gateway.record import RequestRecord
 from gateway.router import Route, Router, StreamInterrupted
 from gateway.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
+from policies.affinity import request_key
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
@@ -70,6 +71,7 @@ class ProxyEndpoint:
             request = parse_request(self.endpoint, body)
             route = self.router.route_for(request.model)
             record.model = route.name
+            _routing_hints(scope, caller, route, request)
             record.stream = request.stream
             admission = self.router.admission
             async with DisconnectWatch(receive) as watch:
@@ -135,4 +137,32 @@ class ProxyEndpoint:
             await send({"type": "http.response.body", "body": b""})
         finally:
             stream.close()
-            record.record_usage(stream.observer.usage)
+            record.record_usage(stream.usage)
+            record.dropped_events = stream.dropped_events
+
+
+def _routing_hints(scope: Scope, caller: Caller, route: Route, request: ProxyRequest) -> None:
+    """Where the caller asked, or is configured, to be routed: a pin, an affinity key."""
+    pin = header(scope, b"x-vgate-pin")
+    if pin is not None:
+        if not caller.may_pin:
+            raise PermissionDenied(
+                "This API key may not choose a backend: X-VGate-Pin needs the key's may_pin "
+                "right in the keys file.",
+                code="pin_not_allowed",
+            )
+        name = pin.decode("latin-1").strip()
+        if route.backend_named(name) is None:
+            names = ", ".join(backend.name for backend in route.backends)
+            raise InvalidRequest(
+                f"X-VGate-Pin names backend '{name[:64]}', which does not serve model "
+                f"'{route.name}'. Its backends: {names}.",
+                param="X-VGate-Pin",
+                code="invalid_value",
+            )
+        request.pin, request.pin_forced = name, True
+    elif caller.pins:
+        request.pin = next((n for n in caller.pins if route.backend_named(n) is not None), None)
+    if route.config.strategy == "affinity":
+        settings = route.config.affinity
+        request.affinity_key = request_key(settings.header, scope["headers"], request.payload)

@@ -11,6 +11,8 @@ class RequestRecord:
         "backend",
         "caller",
         "completion_tokens",
+        "decisions",
+        "dropped_events",
         "endpoint",
         "error",
         "fallback_from",
@@ -20,6 +22,7 @@ class RequestRecord:
         "prompt_tokens",
         "request_id",
         "response_started",
+        "resumptions",
         "start",
         "status",
         "stream",
@@ -38,6 +41,9 @@ class RequestRecord:
         self.backend: str | None = None
         self.attempts = 0
         self.fallback_from: str | None = None
+        self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
+        self.dropped_events = 0  # unparseable upstream events not forwarded
+        self.decisions: list[Any] = []  # the router's backend choices (gateway.router.Decision)
         self.stream = False
         self.status = 0
         self.error: str | None = None

@@ -28,11 +28,15 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.record import RequestRecord
-from gateway.sse import SSEObserver, error_event
-from gateway.validation import ProxyRequest
+from gateway.sse import DONE_EVENT, SSEObserver, error_event
+from gateway.validation import Endpoint, ProxyRequest
+from policies.adaptive import AdaptiveLimit, latency_sample
 from policies.admission import Admission
+from policies.affinity import key_hash
 from policies.breaker import BackendBreaker
 from policies.health import HealthState
+from policies.load import UpstreamLoad
+from policies.resume import Diverged, Splice, Transcript, prefill_payload
 from policies.retry import AttemptFailed, RetryPolicy
 from policies.selection import Selector, create_selector
 from providers import Adapter, UpstreamBroken, UpstreamConnectError, UpstreamResponse
@@ -56,10 +60,17 @@ class Backend:
     ejected_until: float = 0.0
     in_flight: int = 0
     latency_ewma_s: float = 0.0  # upstream time to answer (or to the first event), smoothed
+    upstream: UpstreamLoad = field(default_factory=UpstreamLoad)  # what vLLM says it runs
+    limiter: AdaptiveLimit | None = None  # with adaptive_concurrency: the limit in force
 
     @property
     def weight(self) -> int:
         return self.config.weight
+
+    @property
+    def load(self) -> int:
+        """Requests it works on: ours in flight, plus others' while its report is fresh."""
+        return self.in_flight + self.upstream.extra
 
     def observe_latency(self, seconds: float) -> None:
         ewma = self.latency_ewma_s
@@ -75,13 +86,33 @@ class Backend:
     def max_in_flight(self) -> int:
         return self.config.max_in_flight or self.config.max_connections
 
+    @property
+    def concurrency_limit(self) -> int:
+        return self.max_in_flight if self.limiter is None else self.limiter.limit
+
     def usable(self, now: float) -> bool:
         return (
             self.health.healthy
             and self.ejected_until <= now
-            and self.in_flight < self.max_in_flight
+            and self.in_flight < self.concurrency_limit
             and self.breaker.allows()
         )
+
+    def answered(self, latency_s: float, *, stream: bool, completion_tokens: int | None) -> None:
+        """An attempt's answer (a stream's first event) came after `latency_s`."""
+        self.observe_latency(latency_s)
+        if self.limiter is not None:
+            sample, signal = latency_sample(
+                latency_s, stream=stream, completion_tokens=completion_tokens
+            )
+            # A finished exchange has left in_flight already; a stream that just started has not.
+            in_flight = self.in_flight if stream else self.in_flight + 1
+            self.limiter.on_sample(sample, signal=signal, in_flight=in_flight)
+
+    def overloaded(self) -> None:
+        """A timeout, 429 or 503: the adaptive limit backs off."""
+        if self.limiter is not None:
+            self.limiter.on_sample(0.0, dropped=True)
 
 
 @dataclass(slots=True)
@@ -94,7 +125,11 @@ class Route:
 
     def __post_init__(self) -> None:
         self.selector = create_selector(
-            self.config.strategy, [backend.weight for backend in self.backends], self.config.seed
+            self.config.strategy,
+            [backend.weight for backend in self.backends],
+            self.config.seed,
+            names=[backend.name for backend in self.backends],
+            epsilon=self.config.affinity.epsilon,
         )
 
     @property
@@ -105,8 +140,38 @@ class Route:
     def timeouts(self) -> Timeouts:
         return self.config.timeouts
 
-    def choose(self, now: float, avoid: Collection[Backend] = ()) -> Backend:
-        """The next backend by weight among the usable ones, preferring any not in `avoid`."""
+    def backend_named(self, name: str) -> Backend | None:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        return None
+
+    def choose(
+        self,
+        now: float,
+        avoid: Collection[Backend] = (),
+        key: str | None = None,
+        pin: Backend | None = None,
+        decisions: list[Decision] | None = None,
+    ) -> Backend:
+        """The next backend by the route's strategy among the usable ones, preferring any
+        not in `avoid`; `key` is the request's affinity key, if any. A pinned request goes
+        to its backend or nowhere. With `decisions`, the decision's inputs are appended to
+        it, enough to replay it (`vgate route explain`)."""
+        if decisions is not None:
+            state = self.selector.state()
+            loads = [(b.load, b.latency_ewma_s, b.usable(now), b in avoid) for b in self.backends]
+        if pin is not None:
+            if not pin.usable(now):
+                raise NoLiveBackend(
+                    f"Backend '{pin.name}', which this request is pinned to, is not taking "
+                    "requests: failing its health checks, refusing connections, at its "
+                    "in-flight limit, or behind an open circuit breaker.",
+                    headers={"Retry-After": str(self._retry_in(now))},
+                )
+            if decisions is not None:
+                decisions.append(Decision(self, state, key, pin.name, loads, pin.name, "pin"))
+            return pin
         backends = self.backends
         usable = [backend.usable(now) for backend in backends]
         index = None
@@ -114,9 +179,16 @@ class Route:
             index = self.selector.pick(
                 backends,
                 [ok and backend not in avoid for ok, backend in zip(usable, backends, strict=True)],
+                key,
             )
+        reason: str = self.config.strategy
+        if avoid:
+            reason += ", avoiding backends tried" if index is not None else ", only tried left"
         if index is None:
-            index = self.selector.pick(backends, usable)
+            index = self.selector.pick(backends, usable, key)
+        if decisions is not None:
+            choice = backends[index].name if index is not None else None
+            decisions.append(Decision(self, state, key, None, loads, choice, reason))
         if index is None:
             raise NoLiveBackend(
                 f"No live backend for model '{self.name}': every backend is failing its "
@@ -130,6 +202,45 @@ class Route:
         waits = [max(b.ejected_until - now, 0.0) for b in self.backends if b.ejected_until > now]
         waits.append(self.config.breaker.open_s if not waits else min(waits))
         return max(1, math.ceil(min(waits)))
+
+
+@dataclass(slots=True)
+class Decision:
+    """One backend choice and everything it depended on: logged, and replayable."""
+
+    route: Route
+    state: Any  # the selector's state before the pick
+    key: str | None
+    pin: str | None
+    loads: list[tuple[int, float, bool, bool]]  # per backend: load, latency, usable, tried
+    choice: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        route = self.route
+        return {
+            "route": route.name,
+            "strategy": route.config.strategy,
+            "seed": route.config.seed,
+            "state": self.state,
+            "key_hash": None if self.key is None else key_hash(self.key),
+            "pin": self.pin,
+            "candidates": [
+                {
+                    "name": backend.name,
+                    "weight": backend.weight,
+                    "load": load,
+                    "latency_s": latency,
+                    "usable": usable,
+                    "tried": tried,
+                }
+                for backend, (load, latency, usable, tried) in zip(
+                    route.backends, self.loads, strict=True
+                )
+            ],
+            "choice": self.choice,
+            "reason": self.reason,
+        }
 
 
 @dataclass(slots=True)
@@ -155,6 +266,7 @@ class Router:
         self._available = ", ".join(sorted(self._by_name))
         self.on_retry: Callable[[Route, AttemptFailed, float], None] | None = None
         self.on_fallback: Callable[[Route, Route], None] | None = None
+        self.on_resume: Callable[[Route, str, str], None] | None = None  # route, mode, outcome
 
     @property
     def backends(self) -> list[Backend]:
@@ -177,9 +289,34 @@ class Router:
 
     async def open_stream(
         self, route: Route, request: ProxyRequest, record: RequestRecord
-    ) -> UpstreamStream:
-        """Start a stream and wait for its first event; failures so far are HTTP errors."""
-        return await self._run(route, request, record, self._stream_once)
+    ) -> ClientStream:
+        """Start a stream and wait for its first event; failures so far are HTTP errors.
+
+        Once it has reached the client, a stream that breaks is resumed on another backend
+        of the route that answered, where the route allows it (see `ResumableStream`).
+        """
+        resumable = request.payload.get("n") in (None, 1)
+
+        async def once(
+            route: Route,
+            backend: Backend,
+            request: ProxyRequest,
+            record: RequestRecord,
+            deadline: float,
+        ) -> UpstreamStream:
+            settings = route.config.resume
+            recorder = None
+            if resumable and settings.enabled:
+                chat = request.endpoint is Endpoint.CHAT
+                recorder = Transcript(chat=chat, max_chars=settings.max_text_chars)
+            return await self._stream_once(route, backend, request, record, deadline, recorder)
+
+        stream = await self._run(route, request, record, once)
+        transcript = stream.observer.recorder
+        if not isinstance(transcript, Transcript):
+            return stream
+        answering = self.route_for(record.model) if record.model else route
+        return ResumableStream(self, answering, request, record, stream, transcript)
 
     async def _run(
         self, route: Route, request: ProxyRequest, record: RequestRecord, once: Attempt[T]
@@ -194,7 +331,8 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + route.timeouts.total_s
         current = route
-        candidates = list(route.fallbacks)
+        # X-VGate-Pin reproduces one backend's behaviour: never hidden by a fallback.
+        candidates = [] if request.pin_forced else list(route.fallbacks)
         while True:
             try:
                 return await self._on_route(current, request, record, once, deadline)
@@ -224,15 +362,19 @@ class Router:
         record: RequestRecord,
         once: Attempt[T],
         deadline: float,
+        avoid: Collection[Backend] = (),
     ) -> T:
         """Attempts on one route's backends, a different one each time while any is left."""
         loop = asyncio.get_running_loop()
-        tried: list[Backend] = []
+        tried: list[Backend] = list(avoid)
         failures: list[AttemptFailed] = []
+        pin = route.backend_named(request.pin) if request.pin is not None else None
 
         async def attempt(number: int) -> T:
             try:
-                backend = route.choose(loop.time(), tried)
+                backend = route.choose(
+                    loop.time(), tried, request.affinity_key, pin, record.decisions
+                )
             except NoLiveBackend:
                 if failures:  # the last real failure says more than "nothing left"
                     raise _RouteExhausted(failures[-1]) from None
@@ -286,6 +428,7 @@ class Router:
                     data = await response.read(MAX_RESPONSE_BYTES)
                     content_type = response.content_type or "application/json"
             except TimeoutError:
+                backend.overloaded()
                 raise AttemptFailed(
                     UpstreamTimeout(
                         f"Backend '{backend.name}' did not answer within the request's "
@@ -311,7 +454,9 @@ class Router:
             if not isinstance(payload, dict):
                 raise _broken(backend, "answered with a body that is not JSON")
         record.record_usage(payload.get("usage"))
-        backend.observe_latency(record.upstream_s)
+        backend.answered(
+            record.upstream_s, stream=False, completion_tokens=record.completion_tokens
+        )
         return Completion(data, content_type)
 
     async def _stream_once(
@@ -321,12 +466,17 @@ class Router:
         request: ProxyRequest,
         record: RequestRecord,
         deadline: float,
+        recorder: Transcript | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> UpstreamStream:
         loop = asyncio.get_running_loop()
         timeouts = route.timeouts
         # Ask for usage even when the client did not, so tokens are always accounted.
-        body = _upstream_body(request, backend, ask_usage=not request.client_wants_usage)
+        body = _upstream_body(
+            request, backend, ask_usage=not request.client_wants_usage, payload=payload
+        )
         observer = SSEObserver(drop_usage_chunk=not request.client_wants_usage)
+        observer.recorder = recorder
         now = loop.time()
         stream = UpstreamStream(backend, observer, deadline=deadline, idle_s=timeouts.idle_s)
         first_token_deadline = min(now + timeouts.first_token_s, deadline)
@@ -348,6 +498,7 @@ class Router:
                     stream.first = await stream.first_events()
             except TimeoutError:
                 stream.close()
+                backend.overloaded()
                 in_time = first_token_deadline < deadline
                 phase = "first_token_s" if in_time else "total_s"
                 raise AttemptFailed(
@@ -373,7 +524,7 @@ class Router:
             if observer.error is not None:
                 stream.close()
                 raise _first_event_error(backend, observer.error)
-        backend.observe_latency(record.upstream_s)
+        backend.answered(record.upstream_s, stream=True, completion_tokens=None)
         return stream
 
 
@@ -408,6 +559,14 @@ class StreamInterrupted(GatewayError):
 
 class UpstreamStream:
     """An upstream event stream whose first event has arrived."""
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.observer.usage
+
+    @property
+    def dropped_events(self) -> int:
+        return self.observer.malformed
 
     __slots__ = (
         "_chunks",
@@ -457,6 +616,8 @@ class UpstreamStream:
                 async with asyncio.timeout_at(deadline):
                     events = await self._next()
             except TimeoutError:
+                if observer.finished:
+                    break  # the answer is whole; only its [DONE] is late
                 if deadline < self.deadline:
                     reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
                 else:
@@ -466,15 +627,14 @@ class UpstreamStream:
                     code="upstream_timeout",
                 ) from None
             except UpstreamBroken as exc:
+                if observer.finished:
+                    break
                 raise StreamInterrupted(
                     f"Backend '{name}' broke off the stream: {exc}", code="upstream_stream_broken"
                 ) from None
             if events is None:
                 if observer.finished:
-                    # Finished but forgot [DONE]: the answer is whole, so complete it.
-                    observer.done = True
-                    yield b"data: [DONE]\n\n"
-                    return
+                    break
                 raise StreamInterrupted(
                     f"Backend '{name}' ended the stream before the answer finished.",
                     code="upstream_stream_incomplete",
@@ -487,6 +647,10 @@ class UpstreamStream:
                 )
             if events:
                 yield events
+        if not observer.done:
+            # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
+            observer.done = True
+            yield DONE_EVENT
 
     async def _next(self) -> bytes | None:
         """Whole events from the next read (maybe b""), or None at end of stream."""
@@ -509,8 +673,177 @@ class UpstreamStream:
             self.response.close()
 
 
-def _upstream_body(request: ProxyRequest, backend: Backend, *, ask_usage: bool) -> bytes:
-    payload = request.payload
+class ResumableStream:
+    """A client's stream, continued on another backend of its route when its upstream breaks.
+
+    Resumption happens only after the stream reached the client (before that, a failure is
+    the retry policy's). It is bounded by the route's `resume.attempts`, the request's
+    deadline and the route's retry budget, and it never hides the original failure: when
+    it cannot go on, the client's error event names what broke and why resuming failed.
+    """
+
+    __slots__ = (
+        "_dropped",
+        "_router",
+        "_splice",
+        "_stream",
+        "backend",
+        "first",
+        "record",
+        "request",
+        "resumptions",
+        "route",
+        "transcript",
+    )
+
+    def __init__(
+        self,
+        router: Router,
+        route: Route,
+        request: ProxyRequest,
+        record: RequestRecord,
+        stream: UpstreamStream,
+        transcript: Transcript,
+    ) -> None:
+        self._router = router
+        self.route = route
+        self.request = request
+        self.record = record
+        self._stream = stream
+        self._splice: Splice | None = None
+        self._dropped = 0
+        self.transcript = transcript
+        self.backend = stream.backend  # the one whose name the response headers carry
+        self.first = stream.first
+        self.resumptions = 0
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        usage = self._stream.observer.usage
+        return usage if self._splice is None else self._splice.adjust_usage(usage)
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped + self._stream.observer.malformed
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Events after the first, across resumptions; raises `StreamInterrupted` as
+        `UpstreamStream.rest` does when the stream cannot be continued."""
+        while True:
+            try:
+                async for events in self._stream.rest():
+                    if self._splice is not None:
+                        events = self._spliced(events)
+                    if events:
+                        yield events
+                return
+            except StreamInterrupted as interrupted:
+                if interrupted.code == _DIVERGED:
+                    raise
+                first = await self._resume(interrupted)
+            if first:
+                yield first
+
+    def _spliced(self, events: bytes) -> bytes:
+        assert self._splice is not None
+        try:
+            return self._splice.rewrite(events)
+        except Diverged as diverged:
+            self._count("prefill" if self._splice.prefill else "regenerate", "diverged")
+            raise StreamInterrupted(
+                f"The stream broke and was resumed on backend '{self._stream.backend.name}', "
+                f"but {diverged}; it was cut off rather than spliced.",
+                code=_DIVERGED,
+            ) from None
+
+    async def _resume(self, interrupted: StreamInterrupted) -> bytes:
+        """Continue on another backend and return its first events for the client, or
+        raise `interrupted`, saying why not."""
+        route = self.route
+        settings = route.config.resume
+        transcript = self.transcript
+        why_not = None
+        if not transcript.resumable:
+            why_not = "its answer cannot be replayed (tool calls, several choices or too long)"
+        elif self.resumptions >= settings.attempts:
+            why_not = f"it was already resumed {self.resumptions} times (resume.attempts)"
+        elif not route.retry.budget.can_spend():
+            why_not = "the route's retry budget is spent"
+        if why_not is not None:
+            raise StreamInterrupted(
+                f"{interrupted.message} It was not resumed: {why_not}.", code=interrupted.code
+            ) from None
+        route.retry.budget.spend()
+        self.resumptions += 1
+        self.record.resumptions += 1
+        failed = self._stream.backend
+        self._dropped += self._stream.observer.malformed
+        self._stream.close()
+        router = self._router
+        chat = transcript.chat and bool(transcript.text)
+        mode = "regenerate"
+
+        async def once(
+            route: Route,
+            backend: Backend,
+            request: ProxyRequest,
+            record: RequestRecord,
+            deadline: float,
+        ) -> UpstreamStream:
+            nonlocal mode
+            prefill = chat and backend.config.can_prefill
+            mode = "prefill" if prefill else "regenerate"
+            payload = prefill_payload(request.payload, transcript) if prefill else None
+            return await router._stream_once(
+                route, backend, request, record, deadline, None, payload
+            )
+
+        try:
+            stream = await router._on_route(
+                route, self.request, self.record, once, self._stream.deadline, avoid=(failed,)
+            )
+        except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
+            self._count(mode, "failed")
+            reason = _message_of(exc)
+            raise StreamInterrupted(
+                f"{interrupted.message} Resuming it failed: {reason}", code=interrupted.code
+            ) from None
+        self._stream = stream
+        self._splice = Splice(transcript, prefill=mode == "prefill")
+        self._count(mode, "resumed")
+        return self._spliced(stream.first)
+
+    def _count(self, mode: str, outcome: str) -> None:
+        if self._router.on_resume is not None:
+            self._router.on_resume(self.route, mode, outcome)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _message_of(exc: BaseException) -> str:
+    if isinstance(exc, _RouteExhausted):
+        return exc.failure.error.message
+    if isinstance(exc, AttemptFailed):
+        return exc.error.message
+    if isinstance(exc, GatewayError):
+        return exc.message
+    return str(exc)
+
+
+ClientStream = UpstreamStream | ResumableStream
+_DIVERGED = "stream_resume_diverged"
+
+
+def _upstream_body(
+    request: ProxyRequest,
+    backend: Backend,
+    *,
+    ask_usage: bool,
+    payload: dict[str, Any] | None = None,
+) -> bytes:
+    if payload is None:
+        payload = request.payload
     payload["model"] = backend.upstream_model
     if request.stream and ask_usage:
         options = payload.get("stream_options") or {}
@@ -551,6 +884,8 @@ _CONTEXT_TOO_LONG = re.compile(
 async def _rejection(backend: Backend, response: UpstreamResponse) -> AttemptFailed:
     """What an upstream's non-200 answer means for the client and for the retry policy."""
     status = response.status
+    if status in (429, 503):
+        backend.overloaded()
     try:
         data = await response.read(MAX_ERROR_BODY_BYTES)
         payload: Any = orjson.loads(data)

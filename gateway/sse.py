@@ -2,25 +2,28 @@
 
 Events are forwarded whole and as soon as they are complete, never merged across reads
 or re-chunked, so an error event the gateway adds can never land inside a half-sent one.
-Observing is byte scans; only events that may carry `usage` or an `error` are parsed.
+Every data event is parsed (orjson: under a microsecond for a chunk): one that does not
+parse as a JSON object is dropped and counted, never forwarded to break the client's parser.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from providers.base import UpstreamBroken
 
 DONE_EVENT = b"data: [DONE]\n\n"
-_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _MAX_PENDING = 1024 * 1024  # one event larger than this is not an LLM stream chunk
 
 
 class MalformedStream(UpstreamBroken):
     """The upstream's event stream is not one: handled like a connection that broke."""
+
+
+class ChunkRecorder(Protocol):
+    def record(self, payload: dict[str, Any]) -> None: ...
 
 
 class SSEObserver:
@@ -33,6 +36,8 @@ class SSEObserver:
         "error",
         "events",
         "finished",
+        "malformed",
+        "recorder",
         "usage",
     )
 
@@ -45,7 +50,10 @@ class SSEObserver:
         self.finished = False
         self.error: dict[str, Any] | None = None
         self.events = 0
+        self.malformed = 0  # data events dropped because they were not JSON objects
         self.usage: dict[str, Any] | None = None
+        # Sees every chunk forwarded, for stream resumption (policies.resume.Transcript).
+        self.recorder: ChunkRecorder | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Whole events completed by `chunk`, ready to forward (maybe b"")."""
@@ -79,31 +87,40 @@ class SSEObserver:
     def _observe(self, event: bytes) -> bool:
         """Record what `event` says; False when it must not be forwarded."""
         self.events += 1
-        if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+        if event.startswith(b"data: ") and b"\n" not in event:
+            data = event[6:]
+        elif b"data:" in event:
+            data = b"\n".join(
+                line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
+            )
+        else:
+            return True  # a comment or a field-only event: harmless, passed on
+        if data.startswith(b"[DONE]"):
             self.done = True
             return True
-        if _FINISHED.search(event):
-            self.finished = True
-        if b'"usage"' in event or b'"error"' in event:
-            payload = _data_of(event)
-            if isinstance(payload, dict):
-                usage = payload.get("usage")
-                if isinstance(usage, dict):
-                    self.usage = usage
-                    if self.drop_usage_chunk and not payload.get("choices"):
-                        return False
-                error = payload.get("error")
-                if isinstance(error, dict):
-                    self.error = error
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            payload = None
+        if type(payload) is not dict:
+            self.malformed += 1
+            return False
+        choices = payload.get("choices")
+        if choices:
+            for choice in choices:
+                if type(choice) is dict and choice.get("finish_reason") is not None:
+                    self.finished = True
+        usage = payload.get("usage")
+        if type(usage) is dict:
+            self.usage = usage
+            if self.drop_usage_chunk and not choices:
+                return False
+        error = payload.get("error")
+        if type(error) is dict:
+            self.error = error
+        if self.recorder is not None:
+            self.recorder.record(payload)
         return True
-
-
-def _data_of(event: bytes) -> Any:
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-    try:
-        return orjson.loads(b"\n".join(lines))
-    except orjson.JSONDecodeError:
-        return None
 
 
 def error_event(payload: dict[str, Any]) -> bytes:

@@ -78,6 +78,8 @@ def broken_gateway(
             "name": name,
             "timeouts": FAST,
             "health": UNCHECKED,
+            # The failure itself is under test here; resuming it is test_resumption's.
+            "resume": {"enabled": False},
             "backends": [backend(f"b-{name}", fake.url)],
         }
         for name, fake in upstreams.items()
