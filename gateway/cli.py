@@ -1,4 +1,4 @@
-"""`vgate`: the one command line. Verbs: serve, sim, check-config."""
+"""`vgate`: the one command line. Verbs: serve, sim, check-config, route explain."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = verbs.add_parser("check-config", help="validate a config file and its keys file")
     check.add_argument("file", nargs="?", help="YAML config file (default: the embedded default)")
 
+    route = verbs.add_parser("route", help="routing tools")
+    route_verbs = route.add_subparsers(dest="route_verb", required=True)
+    explain = route_verbs.add_parser(
+        "explain", help="replay a request's routing decisions from its access-log line"
+    )
+    explain.add_argument("log", nargs="?", help="access log file (default: standard input)")
+    explain.add_argument("--config", help="the gateway's YAML config (default: the embedded one)")
+    explain.add_argument("--request-id", help="the request (default: the last one logged)")
+
     sim = verbs.add_parser("sim", help="run one simulated vLLM worker")
     from chaos import sim as sim_module
 
@@ -32,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_module.run(args)
     if args.verb == "check-config":
         return _check_config(args.file)
+    if args.verb == "route":
+        return _explain(args)
     return _serve(args)
 
 
@@ -55,6 +66,20 @@ def _check_config(path: str | None) -> int:
     models = ", ".join(route.name for route in config.models)
     print(f"{config.source}: ok ({len(config.models)} models: {models})")
     return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from gateway.explain import explain
+
+    config = _load(args.config)
+    if args.log is None:
+        return explain(config, sys.stdin, args.request_id, sys.stdout)
+    try:
+        with open(args.log, "rb") as log:
+            return explain(config, log, args.request_id, sys.stdout)
+    except OSError as exc:
+        print(f"vgate: cannot read {args.log}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
