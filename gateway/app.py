@@ -6,6 +6,7 @@ passed in, and the lifespan starts and stops what holds connections.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,6 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.proxy import ProxyEndpoint
 from gateway.router import Backend, Route, Router
+from gateway.tracing import Tracer
 from gateway.validation import Endpoint
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
@@ -53,6 +55,7 @@ class Gateway:
     access_log: AccessLog | None
     health: HealthChecker
     loads: LoadScraper | None = None  # vLLM's own running/waiting, scraped as a load signal
+    tracer: Tracer | None = None  # with tracing.enabled: request spans over OTLP
     redis: Redis | None = None  # with redis.url: one pooled client, from start to aclose
     breaker_sync: BreakerSync | None = None
 
@@ -115,7 +118,8 @@ class Gateway:
                 max_concurrency=scrape.max_concurrency,
                 absent_retry_s=scrape.absent_retry_s,
             )
-        return cls(config, keys, router, metrics, access_log, health, loads)
+        tracer = Tracer(config.tracing) if config.tracing.enabled else None
+        return cls(config, keys, router, metrics, access_log, health, loads, tracer)
 
     async def start(self) -> None:
         await self._start_shared_state()
@@ -128,6 +132,9 @@ class Gateway:
             await self.loads.start()
 
     async def aclose(self) -> None:
+        if self.tracer is not None:
+            # Flushing blocks for up to the export timeout: off the event loop.
+            await asyncio.to_thread(self.tracer.shutdown)
         await self.health.aclose()
         if self.loads is not None:
             await self.loads.aclose()
@@ -299,7 +306,10 @@ def create_app(gateway: Gateway) -> ASGIApp:
         lifespan=lifespan,
     )
     return RequestContextMiddleware(
-        Edge(proxies, starlette), metrics=gateway.metrics, access_log=gateway.access_log
+        Edge(proxies, starlette),
+        metrics=gateway.metrics,
+        access_log=gateway.access_log,
+        tracer=gateway.tracer,
     )
 
 

@@ -222,12 +222,25 @@ class RedisConfig(_Frozen):
         return url
 
 
+class TracingConfig(_Frozen):
+    """OTLP/HTTP export of one span per request, routing decisions as its events."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "vgate"
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # for requests without a sampled traceparent
+    max_queue_size: int = Field(2048, ge=1, le=1_000_000)  # spans beyond it are dropped
+    schedule_delay_s: float = Field(1.0, gt=0)
+    export_timeout_s: float = Field(5.0, gt=0)
+
+
 class GatewayConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     models: tuple[ModelRoute, ...] = Field(min_length=1)
     keys: KeysConfig
     redis: RedisConfig = RedisConfig()
     load_scrape: LoadScrapeConfig = LoadScrapeConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "<memory>"
 
     @field_validator("models")

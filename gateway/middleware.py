@@ -16,6 +16,7 @@ from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.record import RequestRecord
+from gateway.tracing import Tracer
 
 logger = logging.getLogger("vgate")
 
@@ -36,11 +37,17 @@ def request_id_from(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: GatewayMetrics, access_log: AccessLog | None
+        self,
+        app: ASGIApp,
+        *,
+        metrics: GatewayMetrics,
+        access_log: AccessLog | None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _QUIET_PATHS:
@@ -50,6 +57,9 @@ class RequestContextMiddleware:
         record = RequestRecord(request_id_from(scope), start, scope["method"], scope["path"])
         scope["vgate.record"] = record
         request_id = record.request_id.encode("ascii")
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.begin(scope, record)
 
         async def send_with_context(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -87,6 +97,8 @@ class RequestContextMiddleware:
             self.metrics.observe(record, end)
             if self.access_log is not None:
                 self.access_log.write(record, end)
+            if tracer is not None:
+                tracer.end(record, end)
 
 
 async def send_error(send: Send, error: GatewayError) -> None:

@@ -26,6 +26,8 @@ class RequestRecord:
         "start",
         "status",
         "stream",
+        "trace",
+        "traceparent",
         "ttft_s",
         "upstream_s",
     )
@@ -44,6 +46,10 @@ class RequestRecord:
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
         self.decisions: list[Any] = []  # the router's backend choices (gateway.router.Decision)
+        # With tracing: (trace id, span id, parent span id or 0, wall-clock start in ns)
+        # when sampled, and the W3C traceparent sent upstream.
+        self.trace: tuple[int, int, int, int] | None = None
+        self.traceparent: bytes | None = None
         self.stream = False
         self.status = 0
         self.error: str | None = None

@@ -421,7 +421,7 @@ class Router:
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await backend.adapter.post(
-                        request.endpoint.value, body, record.request_id
+                        request.endpoint.value, body, record.request_id, record.traceparent
                     )
                     if response.status != 200:
                         raise await _rejection(backend, response)
@@ -485,7 +485,7 @@ class Router:
             try:
                 async with asyncio.timeout_at(first_token_deadline):
                     stream.response = response = await backend.adapter.post(
-                        request.endpoint.value, body, record.request_id
+                        request.endpoint.value, body, record.request_id, record.traceparent
                     )
                     if response.status != 200:
                         raise await _rejection(backend, response)

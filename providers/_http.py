@@ -69,14 +69,23 @@ class OpenAICompatibleAdapter:
             await self._pool.aclose()
             self._pool = None
 
-    async def post(self, path: str, body: bytes, request_id: str) -> HTTPUpstreamResponse:
-        return await self._send(b"POST", path, body, request_id)
+    async def post(
+        self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
+    ) -> HTTPUpstreamResponse:
+        return await self._send(b"POST", path, body, request_id, traceparent)
 
     async def _send(
-        self, method: bytes, path: str, body: bytes, request_id: str
+        self,
+        method: bytes,
+        path: str,
+        body: bytes,
+        request_id: str,
+        traceparent: bytes | None = None,
     ) -> HTTPUpstreamResponse:
         assert self._pool is not None, "adapter used before start()"
         headers = self._headers + b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
+        if traceparent is not None:
+            headers += b"traceparent: " + traceparent + b"\r\n"
         response = await self._pool.request(method, path.encode(), headers, body)
         return HTTPUpstreamResponse(response)
 

@@ -43,8 +43,11 @@ class Adapter(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def post(self, path: str, body: bytes, request_id: str) -> UpstreamResponse:
-        """Send a JSON POST; returns once the response's status and headers arrived."""
+    async def post(
+        self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
+    ) -> UpstreamResponse:
+        """Send a JSON POST; returns once the response's status and headers arrived.
+        `traceparent` (W3C) carries the request's trace to the upstream."""
         ...
 
     async def health(self, timeout_s: float) -> bool: ...

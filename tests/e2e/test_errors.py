@@ -336,13 +336,15 @@ def test_access_log_never_holds_prompt_or_key(
     client: openai.OpenAI, broken_gateway: Gateway
 ) -> None:
     secret_prompt = "the-secret-prompt-text"
+    before = len(broken_gateway.access_log())
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(
             model="garbage", messages=[{"role": "user", "content": secret_prompt}]
         )
+    # The line is written just after the response: wait for it, don't race it.
+    entry = broken_gateway.wait_for_log(before + 1)[-1]
     log = broken_gateway.access_log_path.read_text()  # type: ignore[union-attr]
     assert secret_prompt not in log and DEMO_KEY not in log
-    entry = broken_gateway.access_log()[-1]
     assert entry["key"] == "demo" and entry["model"] == "garbage" and entry["status"] == 502
     assert entry["backend"] == "b-garbage"
 

@@ -1,0 +1,148 @@
+"""Request traces over OTLP: one span per request, with its routing decisions as events.
+
+The span is built when the request ends, from the facts its record collected, and handed
+to OpenTelemetry's batch processor: nothing is timed, entered or exited on the hot path,
+and an unsampled request costs one random draw. Its ids are chosen when the request starts,
+so the `traceparent` sent upstream names it and a traced `vllm serve` continues the trace.
+
+An incoming W3C `traceparent` is honoured: its trace goes on, its sampling decision is kept.
+Export runs on the processor's own thread with a bounded queue: a slow or absent collector
+drops spans (the SDK counts them), never delays a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from typing import Any
+
+import orjson
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
+
+from gateway.asgi import Scope
+from gateway.config import TracingConfig
+from gateway.record import RequestRecord
+
+logger = logging.getLogger("vgate.tracing")
+
+_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_SCOPE = InstrumentationScope("vgate")
+
+
+class Tracer:
+    __slots__ = ("_processor", "_random", "_ratio", "_resource")
+
+    def __init__(self, config: TracingConfig, exporter: SpanExporter | None = None) -> None:
+        if exporter is None:
+            exporter = OTLPSpanExporter(endpoint=config.endpoint, timeout=config.export_timeout_s)
+        self._processor = BatchSpanProcessor(
+            exporter,
+            max_queue_size=config.max_queue_size,
+            schedule_delay_millis=config.schedule_delay_s * 1000,
+            export_timeout_millis=config.export_timeout_s * 1000,
+        )
+        self._resource = Resource.create({"service.name": config.service_name})
+        self._ratio = config.sample_ratio
+        self._random = random.Random()
+
+    def begin(self, scope: Scope, record: RequestRecord) -> None:
+        """Decide whether `record`'s request is traced and name its span."""
+        incoming = None
+        for key, value in scope["headers"]:
+            if key == b"traceparent":
+                incoming = _TRACEPARENT.fullmatch(value.strip().lower())
+                break
+        if incoming is not None:
+            trace_id = int(incoming[1], 16)
+            parent_id = int(incoming[2], 16)
+            sampled = bool(int(incoming[3], 16) & 1)
+            if not trace_id or not parent_id:
+                incoming, sampled = None, False
+        if incoming is None:
+            trace_id, parent_id = self._random.getrandbits(128) or 1, 0
+            sampled = self._random.random() < self._ratio
+        span_id = self._random.getrandbits(64) or 1
+        flags = b"01" if sampled else b"00"
+        record.traceparent = b"00-%032x-%016x-%s" % (trace_id, span_id, flags)
+        if sampled:
+            record.trace = (trace_id, span_id, parent_id, time.time_ns())
+
+    def end(self, record: RequestRecord, end: float) -> None:
+        """Hand the finished request's span to the exporter."""
+        if record.trace is None:
+            return
+        trace_id, span_id, parent_id, start_ns = record.trace
+        context = SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED))
+        parent = None
+        if parent_id:
+            parent = SpanContext(trace_id, parent_id, True, TraceFlags(TraceFlags.SAMPLED))
+        end_ns = start_ns + int((end - record.start) * 1e9)
+        failed = record.status >= 500 or (record.error is not None and record.status != 499)
+        span = ReadableSpan(
+            name=f"{record.method} {record.path}",
+            context=context,
+            parent=parent,
+            resource=self._resource,
+            attributes=_attributes(record),
+            events=[
+                Event("vgate.route.decision", _decision_attributes(d.to_json()), start_ns)
+                for d in record.decisions
+            ],
+            kind=SpanKind.SERVER,
+            status=Status(StatusCode.ERROR, record.error) if failed else Status(StatusCode.UNSET),
+            start_time=start_ns,
+            end_time=end_ns,
+            instrumentation_scope=_SCOPE,
+        )
+        self._processor.on_end(span)
+
+    def shutdown(self) -> None:
+        """Flush what is queued (bounded by the export timeout) and stop the worker."""
+        self._processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _attributes(record: RequestRecord) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": record.method,
+        "url.path": record.path,
+        "http.response.status_code": record.status,
+        "vgate.request_id": record.request_id,
+        "vgate.attempts": record.attempts,
+        "vgate.stream": record.stream,
+    }
+    optional = {
+        "enduser.id": record.caller,
+        "gen_ai.request.model": record.model,
+        "vgate.backend": record.backend,
+        "vgate.fallback_from": record.fallback_from,
+        "gen_ai.usage.input_tokens": record.prompt_tokens,
+        "gen_ai.usage.output_tokens": record.completion_tokens,
+        "vgate.ttft_s": record.ttft_s,
+        "vgate.upstream_s": record.upstream_s,
+        "error.type": record.error,
+    }
+    attributes.update((key, value) for key, value in optional.items() if value is not None)
+    if record.resumptions:
+        attributes["vgate.resumptions"] = record.resumptions
+    return attributes
+
+
+def _decision_attributes(decision: dict[str, Any]) -> dict[str, Any]:
+    """A logged decision as span-event attributes: scalars as they are, the rest as JSON."""
+    attributes: dict[str, Any] = {}
+    for key, value in decision.items():
+        if value is None:
+            continue
+        if isinstance(value, (str, bool, int, float)):
+            attributes[f"vgate.{key}"] = value
+        else:
+            attributes[f"vgate.{key}"] = orjson.dumps(value).decode()
+    return attributes
