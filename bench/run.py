@@ -285,9 +285,34 @@ class Bench:
             argv += [f"--{key}", str(value)]
         return self.procs.server(name, pinned(self.load_core, argv), port=port)
 
-    def start_gateway(self, fast: Server, stream: Server) -> tuple[Server, Path]:
+    def start_gateway(
+        self, fast: Server, stream: Server, *, policies: bool = True
+    ) -> tuple[Server, Path]:
+        """The gateway with its default policies on (retries, breakers, health checks, stream
+        resumption's transcript, vLLM load scraping, decision logging), or with every policy
+        that can be switched off switched off: the difference is what the router adds."""
+        name = "gateway" if policies else "gateway-bare"
         port = free_port()
-        config = self.workdir / "gateway.yaml"
+        config = self.workdir / f"{name}.yaml"
+        route_extra: dict[str, Any] = {}
+        backend_extra: dict[str, Any] = {}
+        top_extra: dict[str, Any] = {}
+        if not policies:
+            route_extra = {
+                "retries": {"attempts": 1},
+                "health": {"enabled": False},
+                "resume": {"enabled": False},
+            }
+            backend_extra = {"scrape_metrics": False}
+            top_extra = {"load_scrape": {"enabled": False}}
+
+        def route(model: str, backend: str, url: str) -> dict[str, Any]:
+            return {
+                "name": model,
+                **route_extra,
+                "backends": [{"name": backend, "provider": "vllm", "url": url, **backend_extra}],
+            }
+
         # JSON is YAML: no YAML writer needed here.
         config.write_text(
             json.dumps(
@@ -295,25 +320,18 @@ class Bench:
                     "server": {"host": "127.0.0.1", "port": port, "access_log": True},
                     "keys": {"file": str(KEYS_FILE)},
                     "models": [
-                        {
-                            "name": FAST_MODEL,
-                            "backends": [{"name": "sim-fast", "provider": "vllm", "url": fast.url}],
-                        },
-                        {
-                            "name": STREAM_MODEL,
-                            "backends": [
-                                {"name": "sim-stream", "provider": "vllm", "url": stream.url}
-                            ],
-                        },
+                        route(FAST_MODEL, "sim-fast", fast.url),
+                        route(STREAM_MODEL, "sim-stream", stream.url),
                     ],
+                    **top_extra,
                 },
                 indent=2,
             )
         )
-        access_log = self.workdir / "gateway.access.jsonl"
+        access_log = self.workdir / f"{name}.access.jsonl"
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
         gateway = self.procs.server(
-            "gateway", pinned(self.gateway_core, argv), port=port, stdout_path=access_log
+            name, pinned(self.gateway_core, argv), port=port, stdout_path=access_log
         )
         return gateway, access_log
 
@@ -541,6 +559,21 @@ class Bench:
 
         self.check_observability(gateway, access_log)
         self.procs.stop(gateway.popen)
+
+        # The router's own cost: the same load with the switchable policies off.
+        bare, _ = self.start_gateway(fast, stream, policies=False)
+        check_completion("gateway-bare", bare.url, AUTH_HEADERS)
+        c = TARGET_RPS_CONCURRENCY
+        observed_bare = [bare, fast, stream]
+        self.note(
+            self.wrk_phase(
+                "non-stream", "policies-off", bare, bare.url, AUTH_HEADERS, c, observed_bare, bare
+            )
+        )
+        self.note(
+            self.stream_phase("policies-off", bare, bare.url, AUTH_HEADERS, c, observed_bare, bare)
+        )
+        self.procs.stop(bare.popen)
         self.procs.stop(stream.popen)
         if plan.transports:
             self.run_transports(fast)
@@ -571,6 +604,7 @@ class Bench:
                 "load": {"non-stream": "wrk -t1 (Lua POST)", "stream": "bench/streamload.py"},
             },
             "rows": self.rows(),
+            "router_cost": self.router_cost(),
             "targets": self.targets(),
             "transports": self.transport_rows,
             "checks": self.checks,
@@ -717,6 +751,31 @@ class Bench:
                 )
         return rows
 
+    def router_cost(self) -> list[dict[str, Any]]:
+        """Gateway CPU per request with every policy on against the switchable ones off."""
+        out = []
+        c = TARGET_RPS_CONCURRENCY
+        for mode in ("non-stream", "stream"):
+            on, off = self.find(mode, "gateway", c), self.find(mode, "policies-off", c)
+            if on is None or off is None:
+                continue
+            out.append(
+                {
+                    "mode": mode,
+                    "concurrency": c,
+                    "policies_on_rps": on.rps,
+                    "policies_off_rps": off.rps,
+                    "policies_on_cpu_us_per_request": on.cpu_us_per_request,
+                    "policies_off_cpu_us_per_request": off.cpu_us_per_request,
+                    "router_policies_cpu_us_per_request": _diff(
+                        on.cpu_us_per_request, off.cpu_us_per_request
+                    ),
+                    "policies_on_ttft_p50_ms": on.ttft_p50_ms,
+                    "policies_off_ttft_p50_ms": off.ttft_p50_ms,
+                }
+            )
+        return out
+
     def targets(self) -> list[dict[str, Any]]:
         out = []
         rps = self.find("non-stream", "gateway", TARGET_RPS_CONCURRENCY)
@@ -796,6 +855,27 @@ def render_table(report: dict[str, Any]) -> str:
         "  stream p50/p99 is the whole stream; TTFT: time to the first content event; "
         "gw core: the gateway's CPU time / wall time"
     )
+    if report.get("router_cost"):
+        lines.append("")
+        lines.append(
+            "Router policies (retries, breakers, health, resumption, load scraping, decision "
+            "log), gateway CPU per request:"
+        )
+        rows = [
+            [
+                r["mode"],
+                str(r["concurrency"]),
+                _f(r["policies_on_rps"], 0),
+                _f(r["policies_off_rps"], 0),
+                _f(r["policies_on_cpu_us_per_request"], 0),
+                _f(r["policies_off_cpu_us_per_request"], 0),
+                _f(r["router_policies_cpu_us_per_request"], 0),
+            ]
+            for r in report["router_cost"]
+        ]
+        lines.append(
+            _grid(["mode", "c", "on req/s", "off req/s", "on us/req", "off us/req", "cost"], rows)
+        )
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
         value = "-" if t["value"] is None else f"{t['value']:,.3f}".rstrip("0").rstrip(".")
