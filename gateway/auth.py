@@ -1,22 +1,42 @@
-"""API keys: who is calling.
+"""API keys: who is calling, and what the key allows.
 
-Keys are pre-issued and stored only as SHA-256 hashes. A request's key is hashed and
-looked up, so the secret is never compared byte by byte and never kept in memory.
+Keys are pre-issued and stored only as SHA-256 hashes, in a YAML keys file (written by
+`vgate keys create`, see `gateway.keyfile`). A request's key is hashed and the digest looked
+up in a dict: the secret is never compared byte by byte and never kept in memory.
+
+Why the lookup is constant-time with respect to the secret: the only comparison made is of
+SHA-256 digests (the dict's hash of the digest string, then string equality with the entry
+found in that bucket, if any). How long that takes depends on the presented secret's digest,
+never on how many leading characters of the secret are right. A timing attacker learns at
+most how far their own guess's digest agrees with a stored one, which they could compute
+themselves, and SHA-256's preimage resistance makes a digest prefix worthless for building a
+secret. `hmac.compare_digest` on the entry found would compare the digest with itself.
+
+The key ring can be replaced while the gateway runs (`KeyRing.reload`): the file is read and
+validated off the event loop, then the new keys take over in one reference assignment, so a
+request sees either the old set or the new one, never a mix. An invalid file changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Collection
+import os
+import secrets
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.config import ConfigError, field_path
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, PermissionDenied
+from policies.guardrails import KeyGuardrails
+from policies.limits import NO_LIMITS, KeyLimits
+
+KEY_PREFIX = "vg-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,22 +48,66 @@ class Caller:
     tier: Literal["interactive", "batch"] = "interactive"
     pins: tuple[str, ...] = ()  # backends this key's requests go to, on routes that have them
     may_pin: bool = False  # may force a backend for one request with X-VGate-Pin
+    # The model routes (by route name; aliases resolved when the ring knows the config) this
+    # key may use; None: every one.
+    models: frozenset[str] | None = None
+    limits: KeyLimits = NO_LIMITS
+    guardrails: KeyGuardrails | None = None  # None: only the global guardrails apply
+
+    def model_not_allowed(self, model: str) -> PermissionDenied:
+        shown = model if len(model) <= 100 else model[:100] + "…"
+        return PermissionDenied(
+            f"This API key is not allowed to use the model '{shown}'.",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
+class _Limits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    tokens_per_day: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+
+class _Guardrails(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_tokens: int | None = Field(None, ge=1)
+    max_input_bytes: int | None = Field(None, ge=1)
 
 
 class _KeyEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tier: Literal["interactive", "batch"] = "interactive"  # batch waits behind interactive
     disabled: bool = False
     pin: tuple[str, ...] = ()  # backend names; a route with one of them always uses it
     may_pin: bool = False  # the right to send X-VGate-Pin
+    models: tuple[str, ...] = ()  # model names or aliases this key may use; empty: all
+    limits: _Limits = _Limits()
+    guardrails: _Guardrails = _Guardrails()
 
-    @field_validator("pin", mode="before")
+    @field_validator("pin", "models", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return (value,) if isinstance(value, str) else value
+
+    def describe(self) -> dict[str, Any]:
+        """What may be shown about this key: everything but its hash."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "tier": self.tier,
+            "models": list(self.models) or None,
+            "limits": self.limits.model_dump(),
+            "guardrails": self.guardrails.model_dump(),
+            "pin": list(self.pin) or None,
+            "may_pin": self.may_pin,
+            "disabled": self.disabled,
+        }
 
 
 class _KeysFile(BaseModel):
@@ -57,54 +121,113 @@ def hash_key(secret: str | bytes) -> str:
     return hashlib.sha256(secret).hexdigest()
 
 
+def new_secret() -> str:
+    """A new API key: `vg-` and 32 URL-safe characters (192 bits) from `secrets`."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def parse_keys(raw: object, source: str) -> tuple[_KeyEntry, ...]:
+    """Validate a keys file's parsed YAML: its schema, unique ids and unique hashes."""
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict) and "keys" in raw and raw["keys"] is None:
+        raw = {**raw, "keys": ()}  # `keys:` with nothing under it yet
+    try:
+        parsed = _KeysFile.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        reason = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        raise ConfigError(source, field_path(error["loc"]), reason) from None
+    ids: set[str] = set()
+    hashes: dict[str, str] = {}
+    for index, entry in enumerate(parsed.keys):
+        if entry.id in ids:
+            raise ConfigError(source, f"keys[{index}].id", f"id {entry.id!r} is used twice")
+        ids.add(entry.id)
+        if entry.sha256 in hashes:
+            raise ConfigError(
+                source,
+                f"keys[{entry.id}].sha256",
+                f"the same hash as keys[{hashes[entry.sha256]}]: one secret, two keys",
+            )
+        hashes[entry.sha256] = entry.id
+    return parsed.keys
+
+
+def read_keys_file(path: Path) -> tuple[_KeyEntry, ...]:
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read keys file: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
+    return parse_keys(raw, source)
+
+
+class _KeySet:
+    """One consistent generation of the keys file: swapped whole, never edited."""
+
+    __slots__ = ("by_hash", "by_id", "disabled", "entries")
+
+    def __init__(self, by_hash: dict[str, Caller], entries: tuple[_KeyEntry, ...] = ()) -> None:
+        self.by_hash = by_hash
+        self.entries = entries
+        self.by_id = {entry.id: entry for entry in entries}
+        self.disabled = frozenset(entry.sha256 for entry in entries if entry.disabled)
+
+
 class KeyRing:
-    __slots__ = ("_by_hash", "source")
+    """The keys in force. `authenticate` is the hot path; the rest is for reloads and admin.
 
-    def __init__(self, callers_by_hash: dict[str, Caller], source: str = "<memory>") -> None:
-        self._by_hash = callers_by_hash
+    `backends` and `models` (every model name and alias → its route's name) let the ring
+    check what keys refer to; given them, each key's `models` are resolved to route names,
+    so the proxy's check is one set membership test.
+    """
+
+    __slots__ = ("_backends", "_keys", "_lock", "_models", "_stat", "on_reload", "path", "source")
+
+    def __init__(
+        self,
+        callers_by_hash: dict[str, Caller],
+        source: str = "<memory>",
+        *,
+        entries: tuple[_KeyEntry, ...] = (),
+        path: Path | None = None,
+        backends: Collection[str] | None = None,
+        models: Mapping[str, str] | None = None,
+    ) -> None:
+        self._keys = _KeySet(callers_by_hash, entries)
         self.source = source
-
-    def check_pins(self, backends: Collection[str]) -> None:
-        """Fail at start-up on a key pinned to a backend the config does not have."""
-        for caller in self._by_hash.values():
-            for name in caller.pins:
-                if name not in backends:
-                    raise ConfigError(
-                        self.source,
-                        f"keys[{caller.id}].pin",
-                        f"no backend is named {name!r} (backends: {', '.join(sorted(backends))})",
-                    )
+        self.path = path
+        self._backends = backends
+        self._models = models
+        self._lock: asyncio.Lock | None = None
+        self._stat: tuple[int, int, int] | None = None
+        self.on_reload: Callable[[KeyRing], None] | None = None
 
     @classmethod
-    def load(cls, path: Path) -> KeyRing:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(source, "", f"cannot read keys file: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(source, "", f"not valid YAML: {exc}") from None
-        try:
-            parsed = _KeysFile.model_validate(raw)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            reason = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
-            raise ConfigError(source, field_path(error["loc"]), reason) from None
-        by_hash: dict[str, Caller] = {}
-        ids: set[str] = set()
-        for index, entry in enumerate(parsed.keys):
-            if entry.id in ids:
-                raise ConfigError(source, f"keys[{index}].id", f"id {entry.id!r} is used twice")
-            ids.add(entry.id)
-            if not entry.disabled:
-                by_hash[entry.sha256] = Caller(
-                    id=entry.id,
-                    name=entry.name,
-                    tier=entry.tier,
-                    pins=entry.pin,
-                    may_pin=entry.may_pin,
-                )
-        return cls(by_hash, source)
+    def load(
+        cls,
+        path: Path,
+        *,
+        backends: Collection[str] | None = None,
+        models: Mapping[str, str] | None = None,
+    ) -> KeyRing:
+        """Read and validate a keys file (against the config's backends and models, if given)."""
+        stat = file_signature(path)
+        entries = read_keys_file(path)
+        by_hash = _callers(entries, str(path), backends, models)
+        ring = cls(by_hash, str(path), entries=entries, path=path, backends=backends, models=models)
+        ring._stat = stat
+        return ring
+
+    def check_pins(self, backends: Collection[str]) -> None:
+        """Fail on a key pinned to a backend the config does not have."""
+        for caller in self._keys.by_hash.values():
+            _check_pins(caller.id, caller.pins, backends, self.source)
+
+    # -- the hot path ---------------------------------------------------------------------
 
     def authenticate(self, authorization: bytes | None) -> Caller:
         """Resolve an `Authorization: Bearer <key>` header value to its caller."""
@@ -118,7 +241,144 @@ class KeyRing:
             raise AuthenticationError(
                 "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key"
             )
-        caller = self._by_hash.get(hashlib.sha256(secret).hexdigest())
+        keys = self._keys  # one generation for the whole lookup
+        digest = hashlib.sha256(secret).hexdigest()
+        caller = keys.by_hash.get(digest)
         if caller is None:
+            if digest in keys.disabled:
+                raise AuthenticationError("This API key has been disabled.", code="invalid_api_key")
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         return caller
+
+    # -- reloads and administration ---------------------------------------------------------
+
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._keys.by_id)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every key, disabled ones too, without secrets or hashes."""
+        return [entry.describe() for entry in self._keys.entries]
+
+    def describe_key(self, key_id: str) -> dict[str, Any] | None:
+        entry = self._keys.by_id.get(key_id)
+        return None if entry is None else entry.describe()
+
+    def limits_of(self, key_id: str) -> KeyLimits | None:
+        entry = self._keys.by_id.get(key_id)
+        return None if entry is None else _limits(entry)
+
+    def counts(self) -> dict[str, int]:
+        entries = self._keys.entries
+        disabled = sum(1 for entry in entries if entry.disabled)
+        return {"keys": len(entries), "enabled": len(entries) - disabled, "disabled": disabled}
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file differs (mtime, size or inode) from the one loaded last."""
+        if self.path is None:
+            return False
+        return file_signature(self.path) != self._stat
+
+    async def reload(self) -> dict[str, int]:
+        """Read the keys file again and, if it is valid, put its keys in force at once.
+
+        Raises `ConfigError` for an invalid file, leaving the keys in force as they were.
+        """
+        if self.path is None:
+            raise ConfigError(self.source, "", "these keys were not loaded from a file")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            path = self.path
+            stat, keys = await asyncio.to_thread(self._read, path)
+            self._stat = stat  # tried: an invalid file is not reread until it changes again
+            if isinstance(keys, ConfigError):
+                raise keys
+            self._keys = keys
+        if self.on_reload is not None:
+            self.on_reload(self)
+        return self.counts()
+
+    def _read(self, path: Path) -> tuple[tuple[int, int, int] | None, _KeySet | ConfigError]:
+        """Off the event loop: the file's signature and its validated keys (or why not)."""
+        for _ in range(5):
+            before = file_signature(path)
+            try:
+                entries = read_keys_file(path)
+                keys = _KeySet(
+                    _callers(entries, self.source, self._backends, self._models), entries
+                )
+            except ConfigError as error:
+                result: _KeySet | ConfigError = error
+            else:
+                result = keys
+            # A file being written while it was read is read again once it has settled.
+            if file_signature(path) == before:
+                return before, result
+        return None, ConfigError(self.source, "", "the file kept changing while it was read")
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _limits(entry: _KeyEntry) -> KeyLimits:
+    limits = entry.limits
+    if limits == _Limits():
+        return NO_LIMITS
+    return KeyLimits(limits.rpm, limits.tpm, limits.tokens_per_day, limits.max_concurrent)
+
+
+def _callers(
+    entries: tuple[_KeyEntry, ...],
+    source: str,
+    backends: Collection[str] | None,
+    models: Mapping[str, str] | None,
+) -> dict[str, Caller]:
+    by_hash: dict[str, Caller] = {}
+    for entry in entries:
+        if backends is not None:
+            _check_pins(entry.id, entry.pin, backends, source)
+        allowed: frozenset[str] | None = None
+        if entry.models:
+            if models is None:
+                allowed = frozenset(entry.models)
+            else:
+                for name in entry.models:
+                    if name not in models:
+                        known = ", ".join(sorted(models))
+                        raise ConfigError(
+                            source,
+                            f"keys[{entry.id}].models",
+                            f"no model or alias is named {name!r} (models: {known})",
+                        )
+                allowed = frozenset(models[name] for name in entry.models)
+        rails = entry.guardrails
+        if entry.disabled:
+            continue
+        by_hash[entry.sha256] = Caller(
+            id=entry.id,
+            name=entry.name,
+            tier=entry.tier,
+            pins=entry.pin,
+            may_pin=entry.may_pin,
+            models=allowed,
+            limits=_limits(entry),
+            guardrails=None
+            if rails.max_tokens is None and rails.max_input_bytes is None
+            else KeyGuardrails(rails.max_tokens, rails.max_input_bytes),
+        )
+    return by_hash
+
+
+def _check_pins(key_id: str, pins: tuple[str, ...], backends: Collection[str], source: str) -> None:
+    for name in pins:
+        if name not in backends:
+            raise ConfigError(
+                source,
+                f"keys[{key_id}].pin",
+                f"no backend is named {name!r} (backends: {', '.join(sorted(backends))})",
+            )

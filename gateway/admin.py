@@ -1,0 +1,122 @@
+"""The admin API under /admin/: the keys in force, one key's usage, reloading the keys file.
+
+Protected by its own key (config `admin.key_sha256` or `admin.key_sha256_env`), never by an
+API key; without one configured these routes do not exist (404). Off the hot path: plain
+Starlette routes. Never answers with a secret or a hash.
+
+    GET  /admin/keys           every key: id, name, tier, models, limits, guardrails, disabled
+    GET  /admin/keys/{id}      the same for one key, with its usage
+    POST /admin/keys/reload    read the keys file now: 200 with counts, or 400 and the old
+                               keys stay in force
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import KeyRing
+from gateway.config import AdminConfig, ConfigError
+from gateway.errors import AuthenticationError, InvalidRequest, NotFound
+
+logger = logging.getLogger("vgate.keys")
+
+
+class UsageSource(Protocol):
+    """Where a key's usage comes from: today `gateway.usage.KeyUsage`, later the limit engine."""
+
+    async def usage(self, key_id: str) -> dict[str, Any]: ...
+
+
+def admin_key_hash(config: AdminConfig, source: str) -> str | None:
+    """The admin key's SHA-256 from the config, or None: no admin API. Checked at start-up."""
+    if config.key_sha256_env is None:
+        return config.key_sha256
+    value = os.environ.get(config.key_sha256_env, "").strip().lower()
+    field = "admin.key_sha256_env"
+    if not value:
+        raise ConfigError(source, field, f"environment variable {config.key_sha256_env} is not set")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ConfigError(
+            source,
+            field,
+            f"environment variable {config.key_sha256_env} is not a SHA-256 hex digest",
+        )
+    return value
+
+
+def admin_routes(keys: KeyRing, usage: UsageSource, key_sha256: str) -> list[Route]:
+    expected = key_sha256.encode("ascii")
+
+    def authorize(request: Request) -> None:
+        request.scope["vgate.record"].endpoint = "admin"
+        header = request.headers.get("authorization")
+        if header is None:
+            raise AuthenticationError(
+                "Missing admin key: send it as 'Authorization: Bearer <admin key>'.",
+                code="missing_api_key",
+            )
+        scheme, _, secret = header.partition(" ")
+        digest = hashlib.sha256(secret.strip().encode()).hexdigest().encode("ascii")
+        # One configured hash: compare_digest keeps the comparison's time independent of it.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+            raise AuthenticationError("Incorrect admin key provided.", code="invalid_api_key")
+        request.scope["vgate.record"].caller = "admin"
+
+    async def list_keys(request: Request) -> Response:
+        authorize(request)
+        return _json({"object": "list", "source": keys.source, "data": keys.describe()})
+
+    async def get_key(request: Request) -> Response:
+        authorize(request)
+        key_id = request.path_params["key_id"]
+        described = keys.describe_key(key_id)
+        if described is None:
+            shown = key_id if len(key_id) <= 100 else key_id[:100] + "…"
+            raise NotFound(f"No key has the id '{shown}'.", code="key_not_found")
+        described["usage"] = await usage.usage(key_id)
+        return _json(described)
+
+    async def reload(request: Request) -> Response:
+        authorize(request)
+        try:
+            counts = await keys.reload()
+        except ConfigError as error:
+            in_force = keys.counts()["keys"]
+            logger.error(
+                "admin reload: the keys file is invalid; the %d keys loaded before stay in "
+                "force: %s",
+                in_force,
+                error,
+            )
+            raise InvalidRequest(
+                f"The keys file is invalid, nothing changed ({in_force} keys stay in force): "
+                f"{error}",
+                code="invalid_keys_file",
+            ) from None
+        logger.info(
+            "admin reload: keys file %s reloaded: %d keys (%d enabled, %d disabled)",
+            keys.source,
+            counts["keys"],
+            counts["enabled"],
+            counts["disabled"],
+        )
+        return _json({"object": "keys.reload", "source": keys.source, **counts})
+
+    return [
+        Route("/admin/keys", list_keys, methods=["GET"]),
+        Route("/admin/keys/reload", reload, methods=["POST"]),
+        Route("/admin/keys/{key_id}", get_key, methods=["GET"]),
+    ]
+
+
+def _json(content: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
