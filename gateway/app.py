@@ -11,7 +11,7 @@ import gc
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import orjson
@@ -23,21 +23,28 @@ from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
 
 from gateway.accesslog import AccessLog
+from gateway.admin import admin_key_hash, admin_routes
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.auth import KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.keyfile import KeyFileWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.proxy import ProxyEndpoint
 from gateway.router import Backend, Route, Router
 from gateway.tracing import Tracer
+from gateway.usage import KeyUsage
 from gateway.validation import Endpoint
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker
 from policies.breaker_sync import BreakerSync
+from policies.guardrails import Guardrails
 from policies.health import HealthChecker, Probe
+from policies.limits import LimitStore
+from policies.limits_local import LocalLimits
+from policies.limits_redis import create_limits
 from policies.load import LoadScraper, ScrapeTarget
 from policies.redis_state import RedisHealth, create_client
 from policies.retry import RetryBudget, RetryPolicy
@@ -58,10 +65,20 @@ class Gateway:
     tracer: Tracer | None = None  # with tracing.enabled: request spans over OTLP
     redis: Redis | None = None  # with redis.url: one pooled client, from start to aclose
     breaker_sync: BreakerSync | None = None
+    guardrails: Guardrails = field(default_factory=Guardrails)
+    usage: KeyUsage | None = None  # per key, today: what /admin/keys/{id} reports
+    admin_key_sha256: str | None = None  # None: no admin API
+    key_watcher: KeyFileWatcher | None = None  # reloads the keys file when it changes
+    limits: LimitStore = field(default_factory=LocalLimits)  # per key: rpm, tpm, day, in flight
 
     @classmethod
     def from_config(cls, config: GatewayConfig, *, log_stream: BinaryIO | None = None) -> Gateway:
-        keys = KeyRing.load(config.keys.file)
+        keys = KeyRing.load(
+            config.keys.file,
+            backends={backend.name for model in config.models for backend in model.backends},
+            models={name: m.name for m in config.models for name in (m.name, *m.aliases)},
+        )
+        admin_key = admin_key_hash(config.admin, config.source)
         metrics = GatewayMetrics(
             [model.name for model in config.models],
             [backend.name for model in config.models for backend in model.backends],
@@ -99,7 +116,6 @@ class Gateway:
             ],
             on_change=metrics.health_changed,
         )
-        keys.check_pins({backend.name for backend in router.backends})
         loads = None
         scrape = config.load_scrape
         targets = [
@@ -119,7 +135,30 @@ class Gateway:
                 absent_retry_s=scrape.absent_retry_s,
             )
         tracer = Tracer(config.tracing) if config.tracing.enabled else None
-        return cls(config, keys, router, metrics, access_log, health, loads, tracer)
+        usage = KeyUsage(keys)
+        keys.on_reload = lambda ring: usage.retain(ring.ids())
+        guardrails = Guardrails(config.guardrails.deny_patterns, config.guardrails.max_input_bytes)
+        # The client connects on first use: building it here neither blocks nor fails.
+        redis = create_client(config.redis) if config.redis.url is not None else None
+        limits = create_limits(
+            config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
+        )
+        return cls(
+            config,
+            keys,
+            router,
+            metrics,
+            access_log,
+            health,
+            loads,
+            tracer,
+            redis=redis,
+            limits=limits,
+            guardrails=guardrails,
+            usage=usage,
+            admin_key_sha256=admin_key,
+            key_watcher=KeyFileWatcher(keys, config.keys.reload_interval_s),
+        )
 
     async def start(self) -> None:
         await self._start_shared_state()
@@ -130,27 +169,31 @@ class Gateway:
         await self.health.start()
         if self.loads is not None:
             await self.loads.start()
+        if self.key_watcher is not None:
+            await self.key_watcher.start()
 
     async def aclose(self) -> None:
         if self.tracer is not None:
             # Flushing blocks for up to the export timeout: off the event loop.
             await asyncio.to_thread(self.tracer.shutdown)
         await self.health.aclose()
+        if self.key_watcher is not None:
+            await self.key_watcher.aclose()
         if self.loads is not None:
             await self.loads.aclose()
         for backend in self.router.backends:
             await backend.adapter.aclose()
         if self.breaker_sync is not None:
             await self.breaker_sync.aclose()
+        await self.limits.aclose()  # settles still queued go out first, within their deadline
         if self.redis is not None:
             await self.redis.aclose()
 
     async def _start_shared_state(self) -> None:
         """With redis.url: breakers shared by every process (never blocking a request)."""
         settings = self.config.redis
-        if settings.url is None:
+        if self.redis is None:
             return
-        self.redis = create_client(settings)
         self.breaker_sync = BreakerSync(
             self.redis,
             [b.breaker for b in self.router.backends if b.breaker.config.shared],
@@ -243,23 +286,30 @@ def create_app(gateway: Gateway) -> ASGIApp:
     router = gateway.router
     config = gateway.config
 
-    models_body = orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
-                for route in router.routes
-                for name in (route.name, *route.config.aliases)
-            ],
-        }
-    )
+    def models_list(allowed: frozenset[str] | None) -> bytes:
+        return orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
+                    for route in router.routes
+                    if allowed is None or route.name in allowed
+                    for name in (route.name, *route.config.aliases)
+                ],
+            }
+        )
+
+    models_body = models_list(None)
 
     async def list_models(request: Request) -> Response:
         request.scope["vgate.record"].endpoint = "models"
-        request.scope["vgate.record"].caller = gateway.keys.authenticate(
+        caller = gateway.keys.authenticate(
             request.headers.get("authorization", "").encode() or None
-        ).name
-        return Response(models_body, media_type="application/json")
+        )
+        request.scope["vgate.record"].caller = caller.name
+        # A key limited to some models sees only those.
+        body = models_body if caller.models is None else models_list(caller.models)
+        return Response(body, media_type="application/json")
 
     async def health(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -276,7 +326,13 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     proxies = {
         endpoint.value: ProxyEndpoint(
-            endpoint, router=router, keys=gateway.keys, max_body_bytes=config.server.max_body_bytes
+            endpoint,
+            router=router,
+            keys=gateway.keys,
+            max_body_bytes=config.server.max_body_bytes,
+            guardrails=gateway.guardrails,
+            limits=gateway.limits,
+            default_max_tokens_estimate=config.limits.default_max_tokens_estimate,
         )
         for endpoint in Endpoint
     }
@@ -287,6 +343,8 @@ def create_app(gateway: Gateway) -> ASGIApp:
         HTTPRoute("/ready", ready, methods=["GET"]),
         HTTPRoute("/metrics", metrics, methods=["GET"]),
     ]
+    if gateway.admin_key_sha256 is not None and gateway.usage is not None:
+        routes += admin_routes(gateway.keys, gateway.usage, gateway.admin_key_sha256)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -310,6 +368,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
         metrics=gateway.metrics,
         access_log=gateway.access_log,
         tracer=gateway.tracer,
+        usage=gateway.usage,
     )
 
 

@@ -1,4 +1,4 @@
-"""`vgate`: the one command line. Verbs: serve, sim, check-config, route explain."""
+"""`vgate`: the one command line. Verbs: serve, sim, check-config, route explain, keys."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--config", help="the gateway's YAML config (default: the embedded one)")
     explain.add_argument("--request-id", help="the request (default: the last one logged)")
 
+    keys = verbs.add_parser("keys", help="issue and list API keys (the keys file)")
+    from gateway import keys_cli
+
+    keys_cli.add_arguments(keys)
+
     sim = verbs.add_parser("sim", help="run one simulated vLLM worker")
     from chaos import sim as sim_module
 
@@ -43,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file)
     if args.verb == "route":
         return _explain(args)
+    if args.verb == "keys":
+        return keys_cli.run(args)
     return _serve(args)
 
 

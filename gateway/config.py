@@ -9,12 +9,24 @@ are parsed as YAML scalars, so `VGATE_SERVER__PORT=9000` is an integer. Any prob
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from policies.guardrails import MAX_PATTERNS, check_pattern
 
 ENV_PREFIX = "VGATE_"
 
@@ -199,11 +211,44 @@ class ModelRoute(_Frozen):
     context_window: int | None = Field(
         None, ge=1
     )  # tokens; lets a too-long prompt go to a larger fallback
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    # At least one, listed here or registered by `workers:` (checked once those are added).
+    backends: tuple[BackendConfig, ...] = ()
 
 
 class KeysConfig(_Frozen):
     file: Path
+    # How often the file's mtime/size is polled; a change that validates takes over at once.
+    reload_interval_s: float = Field(2.0, ge=0, le=3600)  # 0: only POST /admin/keys/reload
+
+
+class AdminConfig(_Frozen):
+    """The admin key protecting /admin/...: its SHA-256, given here or in a variable."""
+
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    key_sha256_env: str | None = Field(None, min_length=1)  # the variable holding the hash
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdminConfig:
+        if self.key_sha256 is not None and self.key_sha256_env is not None:
+            raise ValueError("give key_sha256 or key_sha256_env, not both")
+        return self
+
+
+def _deny_pattern(pattern: str) -> str:
+    reason = check_pattern(pattern)
+    if reason is not None:
+        raise ValueError(reason)
+    return pattern
+
+
+class GuardrailsConfig(_Frozen):
+    """Global guardrails (per-key ones are in the keys file): see policies/guardrails.py."""
+
+    # Regular expressions searched in the prompt's text; a match is 400 content_policy_violation.
+    deny_patterns: tuple[Annotated[str, AfterValidator(_deny_pattern)], ...] = Field(
+        (), max_length=MAX_PATTERNS
+    )
+    max_input_bytes: int | None = Field(None, ge=1)  # the prompt's text, UTF-8; per key overrides
 
 
 class RedisConfig(_Frozen):
@@ -222,6 +267,19 @@ class RedisConfig(_Frozen):
         return url
 
 
+class LimitsConfig(_Frozen):
+    """Per-key rate limits and quotas (policies.limits); the limits themselves are the keys'.
+    With redis.url they are shared by every process (one Redis round trip per request)."""
+
+    # Redis unreachable: "open" serves with each process's own limits (logged, counted),
+    # "closed" answers 503 with Retry-After. Either way it recovers when Redis answers.
+    redis_failure: Literal["open", "closed"] = "open"
+    default_max_tokens_estimate: int = Field(256, ge=0)  # a request without max_tokens
+    local_max_keys: int = Field(100_000, ge=1)  # keys whose state one process keeps at most
+    lease_s: float = Field(600.0, gt=0)  # a concurrency slot not given back is freed after
+    probe_interval_s: float = Field(1.0, gt=0)  # while Redis is down, how often it is tried
+
+
 class TracingConfig(_Frozen):
     """OTLP/HTTP export of one span per request, routing decisions as its events."""
 
@@ -234,13 +292,84 @@ class TracingConfig(_Frozen):
     export_timeout_s: float = Field(5.0, gt=0)
 
 
+def _scalar_to_str(value: Any) -> Any:
+    """YAML reads `512` and `1` as numbers; a command line and an environment want text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+_Text = Annotated[str, BeforeValidator(_scalar_to_str)]
+# What `command` and `args` may name, e.g. "--port", "{port}"; `{{` and `}}` are braces.
+WORKER_PLACEHOLDERS = ("name", "model", "served_name", "host", "port")
+
+
+class WorkerRestartConfig(_Frozen):
+    """A worker that dies is restarted after a capped exponential backoff with jitter, at most
+    `max_restarts_per_window` times within `window_s`; then it is given up on (logged)."""
+
+    initial_s: float = Field(1.0, gt=0)
+    max_s: float = Field(30.0, gt=0)
+    max_restarts_per_window: int = Field(5, ge=0)
+    window_s: float = Field(600.0, gt=0)
+
+
+class WorkerConfig(_Frozen):
+    """A `vllm serve` process that `vgate up` runs and registers as a backend (gateway.supervisor)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # = backend name
+    model: str = Field(min_length=1)  # a model folder (./ ../ / ~: a path) or a hub name
+    served_name: str | None = Field(None, min_length=1)  # default: model, as in vllm serve
+    route: str | None = Field(None, min_length=1)  # model route (or alias); default: served_name
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    weight: int = Field(1, ge=1, le=1000)
+    # The command line before `args`, each item formatted with WORKER_PLACEHOLDERS. Default:
+    # `vllm serve {model} --served-model-name {served_name} --host {host} --port {port}`, with
+    # the checkout's CPU build (.venv-vllm, deploy/vllm/serve.py) where it is installed.
+    command: tuple[_Text, ...] | None = Field(None, min_length=1)
+    args: tuple[_Text, ...] = ()  # appended to the command, formatted the same way
+    env: dict[str, _Text] = {}  # on top of the gateway's own environment
+    log_dir: Path = Path(".run/logs")  # <log_dir>/<name>.log
+    ready_timeout_s: float = Field(600.0, gt=0)  # from start to GET /health 200
+    stop_timeout_s: float = Field(20.0, gt=0)  # SIGTERM, then this long, then SIGKILL
+    restart: WorkerRestartConfig = WorkerRestartConfig()
+
+    @property
+    def model_name(self) -> str:
+        """The name the worker serves, and the one requests to it carry."""
+        return self.served_name or self.model
+
+    @property
+    def route_name(self) -> str:
+        return self.route or self.model_name
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @field_validator("command", "args")
+    @classmethod
+    def _known_placeholders(cls, items: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for item in items or ():
+            try:
+                item.format(**dict.fromkeys(WORKER_PLACEHOLDERS, ""))
+            except (KeyError, IndexError, ValueError) as exc:
+                known = ", ".join(f"{{{name}}}" for name in WORKER_PLACEHOLDERS)
+                raise ValueError(f"{item!r}: bad placeholder {exc} (known: {known})") from None
+        return items
+
+
 class GatewayConfig(_Frozen):
     server: ServerConfig = ServerConfig()
-    models: tuple[ModelRoute, ...] = Field(min_length=1)
+    models: tuple[ModelRoute, ...] = ()  # at least one, counting the routes workers create
+    workers: tuple[WorkerConfig, ...] = ()  # `vgate up` runs them; each is a backend of its route
     keys: KeysConfig
     redis: RedisConfig = RedisConfig()
     load_scrape: LoadScrapeConfig = LoadScrapeConfig()
     tracing: TracingConfig = TracingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()  # no key: /admin/... does not exist (404)
+    guardrails: GuardrailsConfig = GuardrailsConfig()
     source: str = "<memory>"
 
     @field_validator("models")
@@ -265,6 +394,57 @@ class GatewayConfig(_Frozen):
                 if fallback == route.name:
                     raise ValueError(f"models[{index}].fallbacks: {fallback!r} is the model itself")
         return models
+
+
+    @model_validator(mode="after")
+    def _register_workers(self) -> GatewayConfig:
+        """Each worker becomes a vllm backend of its route: the route (or alias) of that name
+        in `models`, else a new route of that name with default settings."""
+        if not self.workers:
+            _check_backends(self.models)
+            return self
+        backends = {b.name for route in self.models for b in route.backends}
+        names = {name: i for i, route in enumerate(self.models) for name in route.aliases}
+        names.update({route.name: i for i, route in enumerate(self.models)})
+        routes = list(self.models)
+        ports: dict[tuple[str, int], int] = {}
+        for index, worker in enumerate(self.workers):
+            where = f"workers[{index}]"
+            if worker.name in backends:
+                raise ValueError(f"{where}.name: backend name {worker.name!r} is used twice")
+            backends.add(worker.name)
+            other = ports.setdefault((worker.host, worker.port), index)
+            if other != index:
+                raise ValueError(f"{where}.port: {worker.port} is workers[{other}]'s port too")
+            if worker.port == self.server.port and worker.host in (self.server.host, "0.0.0.0"):
+                raise ValueError(f"{where}.port: {worker.port} is the gateway's own port")
+            position = names.get(worker.route_name)
+            if position is None:
+                names[worker.route_name] = position = len(routes)
+                routes.append(ModelRoute(name=worker.route_name))
+            route = routes[position]
+            backend = BackendConfig(
+                name=worker.name,
+                provider="vllm",
+                url=worker.url,
+                weight=worker.weight,
+                model=None if worker.model_name == route.name else worker.model_name,
+            )
+            routes[position] = route.model_copy(update={"backends": (*route.backends, backend)})
+        _check_backends(routes)
+        object.__setattr__(self, "models", tuple(routes))  # frozen: set once, while validating
+        return self
+
+
+def _check_backends(routes: Sequence[ModelRoute]) -> None:
+    if not routes:
+        raise ValueError("models: at least one model route (or a worker) is needed")
+    for index, route in enumerate(routes):
+        if not route.backends:
+            raise ValueError(
+                f"models[{index}].backends: {route.name!r} has no backend"
+                " (none listed, and no worker registers under it)"
+            )
 
 
 def default_config_path() -> Path:
@@ -301,17 +481,42 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Gateway
     keys = raw.get("keys")
     if isinstance(keys, dict) and isinstance(keys.get("file"), str):
         raw["keys"] = {**keys, "file": base_dir / keys["file"]}
+    if isinstance(raw.get("workers"), list):
+        raw["workers"] = [_worker_paths(worker, base_dir) for worker in raw["workers"]]
     try:
         return GatewayConfig.model_validate({**raw, "source": source})
     except ValidationError as exc:
         error = exc.errors()[0]
         field = field_path(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
+        if not field and (named := _NAMED_FIELD.match(message)):
+            field, message = named.group(1), named.group(2)  # a check across sections
         if error["type"] == "extra_forbidden":
             message = "unknown field"
         elif error["type"] == "missing":
             message = "required field is missing"
         raise ConfigError(source, field, message) from None
+
+
+_NAMED_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): (.+)$", re.S)
+
+
+def _worker_paths(worker: Any, base_dir: Path) -> Any:
+    """A worker's log_dir, and a model given as a relative path (./, ../), are relative to
+    the config file; ~ is expanded. Anything else in `model` is a name (e.g. a hub id)."""
+    if not isinstance(worker, dict):
+        return worker
+    worker = dict(worker)
+    log_dir = worker.get("log_dir")
+    if isinstance(log_dir, str) or log_dir is None:
+        worker["log_dir"] = base_dir / Path(log_dir or ".run/logs").expanduser()
+    model = worker.get("model")
+    if isinstance(model, str):
+        if model.startswith(("./", "../")):
+            worker["model"] = str((base_dir / model).resolve())
+        elif model.startswith("~"):
+            worker["model"] = str(Path(model).expanduser())
+    return worker
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

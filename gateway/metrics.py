@@ -20,7 +20,7 @@ from policies.admission import Admission
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
-_REDIS_COMPONENTS = frozenset({"breaker"})  # what shares state through Redis
+_REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
 NONE = "none"
 
 

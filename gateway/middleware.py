@@ -17,6 +17,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.record import RequestRecord
 from gateway.tracing import Tracer
+from gateway.usage import KeyUsage
 
 logger = logging.getLogger("vgate")
 
@@ -43,11 +44,13 @@ class RequestContextMiddleware:
         metrics: GatewayMetrics,
         access_log: AccessLog | None,
         tracer: Tracer | None = None,
+        usage: KeyUsage | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
         self.tracer = tracer
+        self.usage = usage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _QUIET_PATHS:
@@ -99,6 +102,9 @@ class RequestContextMiddleware:
                 self.access_log.write(record, end)
             if tracer is not None:
                 tracer.end(record, end)
+            caller = scope.get("vgate.caller")  # set by the proxy once the key is known
+            if caller is not None and self.usage is not None:
+                self.usage.observe(caller.id, record)
 
 
 async def send_error(send: Send, error: GatewayError) -> None:

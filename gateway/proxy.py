@@ -27,6 +27,9 @@ from gateway.router import Route, Router, StreamInterrupted
 from gateway.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
 from policies.affinity import request_key
+from policies.guardrails import Guardrails
+from policies.limits import ALLOWED, NO_LIMITS, LimitStore, estimate_tokens
+from policies.limits_local import LocalLimits
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
@@ -39,7 +42,15 @@ _SSE_HEADERS = [
 
 class ProxyEndpoint:
     def __init__(
-        self, endpoint: Endpoint, *, router: Router, keys: KeyRing, max_body_bytes: int
+        self,
+        endpoint: Endpoint,
+        *,
+        router: Router,
+        keys: KeyRing,
+        max_body_bytes: int,
+        guardrails: Guardrails | None = None,
+        limits: LimitStore | None = None,
+        default_max_tokens_estimate: int = 256,
     ) -> None:
         self.endpoint = endpoint
         self.label = {
@@ -50,6 +61,9 @@ class ProxyEndpoint:
         self.router = router
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+        self.guardrails = guardrails or Guardrails()
+        self.limits = limits or LocalLimits()
+        self.default_max_tokens_estimate = default_max_tokens_estimate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: RequestRecord = scope["vgate.record"]
@@ -57,6 +71,7 @@ class ProxyEndpoint:
         try:
             caller = self.keys.authenticate(header(scope, b"authorization"))
             record.caller = caller.name
+            scope["vgate.caller"] = caller  # for the per-key usage count at the end
             priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
             try:
                 body = await read_body(scope, receive, self.max_body_bytes)
@@ -71,27 +86,54 @@ class ProxyEndpoint:
             request = parse_request(self.endpoint, body)
             route = self.router.route_for(request.model)
             record.model = route.name
+            if caller.models is not None and route.name not in caller.models:
+                raise caller.model_not_allowed(request.model)
+            if caller.guardrails is not None or self.guardrails.active:
+                self.guardrails.check(request, caller.guardrails)
             _routing_hints(scope, caller, route, request)
             record.stream = request.stream
-            admission = self.router.admission
-            async with DisconnectWatch(receive) as watch:
-                await admission.acquire(priority)
-                try:
-                    if request.stream:
-                        await self._stream(route, request, record, send)
-                    else:
-                        await self._complete(route, request, record, send)
-                finally:
-                    admission.release()
-            if watch.disconnected:
-                record.status = CLIENT_CLOSED_REQUEST
-                record.error = "client_disconnected"
+            verdict = ALLOWED
+            if caller.limits is not NO_LIMITS:
+                # Once per client request, before routing: retries and fallbacks are never
+                # charged again, and a refusal costs no upstream work and no quota.
+                estimate = estimate_tokens(
+                    request.payload, self.endpoint.value, self.default_max_tokens_estimate
+                )
+                verdict = await self.limits.admit(caller.id, caller.limits, estimate)
+                if not verdict.allowed:
+                    raise verdict.error()
+            failed = True
+            try:
+                admission = self.router.admission
+                async with DisconnectWatch(receive) as watch:
+                    await admission.acquire(priority)
+                    try:
+                        if request.stream:
+                            await self._stream(route, request, record, send, verdict.headers)
+                        else:
+                            await self._complete(route, request, record, send, verdict.headers)
+                    finally:
+                        admission.release()
+                if watch.disconnected:
+                    record.status = CLIENT_CLOSED_REQUEST
+                    record.error = "client_disconnected"
+                    failed = False  # what it used is charged; the client chose to leave
+                else:
+                    failed = record.error is not None
+            finally:
+                if verdict.ticket is not None:
+                    self.limits.settle_nowait(verdict.ticket, _used(record), failed=failed)
         except GatewayError as error:
             record.error = error.code or error.type
             await send_error(send, error)
 
     async def _complete(
-        self, route: Route, request: ProxyRequest, record: RequestRecord, send: Send
+        self,
+        route: Route,
+        request: ProxyRequest,
+        record: RequestRecord,
+        send: Send,
+        limit_headers: list[tuple[bytes, bytes]],
     ) -> None:
         completion = await self.router.complete(route, request, record)
         await send(
@@ -103,13 +145,19 @@ class ProxyEndpoint:
                     (b"content-length", str(len(completion.body)).encode()),
                     (b"x-vgate-model", (record.model or route.name).encode()),
                     (b"x-vgate-backend", (record.backend or "").encode()),
+                    *limit_headers,
                 ],
             }
         )
         await send({"type": "http.response.body", "body": completion.body})
 
     async def _stream(
-        self, route: Route, request: ProxyRequest, record: RequestRecord, send: Send
+        self,
+        route: Route,
+        request: ProxyRequest,
+        record: RequestRecord,
+        send: Send,
+        limit_headers: list[tuple[bytes, bytes]],
     ) -> None:
         stream = await self.router.open_stream(route, request, record)
         try:
@@ -121,6 +169,7 @@ class ProxyEndpoint:
                         *_SSE_HEADERS,
                         (b"x-vgate-model", (record.model or route.name).encode()),
                         (b"x-vgate-backend", stream.backend.name.encode()),
+                        *limit_headers,
                     ],
                 }
             )
@@ -139,6 +188,13 @@ class ProxyEndpoint:
             stream.close()
             record.record_usage(stream.usage)
             record.dropped_events = stream.dropped_events
+
+
+def _used(record: RequestRecord) -> int | None:
+    """The tokens the upstream reported, to reconcile the estimate with (None: unknown)."""
+    if record.prompt_tokens is None and record.completion_tokens is None:
+        return None
+    return (record.prompt_tokens or 0) + (record.completion_tokens or 0)
 
 
 def _routing_hints(scope: Scope, caller: Caller, route: Route, request: ProxyRequest) -> None:
