@@ -313,7 +313,8 @@ class WorkerRestartConfig(_Frozen):
 
 
 class WorkerConfig(_Frozen):
-    """A `vllm serve` process that `vgate up` runs and registers as a backend (gateway.supervisor)."""
+    """A `vllm serve` process that `vgate up` runs and registers as a backend of its route
+    (see gateway/supervisor.py)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # = backend name
     model: str = Field(min_length=1)  # a model folder (./ ../ / ~: a path) or a hub name
@@ -394,7 +395,6 @@ class GatewayConfig(_Frozen):
                 if fallback == route.name:
                     raise ValueError(f"models[{index}].fallbacks: {fallback!r} is the model itself")
         return models
-
 
     @model_validator(mode="after")
     def _register_workers(self) -> GatewayConfig:
@@ -509,11 +509,13 @@ def _worker_paths(worker: Any, base_dir: Path) -> Any:
     worker = dict(worker)
     log_dir = worker.get("log_dir")
     if isinstance(log_dir, str) or log_dir is None:
-        worker["log_dir"] = base_dir / Path(log_dir or ".run/logs").expanduser()
+        worker["log_dir"] = Path(
+            os.path.abspath(base_dir / Path(log_dir or ".run/logs").expanduser())
+        )
     model = worker.get("model")
     if isinstance(model, str):
         if model.startswith(("./", "../")):
-            worker["model"] = str((base_dir / model).resolve())
+            worker["model"] = os.path.abspath(base_dir / model)  # links left as they are
         elif model.startswith("~"):
             worker["model"] = str(Path(model).expanduser())
     return worker
