@@ -1,4 +1,4 @@
-"""`vgate`: the one command line. Verbs: serve, sim, check-config, route explain, keys."""
+"""`vgate`: the one command line. Verbs: serve, up, sim, check-config, route explain, keys."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, ServerConfig, load_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,6 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="YAML config file (default: the embedded default)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+
+    up = verbs.add_parser("up", help="start the config's vLLM workers, then serve in front of them")
+    up.add_argument("--config", required=True, help="YAML config file with a workers: section")
+    up.add_argument("--host", help="override server.host")
+    up.add_argument("--port", type=int, help="override server.port")
 
     check = verbs.add_parser("check-config", help="validate a config file and its keys file")
     check.add_argument("file", nargs="?", help="YAML config file (default: the embedded default)")
@@ -50,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.verb == "keys":
         return keys_cli.run(args)
+    if args.verb == "up":
+        return _up(args)
     return _serve(args)
 
 
@@ -89,12 +97,7 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import Gateway, create_app
-
-    config = _load(args.config)
+def _server_settings(args: argparse.Namespace, config: GatewayConfig) -> ServerConfig:
     server = config.server
     if args.host or args.port is not None:
         server = server.model_copy(
@@ -103,6 +106,38 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    return server
+
+
+def _uvicorn_options(server: ServerConfig) -> dict[str, Any]:
+    """uvicorn's settings, the same for `serve` and `up` (host and port aside)."""
+    return {
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "proxy_headers": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": int(server.graceful_shutdown_s),
+        "server_header": False,
+        "date_header": False,
+    }
+
+
+def _up(args: argparse.Namespace) -> int:
+    from gateway.up import up
+
+    config = _load(args.config)
+    server = _server_settings(args, config)
+    return up(config, server, _uvicorn_options(server))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import Gateway, create_app
+
+    config = _load(args.config)
+    server = _server_settings(args, config)
     try:
         gateway = Gateway.from_config(config)
     except ConfigError as exc:
@@ -113,14 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,
-        log_level="warning",
-        timeout_graceful_shutdown=int(server.graceful_shutdown_s),
-        server_header=False,
-        date_header=False,
+        **_uvicorn_options(server),
     )
     return 0
 

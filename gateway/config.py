@@ -303,8 +303,9 @@ WORKER_PLACEHOLDERS = ("name", "model", "served_name", "host", "port")
 
 
 class WorkerRestartConfig(_Frozen):
-    """A worker that dies is restarted after a capped exponential backoff with jitter, at most
-    `max_restarts_per_window` times within `window_s`; then it is given up on (logged)."""
+    """A worker that dies is restarted after a capped exponential backoff with jitter (from
+    initial_s, doubling up to max_s; again from initial_s once a worker stayed up max_s), at
+    most `max_restarts_per_window` times within `window_s`; then it is given up on (logged)."""
 
     initial_s: float = Field(1.0, gt=0)
     max_s: float = Field(30.0, gt=0)
