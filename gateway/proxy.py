@@ -62,7 +62,8 @@ class ProxyEndpoint:
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.guardrails = guardrails or Guardrails()
-        self.limits = limits or LocalLimits()
+        # Not `or`: an empty LocalLimits is falsy (it has __len__), and must still be shared.
+        self.limits = limits if limits is not None else LocalLimits()
         self.default_max_tokens_estimate = default_max_tokens_estimate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
