@@ -5,7 +5,9 @@ API key; without one configured these routes do not exist (404). Off the hot pat
 Starlette routes. Never answers with a secret or a hash.
 
     GET  /admin/keys           every key: id, name, tier, models, limits, guardrails, disabled
-    GET  /admin/keys/{id}      the same for one key, with its usage
+    GET  /admin/keys/{id}      the same for one key, with its usage: `process_usage` (what
+                               this process served) and `limits_usage` (the limit store's
+                               figures: shared by every process with Redis)
     POST /admin/keys/reload    read the keys file now: 200 with counts, or 400 and the old
                                keys stay in force
 """
@@ -26,12 +28,13 @@ from starlette.routing import Route
 from gateway.auth import KeyRing
 from gateway.config import AdminConfig, ConfigError
 from gateway.errors import AuthenticationError, InvalidRequest, NotFound
+from policies.limits import LimitStore, is_unlimited
 
 logger = logging.getLogger("vgate.keys")
 
 
 class UsageSource(Protocol):
-    """Where a key's usage comes from: today `gateway.usage.KeyUsage`, later the limit engine."""
+    """This process's own count of a key's requests and tokens (`gateway.usage.KeyUsage`)."""
 
     async def usage(self, key_id: str) -> dict[str, Any]: ...
 
@@ -53,7 +56,11 @@ def admin_key_hash(config: AdminConfig, source: str) -> str | None:
     return value
 
 
-def admin_routes(keys: KeyRing, usage: UsageSource, key_sha256: str) -> list[Route]:
+def admin_routes(
+    keys: KeyRing, usage: UsageSource, key_sha256: str, limits: LimitStore | None = None
+) -> list[Route]:
+    """`usage`: this process's counters; `limits`: the limit store, whose figures (shared
+    through Redis when there is one) are each key's `limits_usage`."""
     expected = key_sha256.encode("ascii")
 
     def authorize(request: Request) -> None:
@@ -82,7 +89,13 @@ def admin_routes(keys: KeyRing, usage: UsageSource, key_sha256: str) -> list[Rou
         if described is None:
             shown = key_id if len(key_id) <= 100 else key_id[:100] + "…"
             raise NotFound(f"No key has the id '{shown}'.", code="key_not_found")
-        described["usage"] = await usage.usage(key_id)
+        described["process_usage"] = await usage.usage(key_id)
+        key_limits = keys.limits_of(key_id)
+        described["limits_usage"] = (
+            None
+            if limits is None or key_limits is None or is_unlimited(key_limits)
+            else await limits.usage(key_id, key_limits)
+        )
         return _json(described)
 
     async def reload(request: Request) -> Response:

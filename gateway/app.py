@@ -344,7 +344,9 @@ def create_app(gateway: Gateway) -> ASGIApp:
         HTTPRoute("/metrics", metrics, methods=["GET"]),
     ]
     if gateway.admin_key_sha256 is not None and gateway.usage is not None:
-        routes += admin_routes(gateway.keys, gateway.usage, gateway.admin_key_sha256)
+        routes += admin_routes(
+            gateway.keys, gateway.usage, gateway.admin_key_sha256, gateway.limits
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

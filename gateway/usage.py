@@ -1,8 +1,8 @@
 """Per-key usage as this process counted it: requests and tokens today (UTC).
 
-A stand-in `UsageSource` (see gateway.admin) until the limit engine, which keeps the real
-counters (shared through Redis), answers for itself. Fed once per proxied request, when it
-ends, from its record. Bounded: one entry per key id, and ids no longer in the keys file
+The admin API's `process_usage` (see gateway.admin): what this process served; the shared
+figures (through Redis) are the limit store's `limits_usage`. Fed once per proxied request,
+when it ends, from its record. Bounded: one entry per key id, and ids no longer in the keys file
 are dropped on every reload.
 """
 

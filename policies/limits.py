@@ -208,7 +208,39 @@ class LimitStore(Protocol):
         """`settle` without waiting: done now (in process) or in a bounded background task."""
         ...
 
+    async def usage(self, key_id: str, limits: LimitSpec) -> dict[str, Any]:
+        """The key's figures now, charging nothing (`usage_report`'s fields): what is left
+        of this minute's buckets, the day's tokens (after reconciliation) and the slots in
+        flight, each None where the key has no such limit."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def usage_report(
+    limits: LimitSpec,
+    source: str,
+    req_level: int,
+    tok_level: int,
+    tokens_today: int,
+    in_flight: int,
+) -> dict[str, Any]:
+    """A store's usage of a key from its state now: the buckets' levels (units, drained to
+    now), the day's tokens and the tickets in flight. Remaining as the x-ratelimit headers
+    compute it; None where the key has no such limit."""
+    rpm, tpm, quota = rate(limits.rpm), rate(limits.tpm), limits.tokens_per_day
+    return {
+        "source": source,  # "redis": shared by every process; "local": this process's own
+        "requests_remaining": (
+            max(0, (rpm * PERIOD_US - req_level) // PERIOD_US) if limits.rpm is not None else None
+        ),
+        "tokens_remaining": (
+            max(0, (tpm * PERIOD_US - tok_level) // PERIOD_US) if limits.tpm is not None else None
+        ),
+        "tokens_today": tokens_today if quota is not None else None,
+        "tokens_per_day_remaining": max(0, quota - tokens_today) if quota is not None else None,
+        "in_flight": in_flight if limits.max_concurrent is not None else None,
+    }
 
 
 # Estimating a request's tokens before it runs.

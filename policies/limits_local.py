@@ -16,6 +16,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from policies.limits import (
     ALLOWED,
@@ -33,6 +34,7 @@ from policies.limits import (
     clamp_tokens,
     is_unlimited,
     rate,
+    usage_report,
     verdict_from,
 )
 
@@ -149,6 +151,25 @@ class LocalLimits:
         if not isinstance(state, _KeyState):
             return
         reconcile(state, self.now_us(), ticket, actual_tokens, failed)
+
+    async def usage(self, key_id: str, limits: LimitSpec) -> dict[str, Any]:
+        return self.usage_now(key_id, limits)
+
+    def usage_now(self, key_id: str, limits: LimitSpec) -> dict[str, Any]:
+        """The key's figures in this process, charging and touching nothing."""
+        now = self.now_us()
+        entry = self._states.get(key_id)
+        state = entry[0] if entry is not None else _KeyState()
+        rpm, tpm = rate(limits.rpm), rate(limits.tpm)
+        used = state.used if state.day == now // DAY_US else 0
+        return usage_report(
+            limits,
+            "local",
+            drain(state.rx, state.rt, now, rpm) if rpm else 0,
+            drain(state.tx, state.tt, now, tpm) if tpm else 0,
+            used,
+            state.in_flight,
+        )
 
     async def aclose(self) -> None:
         self._states.clear()

@@ -45,6 +45,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -64,6 +65,7 @@ from policies.limits import (
     is_unlimited,
     rate,
     unavailable,
+    usage_report,
     verdict_from,
 )
 from policies.limits_local import LocalLimits
@@ -238,6 +240,18 @@ return 1
 """
 )
 
+# KEYS: the hash, the tickets. ARGV: now, rpm, tpm, tokens per day (as for admit).
+# Read-only: returns the buckets' levels now, the day's tokens and the tickets in flight.
+_USAGE = (
+    _LUA_COMMON
+    + """
+local used = 0
+if quota >= 0 and tonumber(s[5]) == fdiv(now, DAY) then used = tonumber(s[6]) or 0 end
+local held = redis.call('ZCOUNT', KEYS[2], '(' .. num(now), '+inf')
+return {xr, xt, used, held}
+"""
+)
+
 
 class RedisLimits:
     """The shared store. Raises what the Redis client raises (`REDIS_ERRORS`), or
@@ -260,6 +274,7 @@ class RedisLimits:
         self._clock = clock  # None: the Redis server's clock (tests pass their own)
         self._admit = redis.register_script(_ADMIT)
         self._settle = redis.register_script(_SETTLE)
+        self._usage = redis.register_script(_USAGE)
         self._origin = secrets.token_hex(6)
         self._ids = itertools.count(1)
         # The client's pool refuses a call beyond max_connections (it does not wait): calls
@@ -300,6 +315,17 @@ class RedisLimits:
             return verdict_from(limits, tokens, result, None)
         ticket = Ticket(key_id, ticket_id, limits, tokens, int(result[R_DAY]), self)
         return verdict_from(limits, tokens, result, ticket)
+
+    async def usage(self, key_id: str, limits: LimitSpec) -> dict[str, Any]:
+        """The key's shared figures (every process's), by one read-only script on the
+        server's clock; charges nothing. Bounded by `timeout_s`."""
+        if is_unlimited(limits):
+            return usage_report(limits, "redis", 0, 0, 0, 0)
+        quota = limits.tokens_per_day
+        args = (self._now(), rate(limits.rpm), rate(limits.tpm), -1 if quota is None else quota)
+        async with asyncio.timeout(self.timeout_s), self._calls:
+            result = await self._usage(keys=self.keys(key_id)[:2], args=args)
+        return usage_report(limits, "redis", *(int(value) for value in result[:4]))
 
     def undo_ticket(self, key_id: str, limits: LimitSpec, tokens: int, ticket_id: str) -> Ticket:
         """A ticket to settle (as failed) for an admit whose call failed: it gives back what
@@ -435,6 +461,16 @@ class FailoverLimits:
             return
         ticket.settled = True
         await self._settle_batch([(ticket, actual_tokens, failed)])
+
+    async def usage(self, key_id: str, limits: LimitSpec) -> dict[str, Any]:
+        """Redis's shared figures; while Redis is down or if it fails this call, this
+        process's own (`"source": "local"`). Never changes the outage state: admits do."""
+        if not self.down:
+            try:
+                return await self.redis.usage(key_id, limits)
+            except Exception as error:
+                logger.debug("rate limits: usage from Redis failed: %s", describe(error))
+        return self.local.usage_now(key_id, limits)
 
     def settle_nowait(self, ticket: Ticket, actual_tokens: int | None, *, failed: bool) -> None:
         """Queue the settle for the background settler, which sends what has queued up in

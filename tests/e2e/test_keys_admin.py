@@ -320,7 +320,7 @@ def test_admin_lists_keys_without_secrets(gateway: Gateway) -> None:
 
 
 def test_admin_shows_one_key_with_its_usage(gateway: Gateway) -> None:
-    before = admin(gateway, "GET", "/admin/keys/key-limited").json()["usage"]
+    before = admin(gateway, "GET", "/admin/keys/key-limited").json()["process_usage"]
     tokens = 0
     for _ in range(3):
         response = chat(gateway, LIMITED, max_tokens=4)
@@ -329,7 +329,7 @@ def test_admin_shows_one_key_with_its_usage(gateway: Gateway) -> None:
         tokens += usage["prompt_tokens"] + usage["completion_tokens"]
 
     def counted() -> dict[str, Any] | None:
-        usage = admin(gateway, "GET", "/admin/keys/key-limited").json()["usage"]
+        usage = admin(gateway, "GET", "/admin/keys/key-limited").json()["process_usage"]
         return usage if usage["requests_today"] >= before["requests_today"] + 3 else None
 
     usage = poll_until(counted)
@@ -342,6 +342,44 @@ def test_admin_shows_one_key_with_its_usage(gateway: Gateway) -> None:
     missing = admin(gateway, "GET", "/admin/keys/key-nobody")
     assert missing.status_code == 404
     assert error_of(missing)["code"] == "key_not_found"
+    assert admin(gateway, "GET", "/admin/keys/key-full").json()["limits_usage"] is None
+
+
+def test_admin_shows_the_limit_stores_usage(own_gateway: tuple[Gateway, Path]) -> None:
+    """`limits_usage` is the limit engine's own state: requests left this minute drop by
+    the requests made, the day's tokens are the reconciled usage, no slot stays held."""
+    gateway, keys_file = own_gateway
+    counted = "vg-test-counted-0123456789abcdefgh"
+    limits = {"rpm": 10, "tpm": BIG, "tokens_per_day": BIG, "max_concurrent": 4}
+    entry = {"id": "key-counted", "name": "counted", "sha256": hash_key(counted)}
+    write_keys(keys_file, [*keys_entries(), {**entry, "limits": limits}])
+    assert admin(gateway, "POST", "/admin/keys/reload").status_code == 200
+    detail = admin(gateway, "GET", "/admin/keys/key-counted")
+    assert detail.json()["limits_usage"] == {
+        "source": "local",
+        "requests_remaining": 10,
+        "tokens_remaining": BIG,
+        "tokens_today": 0,
+        "tokens_per_day_remaining": BIG,
+        "in_flight": 0,
+    }
+    tokens = 0
+    for _ in range(3):  # within 6 s: rpm 10 gives back one request per 6 s
+        response = chat(gateway, counted, max_tokens=4)
+        assert response.status_code == 200
+        tokens += response.json()["usage"]["total_tokens"]
+
+    def settled() -> dict[str, Any] | None:
+        body = admin(gateway, "GET", "/admin/keys/key-counted").json()
+        return body if body["limits_usage"]["tokens_today"] == tokens else None
+
+    body = poll_until(settled)
+    assert_nothing_secret(str(body))
+    usage = body["limits_usage"]
+    assert usage["requests_remaining"] == 7
+    assert usage["tokens_per_day_remaining"] == BIG - tokens
+    assert usage["in_flight"] == 0
+    assert body["process_usage"]["requests_today"] == 3
 
 
 def test_without_an_admin_key_there_is_no_admin_api(

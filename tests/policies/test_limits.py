@@ -345,6 +345,50 @@ async def test_keys_are_independent(store: LocalLimits) -> None:
     assert not (await store.admit("a", limits, 0)).allowed
 
 
+async def test_usage_reports_the_state_without_charging(store: LocalLimits, clock: Clock) -> None:
+    limits = KeyLimits(rpm=10, tpm=1000, tokens_per_day=5000, max_concurrent=3)
+    fresh = await store.usage("k", limits)
+    assert fresh == {
+        "source": "local",
+        "requests_remaining": 10,
+        "tokens_remaining": 1000,
+        "tokens_today": 0,
+        "tokens_per_day_remaining": 5000,
+        "in_flight": 0,
+    }
+    assert len(store) == 0  # asking remembers nothing
+    verdicts = [await store.admit("k", limits, 100) for _ in range(3)]
+    tickets = [verdict.ticket for verdict in verdicts]
+    held = await store.usage("k", limits)
+    assert held == {
+        **fresh,
+        "requests_remaining": 7,
+        "tokens_remaining": 700,
+        "tokens_today": 300,
+        "tokens_per_day_remaining": 4700,
+        "in_flight": 3,
+    }
+    last = headers(verdicts[-1])  # as the headers say
+    assert last["x-ratelimit-remaining-requests"] == "7"
+    assert last["x-ratelimit-remaining-tokens"] == "700"
+    assert await store.usage("k", limits) == held  # asking charges nothing
+    first, second, third = tickets
+    assert first and second and third
+    await store.settle(first, 40, failed=False)  # reconciled with the real usage
+    await store.settle(second, None, failed=True)  # failed: everything back
+    clock.advance(6.0)  # one request's worth of rpm, 100 tokens' worth of tpm
+    after = await store.usage("k", limits)
+    assert after["requests_remaining"] == 9  # 3 - 1 failed - 1 drained
+    assert after["tokens_remaining"] == 1000 - 140 + 100
+    assert (after["tokens_today"], after["tokens_per_day_remaining"]) == (140, 4860)
+    assert after["in_flight"] == 1
+    only_rpm = await store.usage("k", KeyLimits(rpm=10))
+    assert only_rpm["tokens_remaining"] is None and only_rpm["tokens_today"] is None
+    assert only_rpm["tokens_per_day_remaining"] is None and only_rpm["in_flight"] is None
+    clock.advance(86_400)
+    assert (await store.usage("k", limits))["tokens_today"] == 0  # a new UTC day
+
+
 async def test_a_key_without_limits_costs_nothing(store: LocalLimits) -> None:
     assert await store.admit("k", KeyLimits(), 10**9) is ALLOWED
     assert len(store) == 0

@@ -111,6 +111,67 @@ async def test_redis_decides_exactly_as_the_local_store(make: Make, clock: Clock
     assert outcomes == {(True, None), (False, 429), (False, 403)}
 
 
+async def test_usage_is_shared_and_charges_nothing(make: Make, clock: Clock) -> None:
+    """Two processes' views of a key: the same figures, the local store's arithmetic."""
+    a, b = make(), make()
+    local = LocalLimits(clock=clock)
+    limits = KeyLimits(rpm=10, tpm=1000, tokens_per_day=5000, max_concurrent=3)
+    assert await a.usage("k", limits) == {
+        "source": "redis",
+        "requests_remaining": 10,
+        "tokens_remaining": 1000,
+        "tokens_today": 0,
+        "tokens_per_day_remaining": 5000,
+        "in_flight": 0,
+    }
+    pairs = []
+    for store in (a, b, a):
+        theirs = (await store.admit("k", limits, 100)).ticket
+        mine = (await local.admit("k", limits, 100)).ticket
+        assert theirs is not None and mine is not None
+        pairs.append((theirs, mine))
+    seen = await a.usage("k", limits)
+    assert seen == await b.usage("k", limits) == await a.usage("k", limits)  # charges nothing
+    assert seen == {**await local.usage("k", limits), "source": "redis"}
+    assert (seen["requests_remaining"], seen["tokens_today"], seen["in_flight"]) == (7, 300, 3)
+    (t1, m1), (t2, m2), _ = pairs
+    assert await b.settle(t1, 40, failed=False)  # reconciled by the other process
+    assert await a.settle(t2, None, failed=True)
+    await local.settle(m1, 40, failed=False)
+    await local.settle(m2, None, failed=True)
+    clock.advance(6.0)
+    seen = await b.usage("k", limits)
+    assert seen == await a.usage("k", limits)
+    assert seen == {**await local.usage("k", limits), "source": "redis"}
+    assert seen["requests_remaining"] == 9 and seen["tokens_remaining"] == 960
+    assert (seen["tokens_today"], seen["tokens_per_day_remaining"], seen["in_flight"]) == (
+        140,
+        4860,
+        1,
+    )
+    # The server's clock (production): the same state, read on Redis's TIME.
+    real = make(now=None)
+    assert (await real.usage("fresh", limits))["requests_remaining"] == 10
+
+
+async def test_usage_falls_back_to_this_process_without_redis(make: Make, clock: Clock) -> None:
+    local = LocalLimits(clock=clock)
+    store = FailoverLimits(make(url="redis://127.0.0.1:1/0"), local)
+    limits = KeyLimits(rpm=5, max_concurrent=2)
+    assert (await local.admit("k", limits, 0)).allowed
+    usage = await store.usage("k", limits)
+    assert usage == {
+        "source": "local",
+        "requests_remaining": 4,
+        "tokens_remaining": None,
+        "tokens_today": None,
+        "tokens_per_day_remaining": None,
+        "in_flight": 1,
+    }
+    assert not store.down  # a failed admin read is not an outage: admits decide that
+    await store.aclose()
+
+
 async def test_rpm_is_exact_and_resets(make: Make, clock: Clock) -> None:
     a, b = make(), make()  # two processes
     limits = KeyLimits(rpm=10)
