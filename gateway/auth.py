@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.config import ConfigError, field_path
+from gateway.config import ConfigError, field_path, read_yaml
 from gateway.errors import AuthenticationError, PermissionDenied
 from policies.guardrails import KeyGuardrails
 from policies.limits import NO_LIMITS, KeyLimits
@@ -155,14 +154,7 @@ def parse_keys(raw: object, source: str) -> tuple[_KeyEntry, ...]:
 
 
 def read_keys_file(path: Path) -> tuple[_KeyEntry, ...]:
-    source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(source, "", f"cannot read keys file: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
-    return parse_keys(raw, source)
+    return parse_keys(read_yaml(path, what="keys file"), str(path))
 
 
 class _KeySet:

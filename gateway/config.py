@@ -456,18 +456,24 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "config" / "gateway.yaml"
 
 
+def read_yaml(file: Path, *, what: str = "") -> Any:
+    """A YAML file's content; a file that cannot be read or parsed is a ConfigError."""
+    try:
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        reason = f"cannot read{' ' + what if what else ''}: {exc.strerror or exc}"
+        raise ConfigError(str(file), "", reason) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(file), "", f"not valid YAML: {exc}") from None
+
+
 def load_config(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> GatewayConfig:
     """Read, override from the environment, and validate a configuration file."""
     file = Path(path) if path is not None else default_config_path()
     source = str(file)
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "", f"not valid YAML: {exc}") from None
+    raw = read_yaml(file)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

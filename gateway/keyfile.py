@@ -27,6 +27,7 @@ import yaml
 
 from gateway.auth import KeyRing, parse_keys
 from gateway.config import ConfigError
+from policies.background import stop_task
 
 logger = logging.getLogger("vgate.keys")
 
@@ -170,11 +171,8 @@ class KeyFileWatcher:
             self._task = asyncio.create_task(self._run(), name="vgate-keys-watch")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -9,12 +9,12 @@ backend that is down (or back) while no traffic reaches it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.config import HealthConfig
+from policies.background import stop_task
 
 logger = logging.getLogger("vgate.health")
 
@@ -105,8 +105,5 @@ class HealthChecker:
             await self.check_due(loop.time())
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None

@@ -414,23 +414,22 @@ def verdict_from(
     """A store's decision (the R_* integers) as a Verdict; `ticket` goes with an allowance."""
     refused = int(result[R_REFUSED])
     wait_s = int(result[R_WAIT_US]) / 1e6
-    if refused == NOT_REFUSED:
-        headers = ratelimit_headers(
+
+    def headers_with(retry_after_s: float | None = None) -> list[tuple[bytes, bytes]]:
+        return ratelimit_headers(
             limits,
             int(result[R_REQ_LEFT]),
             int(result[R_REQ_RESET_US]) / 1e6,
             int(result[R_TOK_LEFT]),
             int(result[R_TOK_RESET_US]) / 1e6,
+            retry_after_s,
         )
+
+    if refused == NOT_REFUSED:
+        headers = headers_with()
         return Verdict(True, headers=headers, ticket=ticket)
     if refused == BY_DAY:
-        headers = ratelimit_headers(
-            limits,
-            int(result[R_REQ_LEFT]),
-            int(result[R_REQ_RESET_US]) / 1e6,
-            int(result[R_TOK_LEFT]),
-            int(result[R_TOK_RESET_US]) / 1e6,
-        )
+        headers = headers_with()
         left = max(0, int(result[R_DAY_LEFT]))
         message = (
             f"You exceeded your daily token quota ({limits.tokens_per_day} tokens per day; "
@@ -441,14 +440,7 @@ def verdict_from(
             False, 403, "insufficient_quota", message, wait_s, headers, None, TOKENS_PER_DAY
         )
     retry_after_s = max(wait_s, 0.001)
-    headers = ratelimit_headers(
-        limits,
-        int(result[R_REQ_LEFT]),
-        int(result[R_REQ_RESET_US]) / 1e6,
-        int(result[R_TOK_LEFT]),
-        int(result[R_TOK_RESET_US]) / 1e6,
-        retry_after_s,
-    )
+    headers = headers_with(retry_after_s)
     if refused == BY_CONCURRENCY:
         message = (
             f"Too many requests in flight for this key (limit {limits.max_concurrent}). "

@@ -19,11 +19,12 @@ busy until the next scrape. Without a fresh report (never scraped, scrape failin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+from policies.background import stop_task
 
 logger = logging.getLogger("vgate.load")
 
@@ -191,8 +192,5 @@ class LoadScraper:
             await asyncio.sleep(self.interval_s)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
