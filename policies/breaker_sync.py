@@ -274,7 +274,7 @@ class BreakerSync:
     async def _close(self, pubsub: PubSub) -> None:
         with suppress(*REDIS_ERRORS):
             async with asyncio.timeout(self._timeout_s):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
 
 def _jitter(backoff: float) -> float:
