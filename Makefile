@@ -7,32 +7,60 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_KEY := vg-demo-0123456789abcdef
 VLLM_VENV := .venv-vllm
+CONSTRAINTS := deploy/constraints.txt
 
-.PHONY: run run-vllm vllm test test-fast lint bench clean
+# `make run`'s ports: the gateway's, then its two workers'. `make run PORT=9000
+# WORKER_PORTS="19080 19081"` moves them, e.g. when 8000 is taken or for a second demo beside
+# the first. Set on the command line only (`:=`, so a PORT in the environment is not taken).
+PORT := 8000
+WORKER_PORTS := 18080 18081
+W1_PORT = $(word 1,$(WORKER_PORTS))
+W2_PORT = $(word 2,$(WORKER_PORTS))
+# The embedded config (config/gateway.yaml) has these ports written in; its documented
+# environment overrides point it at the ports above: the server's, and the URLs of models[0]
+# (tiny-llama: w1, w2) and models[1] (tiny-embed: w1-embed, w2-embed), w1 on the first worker.
+RUN_ENV = VGATE_SERVER__PORT=$(PORT) \
+  VGATE_MODELS__0__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
+  VGATE_MODELS__0__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT) \
+  VGATE_MODELS__1__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
+  VGATE_MODELS__1__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT)
 
-$(STAMP): pyproject.toml
+.PHONY: run run-vllm vllm test test-fast lint redis-server bench constraints clean
+
+# Installs the versions CI tested (deploy/constraints.txt), so that a new release of a
+# dependency or of a lint tool never breaks a fresh clone; `make constraints` moves them on.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "vgate needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test]' -c $(CONSTRAINTS)
 	touch $(STAMP)
+
+# The newest releases that pyproject.toml allows, resolved in a clean venv; then `make test`.
+constraints:
+	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q -e '.[test]'
+	{ sed -n '1,2p' $(CONSTRAINTS); \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^vgate'; \
+	} > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-constraints
 
 # Two simulated vLLM workers and the gateway on the embedded default config. The gateway
 # starts once the workers listen (at most 20 s), so its first health check finds them up.
 # Ctrl-C (or the gateway exiting) stops everything this started.
 run: $(STAMP)
 	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
-	$(BIN)/vgate sim --port 18080 --model tiny-llama --model tiny-embed & \
-	$(BIN)/vgate sim --port 18081 --model tiny-llama --model tiny-embed & \
+	$(BIN)/vgate sim --port $(W1_PORT) --model tiny-llama --model tiny-embed & \
+	$(BIN)/vgate sim --port $(W2_PORT) --model tiny-llama --model tiny-embed & \
 	for _ in $$(seq 200); do \
-	  (exec 3<>/dev/tcp/127.0.0.1/18080 && exec 4<>/dev/tcp/127.0.0.1/18081) 2>/dev/null && break; \
+	  (exec 3<>/dev/tcp/127.0.0.1/$(W1_PORT) && exec 4<>/dev/tcp/127.0.0.1/$(W2_PORT)) 2>/dev/null && break; \
 	  sleep 0.1; \
 	done; \
-	echo "vgate on http://127.0.0.1:8000  (demo key: $(DEMO_KEY))"; \
-	echo "try: curl -s localhost:8000/v1/chat/completions -H 'Authorization: Bearer $(DEMO_KEY)' \\"; \
+	echo "vgate on http://127.0.0.1:$(PORT)  (demo key: $(DEMO_KEY))"; \
+	echo "try: curl -s localhost:$(PORT)/v1/chat/completions -H 'Authorization: Bearer $(DEMO_KEY)' \\"; \
 	echo "       -H 'Content-Type: application/json' -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"; \
-	$(BIN)/vgate serve
+	$(RUN_ENV) $(BIN)/vgate serve
 
 # Real vLLM on the CPU: deploy/vllm/install.sh makes .venv-vllm (about 1.5 min the first time,
 # instant when current), build_tiny_model.py the tiny random Llama (seconds; instant when current).
@@ -57,12 +85,25 @@ lint: $(STAMP)
 
 # Every test, the real-vLLM ones (tests/vllm, a few minutes) included: they fail, rather than
 # skip, without their venv, which `vllm` installs first.
-test: lint vllm
+test: lint vllm redis-server
 	VGATE_VLLM_TESTS=require $(BIN)/python -m pytest -q
 
 # Everything but tests/vllm.
-test-fast: lint
+test-fast: lint redis-server
 	VGATE_VLLM_TESTS=off $(BIN)/python -m pytest -q
+
+# The tests start redis-server processes of their own (limits, breakers and the admin API
+# shared across gateway processes). A machine without it gets Debian's package when it can.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server (Debian package) for the tests"; \
+	    apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; \
+	  else \
+	    echo "the tests need redis-server on PATH: apt-get install redis-server," \
+	      "dnf install redis or brew install redis"; \
+	    exit 1; \
+	  fi; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
