@@ -414,6 +414,7 @@ class Router:
     ) -> Completion:
         loop = asyncio.get_running_loop()
         body = _upstream_body(request, backend, ask_usage=False)
+        asked = loop.time()
         sent = time.perf_counter()
         response: UpstreamResponse | None = None
         backend.in_flight += 1
@@ -429,10 +430,12 @@ class Router:
                     content_type = response.content_type or "application/json"
             except TimeoutError:
                 backend.overloaded()
+                # The deadline is the first route's, so a fallback's own total_s is not it.
+                left = deadline - asked
                 raise AttemptFailed(
                     UpstreamTimeout(
-                        f"Backend '{backend.name}' did not answer within the request's "
-                        f"{route.timeouts.total_s:g}s (timeouts.total_s)."
+                        f"Backend '{backend.name}' did not answer within the {left:.3g}s left "
+                        f"of the request's total time (timeouts.total_s)."
                     ),
                     backend=backend.name,
                     retryable=False,
@@ -598,7 +601,7 @@ class UpstreamStream:
             events = await self._next()
             if events is None:
                 raise UpstreamBroken("the stream ended before its first event")
-            if events:
+            if events or self.observer.error is not None:
                 return events
 
     async def rest(self) -> AsyncIterator[bytes]:
@@ -640,6 +643,8 @@ class UpstreamStream:
                     code="upstream_stream_incomplete",
                 )
             if observer.error is not None:
+                if events:
+                    yield events  # what came before the error is part of the answer
                 raise StreamInterrupted(
                     f"Backend '{name}' reported an error mid-stream: "
                     f"{observer.error.get('message', 'no message')}",

@@ -73,7 +73,7 @@ class SSEObserver:
             if event and self._observe(event):
                 out.append(event)
                 out.append(b"\n\n")
-            if self.done:
+            if self.done or self.error is not None:
                 break
         return b"".join(out)
 
@@ -117,7 +117,10 @@ class SSEObserver:
                 return False
         error = payload.get("error")
         if type(error) is dict:
+            # The events before it are still the answer's: the caller forwards them, then
+            # ends or resumes the stream. The error event itself is the gateway's to word.
             self.error = error
+            return False
         if self.recorder is not None:
             self.recorder.record(payload)
         return True

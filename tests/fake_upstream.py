@@ -8,6 +8,7 @@ It runs its own event loop in a thread so sync and async tests can both use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,21 @@ def content_event(text: str, finish: str | None = None) -> bytes:
             "created": 0,
             "model": "fake",
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+        }
+    )
+
+
+def role_event() -> bytes:
+    """The first chunk of a chat stream, as vLLM sends it: the role, no text."""
+    return _event(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fake",
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            ],
         }
     )
 
@@ -60,13 +76,36 @@ class FakeUpstream:
     retry_after: str | None = "7"
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    # Stream modes that end on their own terms (`stream_end_early`, `stream_error_mid`):
+    # the content pieces sent first, after a role chunk, in one write, one per event...
+    texts: tuple[str, ...] = ("Hello", " world")
+    # ...and pieces sent later, in the same write as the stream's ending.
+    late_texts: tuple[str, ...] = ()
+    # `stream_error_mid` sends its ending only after `release()` (or `proceed_wait_s`): a
+    # test releases it once its client holds the first content, so that the error cannot
+    # arrive with the first events (that would be a first-event error, an HTTP error).
+    proceed_wait_s: float = 10.0
+    # Every answer but /health's waits this long first: a backend that fails slowly.
+    delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
+        self._proceed = asyncio.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._ready.wait(5)
+
+    def release(self) -> None:
+        """Let held streams (`stream_error_mid`) go on to their ending, now and later."""
+        self._loop.call_soon_threadsafe(self._proceed.set)
+
+    def hold(self) -> None:
+        """Hold the next streams again until `release()`."""
+        self._loop.call_soon_threadsafe(self._proceed.clear)
+
+    def _first_content(self) -> bytes:
+        return role_event() + b"".join(content_event(text) for text in self.texts)
 
     @property
     def url(self) -> str:
@@ -120,6 +159,8 @@ class FakeUpstream:
     async def _respond(self, writer: asyncio.StreamWriter) -> bool:
         """Act out `mode`; False when the connection must be dropped."""
         mode = self.mode
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if mode == "reset":
             return False
         if mode == "hang":
@@ -194,6 +235,34 @@ class FakeUpstream:
                     writer.write(_chunk(event[index : index + 1]))
                 await writer.drain()
             writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if mode == "stream_end_early":
+            # Content, then a clean end of the chunked body (the terminating 0-chunk, the
+            # connection kept alive): no finish_reason, no [DONE] (Portkey #1797).
+            writer.write(_chunk(self._first_content()))
+            await writer.drain()
+            late = b"".join(content_event(text) for text in self.late_texts)
+            writer.write((_chunk(late) if late else b"") + b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if mode == "stream_error_mid":
+            # Content, then (once the test says the client has it) an error event, and
+            # [DONE] after it, as vLLM ends a stream that failed while generating.
+            writer.write(_chunk(self._first_content()))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proceed.wait(), self.proceed_wait_s)
+            error = {
+                "error": {
+                    "message": "CUDA error: an illegal memory access was encountered",
+                    "type": "InternalServerError",
+                    "param": None,
+                    "code": 500,
+                }
+            }
+            late = b"".join(content_event(text) for text in self.late_texts)
+            writer.write(_chunk(late + _event(error) + b"data: [DONE]\n\n") + b"0\r\n\r\n")
             await writer.drain()
             return True
         raise ValueError(f"unknown FakeUpstream mode {mode!r}")

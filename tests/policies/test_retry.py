@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 
 import pytest
 
@@ -61,7 +62,47 @@ async def test_retryable_failures_are_retried_until_success() -> None:
         attempt, deadline=far(), on_retry=lambda f, delay: delays.append(delay)
     )
     assert result == "third time" and calls == [0, 1, 2]
-    assert len(delays) == 2 and all(0 <= d <= 0.002 for d in delays)  # full jitter, capped
+    # Within each retry's window (its spread is test_backoff_is_full_jitter...'s).
+    assert len(delays) == 2 and 0 <= delays[0] <= 0.001 and 0 <= delays[1] <= 0.002
+
+
+async def test_backoff_is_full_jitter_uniform_from_zero_to_a_doubling_cap() -> None:
+    """Retry n waits uniform(0, min(backoff_max_s, backoff_initial_s * 2**(n - 1))).
+
+    Many draws per retry number: plain exponential backoff (always the cap), equal jitter
+    (cap/2 + uniform(0, cap/2)) or a window that does not widen would each fail. Every
+    statistical bound is at least 6 standard deviations wide for 400 uniform draws, so a
+    false failure is below one in a billion.
+    """
+    initial, ceiling = 1e-5, 3e-5  # tiny: the test does not wait for its 1200 sleeps
+    caps = [initial, 2 * initial, ceiling]  # retries 1, 2 (doubled), 3 (held at the max)
+    samples = 400
+    retry = policy(
+        RetryBudget(1.0, 10, 1e6),
+        attempts=len(caps) + 1,
+        backoff_initial_s=initial,
+        backoff_max_s=ceiling,
+    )
+    waits: list[float] = []
+
+    async def attempt(number: int) -> str:
+        raise failure()
+
+    for _ in range(samples):
+        with pytest.raises(AttemptFailed):
+            await retry.run(attempt, deadline=far(), on_retry=lambda f, delay: waits.append(delay))
+    assert len(waits) == samples * len(caps)
+    drawn = [waits[number :: len(caps)] for number in range(len(caps))]  # per retry number
+
+    for cap, delays in zip(caps, drawn, strict=True):
+        assert all(0 <= d <= cap * (1 + 1e-9) for d in delays)
+        assert len(set(delays)) > 0.9 * samples  # drawn afresh each time, not fixed
+        assert min(delays) < 0.1 * cap and max(delays) > 0.9 * cap  # from 0 to the cap
+        assert 0.4 * cap < statistics.fmean(delays) < 0.6 * cap  # uniform: mean cap/2
+        quarters = [0, 0, 0, 0]
+        for delay in delays:
+            quarters[min(int(delay / cap * 4), 3)] += 1
+        assert all(0.1 * samples < count < 0.4 * samples for count in quarters)
 
 
 async def test_attempts_are_bounded_and_the_last_failure_is_raised() -> None:

@@ -62,9 +62,12 @@ def test_nothing_after_done_is_forwarded() -> None:
     assert observer.feed(DONE + chunk("late")) == DONE
 
 
-def test_error_event_is_recorded() -> None:
+def test_error_event_is_recorded_not_forwarded_and_ends_the_batch() -> None:
     observer = SSEObserver(drop_usage_chunk=False)
-    observer.feed(b'data: {"error": {"message": "bad", "code": 400}}\n\n')
+    error = b'data: {"error": {"message": "bad", "code": 400}}\n\n'
+    # What came before the error is the answer's and is forwarded; the error and all
+    # after it are not (the gateway words its own error event).
+    assert observer.feed(chunk("a") + error + chunk("late")) == chunk("a")
     assert observer.error == {"message": "bad", "code": 400}
 
 
