@@ -249,9 +249,9 @@ def test_breaker_opens_and_traffic_goes_around_the_failing_backend(
 
 
 def test_an_outage_under_load_loses_no_request(logs: Path) -> None:
-    # Tokens come at 100/s, so streams are mid-answer on w1 when it dies.
-    first = start_sim(logs, ttft_ms=50, tokens_per_s=100)
-    second = start_sim(logs, ttft_ms=50, tokens_per_s=100)
+    # Tokens come at 50/s, so streams are mid-answer on w1 when it dies.
+    first = start_sim(logs, ttft_ms=50, tokens_per_s=50)
+    second = start_sim(logs, ttft_ms=50, tokens_per_s=50)
     gateway = start_gateway(
         logs,
         gateway_config(
@@ -273,8 +273,6 @@ def test_an_outage_under_load_loses_no_request(logs: Path) -> None:
             )
 
             async def one(index: int) -> str:
-                if index == 60:
-                    first.popen.send_signal(signal.SIGKILL)  # mid-load, requests in flight to it
                 stream = index % 2 == 0
                 response = await client.chat.completions.with_raw_response.create(
                     model="tiny-llama",
@@ -282,16 +280,23 @@ def test_an_outage_under_load_loses_no_request(logs: Path) -> None:
                     max_tokens=8 if stream else 2,
                     stream=stream,
                 )
+                backend = response.headers["x-vgate-backend"]
                 if stream:
                     # Streams already committed to w1 when it died are resumed on w2.
-                    chunks = [c async for c in response.parse()]
+                    chunks = []
+                    async for chunk in response.parse():
+                        chunks.append(chunk)
+                        if index >= 60 and backend == "w1" and not killed:
+                            # Mid-load, and mid-answer for this stream and others on w1.
+                            first.popen.send_signal(signal.SIGKILL)
+                            killed.append(index)
                     assert chunks[-1].choices[0].finish_reason == "length"
                     assert (
                         len("".join(c.choices[0].delta.content or "" for c in chunks).split()) == 8
                     )
                 else:
                     assert response.parse().usage.completion_tokens == 2
-                return response.headers["x-vgate-backend"]
+                return backend
 
             async def paced(index: int) -> str:
                 await asyncio.sleep(index * 0.005)
@@ -301,7 +306,9 @@ def test_an_outage_under_load_loses_no_request(logs: Path) -> None:
             await client.close()
             return Counter(results)
 
+        killed: list[int] = []
         outcomes = asyncio.run(load())
+        assert killed, "w1 was never killed"
         assert sum(outcomes.values()) == 200  # every request answered whole, none lost
         assert outcomes["w2"] > outcomes["w1"] > 0
         entries = poll_until(lambda: len(gateway.access_log()) >= 200 and gateway.access_log())
