@@ -10,7 +10,7 @@ generator, settings and run:
   token, which wrk cannot see);
 - the gateway's CPU time per request, from /proc/<pid>/stat around each phase;
 - optionally (on by default, off with --quick) bare proxies, one per upstream HTTP client, to
-  show what the choice of client costs (README, "Why aiohttp").
+  show what the choice of client costs (README, "Why a lean upstream client").
 
 The gateway is pinned to core 0; the workers and the load generators to core 1. Prints a
 table and PASS/FAIL per target, writes JSON to bench/results/<UTC time>.json and latest.json.

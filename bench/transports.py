@@ -4,7 +4,7 @@ Not the product: each is the least a proxy does (read the body, parse it as JSON
 must, forward it, return the upstream's answer), served the way the gateway is served
 (uvicorn, uvloop, httptools, one process) so that the only difference between them is the
 upstream client. `make bench` runs them under the same wrk load to justify the product's
-choice of aiohttp (README, "Why aiohttp").
+choice of its own lean client, providers/http1.py (README, "Why a lean upstream client").
 
 Run: `python -m bench.transports --client aiohttp --port 8001 --upstream http://127.0.0.1:8002`.
 """
