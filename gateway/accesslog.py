@@ -33,6 +33,7 @@ class AccessLog:
             "stream": record.stream,
             "latency_ms": _ms(end - record.start),
             "upstream_ms": _ms(record.upstream_s),
+            "wait_ms": _ms(record.waited_s),
             "ttft_ms": _ms(record.ttft_s),
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,

@@ -163,8 +163,7 @@ class GatewayMetrics:
         children.requests.inc()
         children.duration.observe(end - record.start)
         if record.response_started is not None:
-            own = record.response_started - record.start - (record.upstream_s or 0.0)
-            children.overhead.observe(max(own, 0.0))
+            children.overhead.observe(record.own_s(record.response_started))
         if record.ttft_s is not None:
             children.ttft.observe(record.ttft_s)
         if record.prompt_tokens:
@@ -179,7 +178,7 @@ class GatewayMetrics:
             if upstream is None and backend in self._backends:
                 upstream = self._upstream_children[backend] = self.upstream.labels(backend)
             if upstream is not None:
-                upstream.observe(record.upstream_s)
+                upstream.observe(record.backend_s)
 
     def stream_resumed(self, model: str, mode: str, outcome: str) -> None:
         if model in self._models:

@@ -70,10 +70,11 @@ class RequestContextMiddleware:
                 record.status = message["status"]
                 record.response_started = now
                 upstream = record.upstream_s
-                own = now - start - (upstream or 0.0)
-                timing = f"gateway;dur={own * 1000:.3f}"
+                timing = f"gateway;dur={record.own_s(now) * 1000:.3f}"
                 if upstream is not None:
                     timing += f", upstream;dur={upstream * 1000:.3f}"
+                if record.waited_s:
+                    timing += f", wait;dur={record.waited_s * 1000:.3f}"
                 message["headers"] = [
                     *message.get("headers", ()),
                     (b"x-request-id", request_id),

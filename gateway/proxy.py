@@ -107,7 +107,10 @@ class ProxyEndpoint:
             try:
                 admission = self.router.admission
                 async with DisconnectWatch(receive) as watch:
-                    await admission.acquire(priority)
+                    if not admission.try_acquire():
+                        queued = time.perf_counter()
+                        await admission.acquire(priority)
+                        record.waited_s = time.perf_counter() - queued
                     try:
                         if request.stream:
                             await self._stream(route, request, record, send, verdict.headers)

@@ -9,6 +9,7 @@ class RequestRecord:
     __slots__ = (
         "attempts",
         "backend",
+        "backend_s",
         "caller",
         "completion_tokens",
         "decisions",
@@ -30,6 +31,7 @@ class RequestRecord:
         "traceparent",
         "ttft_s",
         "upstream_s",
+        "waited_s",
     )
 
     def __init__(self, request_id: str, start: float, method: str, path: str) -> None:
@@ -53,15 +55,29 @@ class RequestRecord:
         self.stream = False
         self.status = 0
         self.error: str | None = None
+        # Whose time it was: every attempt's upstream time summed (the last attempt's
+        # alone in backend_s), and the waits the gateway's policies imposed (admission
+        # queue, retry backoff). The rest of a response's start is the gateway's own.
         self.upstream_s: float | None = None
+        self.backend_s = 0.0
+        self.waited_s = 0.0
         self.ttft_s: float | None = None
         self.response_started: float | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
 
-    def record_usage(self, usage: dict[str, Any] | None) -> None:
-        if not usage:
-            return
+    def add_upstream(self, seconds: float) -> None:
+        self.backend_s = seconds
+        self.upstream_s = seconds if self.upstream_s is None else self.upstream_s + seconds
+
+    def own_s(self, until: float) -> float:
+        """The gateway's own time from the request's start to `until`."""
+        return max(until - self.start - (self.upstream_s or 0.0) - self.waited_s, 0.0)
+
+    def record_usage(self, usage: object) -> None:
+        """Token counts from an upstream's `usage`, if it is the object it should be."""
+        if type(usage) is not dict:
+            return  # absent or malformed: the answer still goes through, uncounted
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         if isinstance(prompt, int):

@@ -399,6 +399,7 @@ class Router:
                 raise
 
         def on_retry(failure: AttemptFailed, delay: float) -> None:
+            record.waited_s += delay
             if self.on_retry is not None:
                 self.on_retry(route, failure, delay)
 
@@ -449,7 +450,7 @@ class Router:
                 backend.in_flight -= 1
                 if response is not None:
                     response.close()
-                record.upstream_s = time.perf_counter() - sent
+                record.add_upstream(time.perf_counter() - sent)
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -457,9 +458,7 @@ class Router:
             if not isinstance(payload, dict):
                 raise _broken(backend, "answered with a body that is not JSON")
         record.record_usage(payload.get("usage"))
-        backend.answered(
-            record.upstream_s, stream=False, completion_tokens=record.completion_tokens
-        )
+        backend.answered(record.backend_s, stream=False, completion_tokens=record.completion_tokens)
         return Completion(data, content_type)
 
     async def _stream_once(
@@ -523,11 +522,11 @@ class Router:
                 stream.close()
                 raise
             finally:
-                record.upstream_s = time.perf_counter() - sent
+                record.add_upstream(time.perf_counter() - sent)
             if observer.error is not None:
                 stream.close()
                 raise _first_event_error(backend, observer.error)
-        backend.answered(record.upstream_s, stream=True, completion_tokens=None)
+        backend.answered(record.backend_s, stream=True, completion_tokens=None)
         return stream
 
 

@@ -127,6 +127,7 @@ def _attributes(record: RequestRecord) -> dict[str, Any]:
         "gen_ai.usage.output_tokens": record.completion_tokens,
         "vgate.ttft_s": record.ttft_s,
         "vgate.upstream_s": record.upstream_s,
+        "vgate.wait_s": record.waited_s or None,
         "error.type": record.error,
     }
     attributes.update((key, value) for key, value in optional.items() if value is not None)

@@ -47,9 +47,15 @@ class Admission:
         finally:
             self.release()
 
-    async def acquire(self, priority: Priority) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for it; never waits."""
         if self.in_flight < self.limit and not self.waiting:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, priority: Priority) -> None:
+        if self.try_acquire():
             return
         if self.waiting >= self.max_waiting:
             self.shed_full += 1
