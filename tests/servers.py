@@ -123,11 +123,17 @@ class Gateway(Process):
         return [orjson.loads(line) for line in lines if line.strip()]
 
     def wait_for_log(self, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """The access log once it holds at least `count` lines; fails after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             entries = self.access_log()
-            if len(entries) >= count or time.monotonic() > deadline:
+            if len(entries) >= count:
                 return entries
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name}: {len(entries)} access-log lines after {timeout_s}s, "
+                    f"expected at least {count}"
+                )
             time.sleep(0.02)
 
 

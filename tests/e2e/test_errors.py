@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -11,11 +12,17 @@ import openai
 import orjson
 import pytest
 
+from tests.e2e.conftest import new_request_id, wait_for_line
 from tests.fake_upstream import FakeUpstream
 from tests.servers import DEMO_KEY, Gateway, backend, free_port, gateway_config, start_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 FAST = {"connect_s": 1, "first_token_s": 1.5, "idle_s": 0.5, "total_s": 3}
+# One phase short, every other one and the whole request far longer than the client waits
+# (CLIENT_TIMEOUT_S): only that phase's timeout can answer in time.
+PHASE_S = 0.5
+LONG = {"connect_s": 30, "first_token_s": 30, "idle_s": 30, "total_s": 60}
+CLIENT_TIMEOUT_S = 8
 # Each request meets its failure itself: no active health checks taking backends away.
 UNCHECKED = {"enabled": False}
 MODES = [
@@ -47,6 +54,10 @@ def upstreams() -> Iterator[dict[str, FakeUpstream]]:
     )
     fakes["status401"] = FakeUpstream("status", status=401)
     fakes["text404"] = FakeUpstream("status", status=404, body=b"nothing here")
+    # A 200 whose `usage` is not an object: passed through, its tokens unknown.
+    fakes["bad_usage"] = FakeUpstream(
+        "status", status=200, body=b'{"object": "chat.completion", "choices": [], "usage": [1]}'
+    )
     yield fakes
     for fake in fakes.values():
         fake.stop()
@@ -104,6 +115,40 @@ def broken_gateway(
                 "backends": [backend(f"b-hole{suffix}", blackhole)],
             }
         )
+    # Phase timeouts told apart: each route times out in one phase only (see LONG).
+    once = {"attempts": 1}
+    models += [
+        {
+            "name": "phase-first-token",
+            "timeouts": {**LONG, "first_token_s": PHASE_S},
+            "health": UNCHECKED,
+            "retries": once,
+            "backends": [backend("b-phase-first-token", upstreams["hang"].url)],
+        },
+        {
+            "name": "phase-idle",
+            "timeouts": {**LONG, "idle_s": PHASE_S},
+            "health": UNCHECKED,
+            "resume": {"enabled": False},
+            "backends": [backend("b-phase-idle", upstreams["stream_stall"].url)],
+        },
+        *(
+            {
+                "name": f"phase-connect{suffix}",
+                "timeouts": {**LONG, "connect_s": PHASE_S},
+                "health": UNCHECKED,
+                "retries": once,
+                "backends": [backend(f"b-phase-connect{suffix}", blackhole)],
+            }
+            for suffix in ("", "-s")
+        ),
+        {
+            "name": "down-twice",
+            "timeouts": FAST,
+            "health": UNCHECKED,
+            "backends": [backend("b-down-twice", nowhere)],
+        },
+    ]
     process = start_gateway(logs, gateway_config(models, max_body_bytes=2048))
     yield process
     process.stop()
@@ -121,63 +166,158 @@ def chat(client: openai.OpenAI, model: str, **extra: object) -> object:
 
 
 def error_of(exc: openai.APIStatusError) -> dict[str, object]:
+    """The OpenAI error body, checked for its shape, and the same as what the SDK parsed."""
     body = exc.response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert exc.body == error and exc.type == error["type"]
+    assert "Traceback" not in exc.response.text
+    return error
+
+
+def raises(
+    call: Callable[[], object],
+    kind: type[openai.APIStatusError],
+    status: int,
+    code: str | None,
+    error_type: str,
+    param: str | None = None,
+) -> openai.APIStatusError:
+    """`call` raises exactly `kind` (not merely a subclass of it) for `status`, with an
+    OpenAI error body whose code, type and param are the ones given."""
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    exc = caught.value
+    assert type(exc) is kind, f"{type(exc).__name__} raised for {status}, not {kind.__name__}"
+    assert exc.status_code == status
+    error = error_of(exc)
+    assert (error["code"], error["type"], error["param"]) == (code, error_type, param)
+    return exc
+
+
+def sdk(gateway: Gateway, key: str = DEMO_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=10)
 
 
 def test_missing_and_wrong_key_are_401(broken_gateway: Gateway) -> None:
-    client = openai.OpenAI(
-        base_url=broken_gateway.url + "/v1", api_key="vg-not-a-key", max_retries=0
+    client = sdk(broken_gateway)
+    without_key = {"Authorization": openai.omit}  # the SDK sends no Authorization at all
+    exc = raises(
+        lambda: client.models.list(extra_headers=without_key),
+        openai.AuthenticationError,
+        401,
+        "missing_api_key",
+        "invalid_request_error",
     )
-    with pytest.raises(openai.AuthenticationError) as caught:
-        client.models.list()
-    assert error_of(caught.value)["code"] == "invalid_api_key"
-    with pytest.raises(openai.AuthenticationError):
-        client.chat.completions.create(model="garbage", messages=MESSAGES)
-    response = httpx.post(broken_gateway.url + "/v1/chat/completions", json={})
-    assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
-    response = httpx.get(broken_gateway.url + "/v1/models", headers={"Authorization": "Basic x"})
-    assert response.status_code == 401
+    assert "Authorization: Bearer" in exc.message
+    raises(
+        lambda: chat(client, "garbage", extra_headers=without_key),
+        openai.AuthenticationError,
+        401,
+        "missing_api_key",
+        "invalid_request_error",
+    )
+    wrong = sdk(broken_gateway, key="vg-not-a-key")
+    for call in (wrong.models.list, lambda: chat(wrong, "garbage")):
+        raises(call, openai.AuthenticationError, 401, "invalid_api_key", "invalid_request_error")
+    raises(
+        lambda: client.models.list(extra_headers={"Authorization": "Basic x"}),
+        openai.AuthenticationError,
+        401,
+        "invalid_api_key",
+        "invalid_request_error",
+    )
 
 
 def test_unknown_model_is_404_naming_the_available_ones(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError) as caught:
-        chat(client, "no-such-model")
-    error = error_of(caught.value)
-    assert error["code"] == "model_not_found" and error["param"] == "model"
-    assert "no-such-model" in error["message"] and "garbage" in error["message"]
+    exc = raises(
+        lambda: chat(client, "no-such-model"),
+        openai.NotFoundError,
+        404,
+        "model_not_found",
+        "invalid_request_error",
+        param="model",
+    )
+    assert "no-such-model" in exc.message and "garbage" in exc.message
+
+
+def test_unknown_path_is_404(client: openai.OpenAI) -> None:
+    exc = raises(
+        lambda: client.post("/nothing", cast_to=object, body={}),
+        openai.NotFoundError,
+        404,
+        "not_found",
+        "invalid_request_error",
+    )
+    assert "/v1/nothing" in exc.message
+
+
+def test_wrong_method_is_405_with_allow(client: openai.OpenAI) -> None:
+    # The SDK has no class of its own for 405: its base APIStatusError, exactly.
+    exc = raises(
+        lambda: client.get("/chat/completions", cast_to=object),
+        openai.APIStatusError,
+        405,
+        "method_not_allowed",
+        "invalid_request_error",
+    )
+    assert "POST" in exc.response.headers["allow"]
+    assert "GET" in exc.message
 
 
 def test_invalid_body_is_400_naming_the_field(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
+    exc = raises(
+        lambda: client.chat.completions.create(
             model="garbage", messages=[{"role": "robot", "content": "x"}]
-        )
-    assert error_of(caught.value)["param"] == "messages[0].role"
-    with pytest.raises(openai.BadRequestError) as caught:
-        chat(client, "garbage", max_tokens=-1)
-    assert error_of(caught.value)["param"] == "max_tokens"
-
-
-def test_invalid_json_is_400(broken_gateway: Gateway) -> None:
-    response = httpx.post(
-        broken_gateway.url + "/v1/chat/completions",
-        content=b"{nope",
-        headers={"Authorization": f"Bearer {DEMO_KEY}"},
+        ),
+        openai.BadRequestError,
+        400,
+        "invalid_value",
+        "invalid_request_error",
+        param="messages[0].role",
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_json"
+    assert "messages[0].role" in exc.message
+    exc = raises(
+        lambda: chat(client, "garbage", max_tokens=-1),
+        openai.BadRequestError,
+        400,
+        "invalid_value",
+        "invalid_request_error",
+        param="max_tokens",
+    )
+    assert "max_tokens" in exc.message
+
+
+def test_invalid_json_is_400(client: openai.OpenAI) -> None:
+    exc = raises(
+        lambda: client.post(
+            "/chat/completions",
+            cast_to=object,
+            content=b"{nope",
+            options={"headers": {"Content-Type": "application/json"}},
+        ),
+        openai.BadRequestError,
+        400,
+        "invalid_json",
+        "invalid_request_error",
+    )
+    assert "JSON" in exc.message
 
 
 def test_body_over_the_limit_is_413(client: openai.OpenAI, broken_gateway: Gateway) -> None:
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(
+    # No class of its own for 413 either.
+    raises(
+        lambda: client.chat.completions.create(
             model="garbage", messages=[{"role": "user", "content": "x" * 4096}]
-        )
-    assert caught.value.status_code == 413
-    assert error_of(caught.value)["code"] == "request_too_large"
+        ),
+        openai.APIStatusError,
+        413,
+        "request_too_large",
+        "invalid_request_error",
+    )
 
     # Chunked upload without a Content-Length: the limit holds while reading.
     def body() -> Iterator[bytes]:
@@ -192,15 +332,40 @@ def test_body_over_the_limit_is_413(client: openai.OpenAI, broken_gateway: Gatew
         headers={"Authorization": f"Bearer {DEMO_KEY}"},
     )
     assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
 
 
-def test_wrong_method_and_unknown_path(broken_gateway: Gateway) -> None:
-    response = httpx.get(broken_gateway.url + "/v1/chat/completions")
-    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
-    assert "POST" in response.headers["allow"]
-    response = httpx.post(broken_gateway.url + "/v1/nothing", json={})
-    assert (
-        response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
+def test_gateway_failures_are_internal_server_errors_by_status(client: openai.OpenAI) -> None:
+    """502, 503 and 504 each arrive as the SDK's InternalServerError with their own status."""
+    raises(
+        lambda: chat(client, "garbage"),
+        openai.InternalServerError,
+        502,
+        "bad_gateway",
+        "upstream_error",
+    )
+    # A refused connection takes the only backend out for a while: the next request finds none.
+    raises(
+        lambda: chat(client, "down-twice"),
+        openai.InternalServerError,
+        502,
+        "upstream_unreachable",
+        "upstream_error",
+    )
+    exc = raises(
+        lambda: chat(client, "down-twice"),
+        openai.InternalServerError,
+        503,
+        "no_live_backend",
+        "service_unavailable",
+    )
+    assert int(exc.response.headers["retry-after"]) >= 1
+    raises(
+        lambda: list(chat(client, "phase-first-token", stream=True)),  # type: ignore[call-overload]
+        openai.InternalServerError,
+        504,
+        "upstream_timeout",
+        "timeout",
     )
 
 
@@ -227,6 +392,72 @@ def test_upstream_failures_before_the_first_byte(
         list(result)  # type: ignore[call-overload]
     assert caught.value.status_code == status
     assert error_of(caught.value)["code"] == code
+    # The timeout that ended the request names itself. A hung non-streaming request has no
+    # first token: only total_s bounds it. A hung stream's first attempt ends at first_token_s
+    # (1.5 s); its retry's would end past the request's total_s (3 s), which cuts it first.
+    # Each phase on its own: the test_*_timeout_fires_on_its_own tests below.
+    phase = {"hang": "timeouts.total_s", "blackhole": "timeouts.connect_s"}.get(
+        model.removesuffix("-s")
+    )
+    if phase is not None:
+        assert phase in caught.value.message
+
+
+def timed(call: Callable[[], object]) -> tuple[BaseException, float]:
+    """What `call` raised, and after how long."""
+    start = time.monotonic()
+    with pytest.raises(openai.APIError) as caught:
+        call()
+    return caught.value, time.monotonic() - start
+
+
+# The client gives up after CLIENT_TIMEOUT_S, long before the routes' total_s (60 s): were the
+# phase timeout not applied, these would end in the SDK's APITimeoutError, not a 504.
+@pytest.mark.parametrize("stream", [False, True])
+def test_connect_timeout_fires_on_its_own(broken_gateway: Gateway, stream: bool) -> None:
+    client = sdk(broken_gateway).with_options(timeout=CLIENT_TIMEOUT_S)
+    model = "phase-connect-s" if stream else "phase-connect"
+    exc, took = timed(lambda: list(chat(client, model, stream=stream)))  # type: ignore[call-overload]
+    assert type(exc) is openai.InternalServerError and exc.status_code == 504, exc
+    assert error_of(exc)["code"] == "upstream_timeout"
+    assert "did not accept a connection in time (timeouts.connect_s)" in exc.message
+    assert PHASE_S <= took < CLIENT_TIMEOUT_S / 2
+
+
+def test_first_token_timeout_fires_on_its_own(broken_gateway: Gateway) -> None:
+    client = sdk(broken_gateway).with_options(timeout=CLIENT_TIMEOUT_S)
+    exc, took = timed(
+        lambda: list(chat(client, "phase-first-token", stream=True))  # type: ignore[call-overload]
+    )
+    assert type(exc) is openai.InternalServerError and exc.status_code == 504, exc
+    assert error_of(exc)["code"] == "upstream_timeout"
+    assert f"sent no first token within {PHASE_S:g}s (timeouts.first_token_s)" in exc.message
+    assert PHASE_S <= took < CLIENT_TIMEOUT_S / 2
+
+
+def test_idle_timeout_fires_on_its_own(broken_gateway: Gateway) -> None:
+    client = sdk(broken_gateway).with_options(timeout=CLIENT_TIMEOUT_S)
+    request_id = new_request_id()
+    received: list[str | None] = []
+
+    def consume() -> None:
+        for chunk in chat(
+            client,
+            "phase-idle",
+            stream=True,
+            extra_headers={"X-Request-ID": request_id},
+        ):
+            received.append(chunk.choices[0].delta.content)  # type: ignore[union-attr]
+
+    exc, took = timed(consume)
+    # After the first byte: an error event the SDK raises as APIError, not an HTTP status.
+    assert type(exc) is openai.APIError, exc
+    assert received == ["Hello"]
+    assert exc.code == "upstream_timeout"  # type: ignore[attr-defined]
+    assert "sent nothing for 0.5s (timeouts.idle_s)" in exc.message  # type: ignore[attr-defined]
+    assert PHASE_S <= took < CLIENT_TIMEOUT_S / 2
+    entry = wait_for_line(broken_gateway, request_id)
+    assert (entry["status"], entry["error"], entry["stream"]) == (200, "upstream_timeout", True)
 
 
 def test_no_live_backend_after_refused_connections_is_503(client: openai.OpenAI) -> None:
@@ -315,48 +546,76 @@ def test_events_split_into_bytes_are_reassembled(client: openai.OpenAI) -> None:
 def test_request_id_is_echoed_and_sent_upstream(
     broken_gateway: Gateway, upstreams: dict[str, FakeUpstream]
 ) -> None:
+    request_id = new_request_id()
     response = httpx.post(
         broken_gateway.url + "/v1/chat/completions",
         json={"model": "status400", "messages": MESSAGES},
-        headers={"Authorization": f"Bearer {DEMO_KEY}", "X-Request-ID": "trace-abc-123"},
+        headers={"Authorization": f"Bearer {DEMO_KEY}", "X-Request-ID": request_id},
     )
-    assert response.headers["x-request-id"] == "trace-abc-123"
-    assert upstreams["status400"].requests[-1]["headers"]["x-request-id"] == "trace-abc-123"
+    assert response.headers["x-request-id"] == request_id
+    assert upstreams["status400"].requests[-1]["headers"]["x-request-id"] == request_id
+    entry = wait_for_line(broken_gateway, request_id)
+    assert (entry["status"], entry["model"], entry["backend"]) == (400, "status400", "b-status400")
     insane = httpx.post(
         broken_gateway.url + "/v1/chat/completions",
         json={},
         headers={"X-Request-ID": "has spaces and\ttabs"},
     )
-    assert insane.headers["x-request-id"] != "has spaces and\ttabs"
-    entry = broken_gateway.wait_for_log(1)
-    assert any(e["request_id"] == "trace-abc-123" and e["status"] == 400 for e in entry)
+    replaced = insane.headers["x-request-id"]
+    assert replaced != "has spaces and\ttabs" and len(replaced) == 32
+    entry = wait_for_line(broken_gateway, replaced)
+    assert (entry["status"], entry["error"], entry["key"]) == (401, "missing_api_key", None)
 
 
 def test_access_log_never_holds_prompt_or_key(
     client: openai.OpenAI, broken_gateway: Gateway
 ) -> None:
     secret_prompt = "the-secret-prompt-text"
-    before = len(broken_gateway.access_log())
-    with pytest.raises(openai.APIStatusError):
+    request_id = new_request_id()
+    with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(
-            model="garbage", messages=[{"role": "user", "content": secret_prompt}]
+            model="garbage",
+            messages=[{"role": "user", "content": secret_prompt}],
+            extra_headers={"X-Request-ID": request_id},
         )
     # The line is written just after the response: wait for it, don't race it.
-    entry = broken_gateway.wait_for_log(before + 1)[-1]
+    entry = wait_for_line(broken_gateway, request_id)
+    assert secret_prompt not in entry["_raw"] and DEMO_KEY not in entry["_raw"]
+    assert (entry["key"], entry["model"], entry["backend"]) == ("demo", "garbage", "b-garbage")
+    assert (entry["status"], entry["error"]) == (502, "bad_gateway") and entry["attempts"] >= 1
+    assert entry["latency_ms"] >= entry["upstream_ms"] > 0
     log = broken_gateway.access_log_path.read_text()  # type: ignore[union-attr]
     assert secret_prompt not in log and DEMO_KEY not in log
-    assert entry["key"] == "demo" and entry["model"] == "garbage" and entry["status"] == 502
-    assert entry["backend"] == "b-garbage"
 
 
 def test_client_leaving_mid_upload_is_logged_as_499(broken_gateway: Gateway) -> None:
     port = int(broken_gateway.url.rsplit(":", 1)[1])
-    before = len(broken_gateway.access_log())
+    request_id = new_request_id()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {DEMO_KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+            + f"Authorization: Bearer {DEMO_KEY}\r\nX-Request-ID: {request_id}\r\n".encode()
+            + b"Content-Length: 1000\r\n\r\n"
             + b'{"model": "garbage", '
         )
-    entry = broken_gateway.wait_for_log(before + 1)[-1]
+    entry = wait_for_line(broken_gateway, request_id)
     assert entry["status"] == 499 and entry["error"] == "client_disconnected"
+    assert entry["key"] == "demo" and entry["upstream_ms"] is None
+
+
+def test_a_malformed_usage_is_passed_through_uncounted(
+    client: openai.OpenAI, broken_gateway: Gateway
+) -> None:
+    """An upstream 200 whose `usage` is a list, not an object: the client gets the answer
+    as it came, and the gateway counts no tokens rather than trip over it (this was a 500)."""
+    request_id = new_request_id()
+    response = client.chat.completions.with_raw_response.create(
+        model="bad_usage",
+        messages=MESSAGES,
+        extra_headers={"X-Request-ID": request_id},
+    )
+    assert response.status_code == 200
+    assert orjson.loads(response.content)["usage"] == [1]
+    entry = wait_for_line(broken_gateway, request_id)
+    assert (entry["status"], entry["error"]) == (200, None)
+    assert entry["prompt_tokens"] is None and entry["completion_tokens"] is None

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.e2e.conftest import new_request_id, wait_for_line
 from tests.servers import (
     DEMO_KEY,
     REPO,
@@ -61,6 +62,59 @@ def test_metrics_count_requests_tokens_and_overhead(
     # Unknown model names, keys and request ids never become label values.
     labels = {value for _, label_set in after for _, value in label_set}
     assert "nope" not in labels and "demo" not in labels
+
+
+def test_latency_histograms_count_every_request_and_hold_no_id_or_key(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
+    before = samples(gateway)
+    request_ids = [new_request_id() for _ in range(4)]
+    plain, streamed = request_ids[:2], request_ids[2:]
+    for request_id in plain:
+        client.chat.completions.create(
+            model="tiny-llama",
+            messages=MESSAGES,
+            max_tokens=2,
+            extra_headers={"X-Request-ID": request_id},
+        )
+    for request_id in streamed:
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-llama",
+                messages=MESSAGES,
+                max_tokens=2,
+                stream=True,
+                extra_headers={"X-Request-ID": request_id},
+            )
+        )
+        assert chunks
+    # Metrics are observed as a request ends, the access-log line just after: once every
+    # line is there, every observation is too.
+    for request_id in request_ids:
+        wait_for_line(gateway, request_id)
+    after = samples(gateway)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    chat = {"endpoint": "chat", "model": "tiny-llama"}
+    assert delta("vgate_request_duration_seconds_count", **chat) == 4
+    assert delta("vgate_request_duration_seconds_bucket", **chat, le="+Inf") == 4
+    assert delta("vgate_request_duration_seconds_sum", **chat) > 0
+    # Only streams have a first token to time.
+    assert delta("vgate_time_to_first_token_seconds_count", model="tiny-llama") == 2
+    assert delta("vgate_time_to_first_token_seconds_bucket", model="tiny-llama", le="+Inf") == 2
+    assert delta("vgate_time_to_first_token_seconds_sum", model="tiny-llama") > 0
+    assert delta("vgate_gateway_overhead_seconds_count", endpoint="chat") == 4
+    assert (
+        sum(delta("vgate_upstream_duration_seconds_count", backend=name) for name in ("w1", "w2"))
+        == 4
+    )
+    # No request id, key secret or key name anywhere in the exposition.
+    text = httpx.get(gateway.url + "/metrics").text
+    for secret in (*request_ids, DEMO_KEY, "key-demo"):
+        assert secret not in text
 
 
 def test_health_and_ready(gateway: Gateway) -> None:
