@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -37,12 +38,48 @@ _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _SCOPE = InstrumentationScope("vgate")
 
 
+# While a collector is down the OTLP exporter logs every failed batch, several a second
+# under load; its operators need to hear it once a minute, with a count, not each time.
+EXPORT_LOG_INTERVAL_S = 60.0
+
+
+class OncePerInterval(logging.Filter):
+    """Passes one record per `interval_s` and counts the rest into the next one it passes."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval_s
+        if self.suppressed:
+            record.msg = (
+                f"{record.getMessage()} (and {self.suppressed} more like it in the "
+                f"last {self.interval_s:g}s, not logged)"
+            )
+            record.args = None
+            self.suppressed = 0
+        return True
+
+
 class Tracer:
-    __slots__ = ("_processor", "_random", "_ratio", "_resource")
+    __slots__ = ("_log_filter", "_processor", "_random", "_ratio", "_resource")
 
     def __init__(self, config: TracingConfig, exporter: SpanExporter | None = None) -> None:
+        self._log_filter: tuple[logging.Logger, OncePerInterval] | None = None
         if exporter is None:
             exporter = OTLPSpanExporter(endpoint=config.endpoint, timeout=config.export_timeout_s)
+            exporter_logger = logging.getLogger(OTLPSpanExporter.__module__)
+            log_filter = OncePerInterval(EXPORT_LOG_INTERVAL_S)
+            exporter_logger.addFilter(log_filter)
+            self._log_filter = (exporter_logger, log_filter)
         self._processor = BatchSpanProcessor(
             exporter,
             max_queue_size=config.max_queue_size,
@@ -107,6 +144,9 @@ class Tracer:
     def shutdown(self) -> None:
         """Flush what is queued (bounded by the export timeout) and stop the worker."""
         self._processor.shutdown()  # type: ignore[no-untyped-call]
+        if self._log_filter is not None:
+            exporter_logger, log_filter = self._log_filter
+            exporter_logger.removeFilter(log_filter)
 
 
 def _attributes(record: RequestRecord) -> dict[str, Any]:

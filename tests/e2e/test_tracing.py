@@ -163,9 +163,20 @@ def test_an_absent_collector_never_holds_up_requests(
     nowhere = OTLPReceiver()
     nowhere.stop()  # its port is now closed: every export fails
     gateway = start(logs, nowhere, upstreams, export_timeout_s=0.2)
+    exporter_lines = []
     try:
         statuses = {chat(gateway).status_code for _ in range(20)}
         assert statuses == {200}
         assert gateway.popen.poll() is None
+        # The first failed export is logged...
+        poll_until(lambda: EXPORTER_LOGGER in gateway.log(), timeout_s=30)
+        statuses = {chat(gateway).status_code for _ in range(10)}
+        assert statuses == {200}
     finally:
-        gateway.stop()
+        gateway.stop()  # ...and the spans queued since fail again at the shutdown's flush
+        exporter_lines = [line for line in gateway.log().splitlines() if EXPORTER_LOGGER in line]
+    # ...but said once a minute, not once per batch.
+    assert len(exporter_lines) == 1, exporter_lines
+
+
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter:"

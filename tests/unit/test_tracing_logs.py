@@ -1,0 +1,45 @@
+"""A collector that is down is logged once a minute with a count, not once per failed batch."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+from gateway.config import TracingConfig
+from gateway.tracing import EXPORT_LOG_INTERVAL_S, OncePerInterval, Tracer
+
+
+def record(message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("otlp", logging.WARNING, __file__, 1, message, args, None)
+
+
+def test_one_record_per_interval_and_the_rest_counted_into_the_next() -> None:
+    now = [100.0]
+    limiter = OncePerInterval(60.0, clock=lambda: now[0])
+    assert limiter.filter(record("export failed: %s", "refused"))
+    for second in range(1, 60):
+        now[0] = 100.0 + second
+        assert not limiter.filter(record("export failed: %s", "refused"))
+    now[0] = 160.0
+    passed = record("export failed: %s", "timed out")
+    assert limiter.filter(passed)
+    assert passed.getMessage() == (
+        "export failed: timed out (and 59 more like it in the last 60s, not logged)"
+    )
+    now[0] = 161.0
+    assert not limiter.filter(record("export failed"))
+    now[0] = 220.0
+    quiet = record("export failed")
+    assert limiter.filter(quiet)
+    assert quiet.getMessage() == "export failed (and 1 more like it in the last 60s, not logged)"
+
+
+def test_the_tracer_limits_the_otlp_exporters_log_while_it_runs_only() -> None:
+    exporter_logger = logging.getLogger(OTLPSpanExporter.__module__)
+    before = list(exporter_logger.filters)
+    tracer = Tracer(TracingConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    (added,) = [f for f in exporter_logger.filters if f not in before]
+    assert isinstance(added, OncePerInterval) and added.interval_s == EXPORT_LOG_INTERVAL_S
+    tracer.shutdown()
+    assert exporter_logger.filters == before
