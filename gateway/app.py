@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 from redis.asyncio import Redis
@@ -25,7 +25,7 @@ from starlette.routing import Route as HTTPRoute
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_key_hash, admin_routes
 from gateway.asgi import ASGIApp, Receive, Scope, Send
-from gateway.auth import KeyRing
+from gateway.auth import Caller, KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.keyfile import KeyFileWatcher
@@ -286,12 +286,15 @@ def create_app(gateway: Gateway) -> ASGIApp:
     router = gateway.router
     config = gateway.config
 
+    def model_object(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
+
     def models_list(allowed: frozenset[str] | None) -> bytes:
         return orjson.dumps(
             {
                 "object": "list",
                 "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
+                    model_object(name)
                     for route in router.routes
                     if allowed is None or route.name in allowed
                     for name in (route.name, *route.config.aliases)
@@ -301,15 +304,29 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     models_body = models_list(None)
 
-    async def list_models(request: Request) -> Response:
-        request.scope["vgate.record"].endpoint = "models"
+    def models_caller(request: Request) -> Caller:
+        record = request.scope["vgate.record"]
+        record.endpoint = "models"
         caller = gateway.keys.authenticate(
             request.headers.get("authorization", "").encode() or None
         )
-        request.scope["vgate.record"].caller = caller.name
+        record.caller = caller.name
+        return caller
+
+    async def list_models(request: Request) -> Response:
+        caller = models_caller(request)
         # A key limited to some models sees only those.
         body = models_body if caller.models is None else models_list(caller.models)
         return Response(body, media_type="application/json")
+
+    async def retrieve_model(request: Request) -> Response:
+        """`client.models.retrieve(name)`: one name or alias, as the list shows it."""
+        caller = models_caller(request)
+        name = request.path_params["model"]
+        route = router.route_for(name)
+        if caller.models is not None and route.name not in caller.models:
+            raise caller.model_not_allowed(name)
+        return Response(orjson.dumps(model_object(name)), media_type="application/json")
 
     async def health(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -339,6 +356,8 @@ def create_app(gateway: Gateway) -> ASGIApp:
     routes = [
         *(HTTPRoute(path, proxy, methods=["POST"]) for path, proxy in proxies.items()),
         HTTPRoute("/v1/models", list_models, methods=["GET"]),
+        # Served models' names may hold slashes ("org/model"), hence :path.
+        HTTPRoute("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         HTTPRoute("/health", health, methods=["GET"]),
         HTTPRoute("/ready", ready, methods=["GET"]),
         HTTPRoute("/metrics", metrics, methods=["GET"]),

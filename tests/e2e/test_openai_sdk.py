@@ -204,6 +204,20 @@ def test_models_lists_names_and_aliases(client: openai.OpenAI) -> None:
     ]
 
 
+def test_models_retrieve_by_name_or_alias(client: openai.OpenAI, gateway: Gateway) -> None:
+    for name in ("tiny-llama", "default", "tiny-embed"):
+        model = client.models.retrieve(name)
+        assert (model.id, model.object, model.owned_by) == (name, "model", "vgate")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("gpt-nope")
+    error = unknown.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found"
+    assert "tiny-llama" in error["message"]  # names the available ones
+    anonymous = openai.OpenAI(base_url=gateway.url + "/v1", api_key="vg-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.retrieve("tiny-llama")
+
+
 def test_stream_chunks_arrive_before_the_stream_ends(logs, gateway_for) -> None:
 
     slow = start_sim(logs, tokens_per_s=20, max_num_seqs=4)
