@@ -109,10 +109,30 @@ def _server_settings(args: argparse.Namespace, config: GatewayConfig) -> ServerC
     return server
 
 
-def _uvicorn_options(server: ServerConfig) -> dict[str, Any]:
-    """uvicorn's settings, the same for `serve` and `up` (host and port aside)."""
+def _uvicorn_options(config: GatewayConfig, server: ServerConfig) -> dict[str, Any]:
+    """uvicorn's settings, the same for `serve` and `up` (host and port aside).
+
+    The HTTP protocol is uvicorn's httptools one with the connection bounds of `server:`
+    (gateway.connections); the process's open-files limit is raised to fit them.
+    """
+    from gateway.connections import ConnectionGuard, ConnectionLimits, raise_descriptor_limit
+
+    limits = ConnectionLimits(
+        max_connections=server.max_connections,
+        max_header_bytes=server.max_header_bytes,
+        max_headers=server.max_headers,
+        head_timeout_s=server.head_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        send_timeout_s=server.send_timeout_s,
+    )
+    upstream = sum(backend.max_connections for m in config.models for backend in m.backends)
+    warning = raise_descriptor_limit(limits, upstream)
+    if warning is not None:
+        logging.getLogger("vgate").warning("%s", warning)
     return {
-        "http": "httptools",
+        "http": ConnectionGuard(limits).protocol_factory,
+        "ws": "none",
+        "timeout_keep_alive": server.keep_alive_s,
         "lifespan": "on",
         "access_log": False,
         "proxy_headers": False,
@@ -128,7 +148,7 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     server = _server_settings(args, config)
-    return up(config, server, _uvicorn_options(server))
+    return up(config, server, _uvicorn_options(config, server))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -148,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        **_uvicorn_options(server),
+        **_uvicorn_options(config, server),
     )
     return 0
 

@@ -56,6 +56,14 @@ class ServerConfig(_Frozen):
     max_in_flight: int = Field(1024, ge=1)  # requests worked on at once by this process
     queue_max_waiting: int = Field(256, ge=0)  # beyond max_in_flight, at most this many wait...
     queue_timeout_s: float = Field(1.0, gt=0)  # ...each at most this long, then 503
+    # What one client connection may take before any key is checked (gateway.connections).
+    max_connections: int = Field(1024, ge=1)  # open at once; beyond it: 503 and close
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)  # request line + headers
+    max_headers: int = Field(100, ge=8, le=10_000)  # header fields; beyond either cap: 431
+    head_timeout_s: float = Field(10.0, gt=0)  # a request's head must arrive within this: 408
+    body_timeout_s: float = Field(30.0, gt=0)  # the body may pause at most this long: 408
+    send_timeout_s: float = Field(60.0, gt=0)  # a client reading nothing this long is dropped
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
 
 
 class Timeouts(_Frozen):
