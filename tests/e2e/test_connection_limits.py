@@ -44,9 +44,7 @@ def sim(logs: Path) -> Iterator[Process]:
 
 
 def _config(sim: Process, **server: Any) -> dict[str, Any]:
-    return gateway_config(
-        [{"name": "tiny-llama", "backends": [backend("w1", sim.url)]}], **server
-    )
+    return gateway_config([{"name": "tiny-llama", "backends": [backend("w1", sim.url)]}], **server)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +155,7 @@ def test_a_body_shorter_than_its_content_length_is_408(gateway: Gateway) -> None
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + DEMO_KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\""
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
         )
         assert_error(read_answer(sock), 408, "request_timeout")
 
