@@ -122,7 +122,7 @@ class Gateway(Process):
         lines = self.access_log_path.read_bytes().splitlines()
         return [orjson.loads(line) for line in lines if line.strip()]
 
-    def wait_for_log(self, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    def wait_for_log(self, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """The access log once it holds at least `count` lines; fails after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -195,8 +195,9 @@ def start_redis(log_dir: Path, *, port: int | None = None, timeout_s: float = 10
         time.sleep(0.01)
 
 
-def poll_until(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.02) -> Any:
-    """Call `predicate` until it returns something truthy; fail after `timeout_s`."""
+def poll_until(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.02) -> Any:
+    """Call `predicate` until it returns something truthy; fail after `timeout_s` (generous:
+    a slow, loaded CI machine must not fail a condition that does come true)."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = predicate()

@@ -131,7 +131,8 @@ async def test_run_load_measures_ttft_over_keep_alive_streams() -> None:
     assert summary["errors"] == {}
     assert summary["requests"] >= 4
     assert summary["requests_total"] >= summary["requests"]
-    assert 18 <= summary["ttft_p50_ms"] < 200  # the first content event, not the role chunk
+    # The first content event (20 ms in), not the role chunk; the margin: a slow machine.
+    assert 18 <= summary["ttft_p50_ms"] < 1000
     assert summary["server_timing_gateway_p50_ms"] == 0.25
 
 

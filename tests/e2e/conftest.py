@@ -71,7 +71,7 @@ def access_lines(gateway: Gateway) -> list[tuple[bytes, dict[str, Any]]]:
     return [(line, orjson.loads(line)) for line in raw if line.strip()]
 
 
-def wait_for_line(gateway: Gateway, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def wait_for_line(gateway: Gateway, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
     """The access-log line of the request sent with `X-Request-ID: request_id`.
 
     Fails the test when it has not been written within `timeout_s`, or was written twice.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -354,6 +355,7 @@ def test_admin_shows_the_limit_stores_usage(own_gateway: tuple[Gateway, Path]) -
     entry = {"id": "key-counted", "name": "counted", "sha256": hash_key(counted)}
     write_keys(keys_file, [*keys_entries(), {**entry, "limits": limits}])
     assert admin(gateway, "POST", "/admin/keys/reload").status_code == 200
+    started = time.monotonic()
     detail = admin(gateway, "GET", "/admin/keys/key-counted")
     assert detail.json()["limits_usage"] == {
         "source": "local",
@@ -364,7 +366,7 @@ def test_admin_shows_the_limit_stores_usage(own_gateway: tuple[Gateway, Path]) -
         "in_flight": 0,
     }
     tokens = 0
-    for _ in range(3):  # within 6 s: rpm 10 gives back one request per 6 s
+    for _ in range(3):  # rpm 10 gives back one request per 6 s: allowed for below
         response = chat(gateway, counted, max_tokens=4)
         assert response.status_code == 200
         tokens += response.json()["usage"]["total_tokens"]
@@ -374,9 +376,10 @@ def test_admin_shows_the_limit_stores_usage(own_gateway: tuple[Gateway, Path]) -
         return body if body["limits_usage"]["tokens_today"] == tokens else None
 
     body = poll_until(settled)
+    given_back = int((time.monotonic() - started) // 6)  # 0 unless the machine is slow
     assert_nothing_secret(str(body))
     usage = body["limits_usage"]
-    assert usage["requests_remaining"] == 7
+    assert 7 <= usage["requests_remaining"] <= 7 + given_back
     assert usage["tokens_per_day_remaining"] == BIG - tokens
     assert usage["in_flight"] == 0
     assert body["process_usage"]["requests_today"] == 3
@@ -429,7 +432,7 @@ def test_a_created_key_works_without_a_restart(own_gateway: tuple[Gateway, Path]
         except openai.AuthenticationError:
             return False
 
-    poll_until(works, timeout_s=5)
+    poll_until(works)
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="tiny-llama", messages=MESSAGES)  # type: ignore[arg-type]
     assert chat(gateway, FULL).status_code == 200  # the others still work
@@ -464,8 +467,14 @@ def test_an_invalid_keys_file_keeps_the_old_keys(own_gateway: tuple[Gateway, Pat
     entries = [*keys_entries(), {"id": "key-new", "name": "new", "sha256": hash_key(newcomer)}]
     entries[0] = {**entries[0], "sha256": "not-a-hash"}  # one bad entry spoils the file
     write_keys(keys_file, entries)
-    poll_until(lambda: "invalid; the 3 keys loaded before stay in force" in gateway.log())
-    assert "keys[0].sha256" in gateway.log()
+    # Both in the log once the watch has read the whole new file (it may first catch the
+    # file half-written, invalid in another way).
+    poll_until(
+        lambda: (
+            "invalid; the 3 keys loaded before stay in force" in (log := gateway.log())
+            and "keys[0].sha256" in log
+        )
+    )
     assert chat(gateway, FULL).status_code == 200  # old keys in force...
     assert chat(gateway, newcomer).status_code == 401  # ...and none of the new file's
     # Reloading by hand says why, and changes nothing either.

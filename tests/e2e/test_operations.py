@@ -41,9 +41,21 @@ def test_metrics_count_requests_tokens_and_overhead(
     gateway: Gateway, client: openai.OpenAI
 ) -> None:
     before = samples(gateway)
-    completion = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=3)
+    request_ids = [new_request_id() for _ in range(2)]
+    completion = client.chat.completions.create(
+        model="default",
+        messages=MESSAGES,
+        max_tokens=3,
+        extra_headers={"X-Request-ID": request_ids[0]},
+    )
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=MESSAGES)
+        client.chat.completions.create(
+            model="nope", messages=MESSAGES, extra_headers={"X-Request-ID": request_ids[1]}
+        )
+    # A request is counted as it ends, just after its response went out, and its access-log
+    # line is written just after that: once both lines are there, so is every observation.
+    for request_id in request_ids:
+        wait_for_line(gateway, request_id)
     after = samples(gateway)
 
     def delta(name: str, **labels: str) -> float:
@@ -253,16 +265,17 @@ def test_openai_provider_sends_the_configured_key(logs: Path) -> None:
 def test_stream_cut_off_at_the_total_deadline(logs: Path, gateway_for) -> None:
     slow = start_sim(logs, tokens_per_s=20)
     try:
+        # 20 tokens a second for 3 s: about 60 of the 200 asked for, then the deadline.
         gateway = gateway_for(
-            slow.url, timeouts={"connect_s": 1, "first_token_s": 1, "idle_s": 1, "total_s": 1.5}
+            slow.url, timeouts={"connect_s": 1, "first_token_s": 2, "idle_s": 2, "total_s": 3}
         )
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=DEMO_KEY, max_retries=0)
         received = 0
         with pytest.raises(openai.APIError, match=r"timeouts\.total_s"):
             for _ in client.chat.completions.create(
-                model="tiny-llama", messages=MESSAGES, max_tokens=100, stream=True
+                model="tiny-llama", messages=MESSAGES, max_tokens=200, stream=True
             ):
                 received += 1
-        assert 10 <= received < 100
+        assert 10 <= received < 200
     finally:
         slow.stop()

@@ -60,12 +60,13 @@ def test_a_breaker_opened_through_one_gateway_is_open_in_another(
         "name": "tiny-llama",
         "timeouts": FAST,
         "retries": {"attempts": 1},
-        "breaker": {"consecutive_failures": 2, "open_s": 2},
+        # Open for 5 s: long enough for the checks of the open state below, on a slow machine.
+        "breaker": {"consecutive_failures": 2, "open_s": 5},
         "backends": [backend("w1", sim.url)],
     }
     config = {
         **gateway_config([route]),
-        "redis": {"url": redis.url, "key_prefix": "e2e-shared", "socket_timeout_s": 0.5},
+        "redis": {"url": redis.url, "key_prefix": "e2e-shared", "socket_timeout_s": 2.0},
     }
     first = start_gateway(logs, config)
     second = start_gateway(logs, config)
@@ -93,7 +94,7 @@ def test_a_breaker_opened_through_one_gateway_is_open_in_another(
         # The backend recovers; after the shared cool-down the second gateway's probe
         # closes the breaker, and the first gateway takes that on too.
         httpx.delete(sim.url + "/sim/faults").raise_for_status()
-        poll_until(lambda: chat(second).status_code == 200, timeout_s=10, interval_s=0.1)
+        poll_until(lambda: chat(second).status_code == 200, interval_s=0.1)
         poll_until(lambda: metric(first, "vgate_breaker_open", backend="w1") == 0)
         assert metric(first, "vgate_breaker_shared_updates_total", backend="w1", state="closed")
         assert chat(first).status_code == 200

@@ -188,7 +188,7 @@ def raw_stream(
 
 
 def entry_for(gateway: Gateway, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         entries = [e for e in gateway.access_log() if e["request_id"] == request_id]
         if entries or time.monotonic() > deadline:
@@ -376,8 +376,9 @@ def test_the_deadline_bounds_retries_and_fallbacks_together(
     )
     elapsed = time.monotonic() - started
     # Two slow failures on the route (0.5 s each), then the fallback, cut off at the
-    # deadline; without it the fallback alone could take 20 s a try.
-    assert DEADLINE_S - 0.1 <= elapsed < DEADLINE_S + 2.0
+    # deadline; without it the fallback alone could take 20 s a try (the upper bound is
+    # far from that, and leaves a loaded machine time to spare).
+    assert DEADLINE_S - 0.1 <= elapsed < DEADLINE_S + 8.0
     assert response.status_code == 504
     error = response.json()["error"]
     assert error["code"] == "upstream_timeout"

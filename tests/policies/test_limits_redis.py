@@ -27,7 +27,7 @@ from policies.redis_state import RedisHealth, create_client
 from tests.policies.test_limits import T0, Clock, headers
 from tests.servers import RedisServer, start_redis
 
-TIMEOUT_S = 0.25
+TIMEOUT_S = 1.0  # a Redis call this slow is an outage; a loaded machine's slow one is not
 _prefixes = count()
 
 
@@ -350,7 +350,7 @@ def failover(
         mode="closed" if mode == "closed" else "open",
         health=RedisHealth("limits", recorder),
         probe_interval_s=0.05,
-        settle_deadline_s=3.0,
+        settle_deadline_s=10.0,
         **options,
     )
 
@@ -358,7 +358,7 @@ def failover(
 async def timed(store: FailoverLimits, limits: KeyLimits, key: str = "k") -> Verdict:
     started = time.monotonic()
     verdict = await store.admit(key, limits, 0)
-    assert time.monotonic() - started < TIMEOUT_S + 0.2, "an admit waited on Redis"
+    assert time.monotonic() - started < TIMEOUT_S + 0.5, "an admit waited on Redis"
     return verdict
 
 

@@ -66,9 +66,12 @@ def test_parse_is_bounded_on_huge_bodies() -> None:
     many = b"".join(b'vllm:num_requests_running{n="%d"} 1\n' % n for n in range(10 * MAX_SERIES))
     assert parse_load(many) == (MAX_SERIES, 0)  # the first MAX_SERIES series, no more
     padded = b"# padding\n" * 200_000 + VLLM_BODY  # 2 MB of lines that do not matter
-    started = time.perf_counter()
-    assert parse_load(padded) == (5, 7)
-    assert time.perf_counter() - started < 0.05
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert parse_load(padded) == (5, 7)
+        timings.append(time.perf_counter() - started)
+    assert min(timings) < 0.05  # the best of five: a run preempted on a busy machine is no fault
 
 
 def test_extra_load_is_what_others_sent_while_fresh() -> None:
@@ -161,7 +164,7 @@ async def test_scrapes_are_time_bounded_and_concurrency_bounded() -> None:
     await scraper.scrape_due(started)
     elapsed = loop.time() - started
     assert most == 3
-    assert elapsed < 1.0  # 4 waves of 0.05 s, not 10 s
+    assert elapsed < 5.0  # 4 waves of 0.05 s, not 10 s (the margin: a slow machine)
     assert all(t.failing and t.upstream.report is None for t in targets)
 
 
@@ -221,7 +224,7 @@ async def test_adapter_metrics_is_none_where_there_are_none() -> None:
 
 async def test_scraping_a_real_sim_sees_its_queue(logs: Path) -> None:
     """`vgate sim` with one slot: of three slow requests, one runs and two wait."""
-    sim = start_sim(logs, ttft_ms=5000, max_num_seqs=1)
+    sim = start_sim(logs, ttft_ms=60_000, max_num_seqs=1)  # they never finish by themselves
     adapter = adapter_for(sim.url)
     await adapter.start()
     scraped = ScrapeTarget("sim", adapter.metrics, UpstreamLoad(), lambda: 1)
@@ -238,7 +241,7 @@ async def test_scraping_a_real_sim_sees_its_queue(logs: Path) -> None:
             now = 0.0
             while scraped.upstream.report is None or scraped.upstream.report.waiting < 2:
                 now += 1.0
-                assert now < 100, scraped.upstream.report
+                assert now < 500, scraped.upstream.report
                 await asyncio.sleep(0.02)
                 await scraper.scrape_due(now)
             assert scraped.upstream.report == LoadReport(1, 2, now)
@@ -248,7 +251,7 @@ async def test_scraping_a_real_sim_sees_its_queue(logs: Path) -> None:
             await asyncio.gather(*requests, return_exceptions=True)
         while scraped.upstream.report is None or scraped.upstream.report != LoadReport(0, 0, now):
             now += 1.0
-            assert now < 200, scraped.upstream.report
+            assert now < 1000, scraped.upstream.report
             await asyncio.sleep(0.02)
             await scraper.scrape_due(now)
         assert scraped.upstream.extra == 0

@@ -263,7 +263,8 @@ def tiny(name: str, tmp_path: Path, **fields: Any) -> WorkerConfig:
 
 async def test_restarts_with_backoff_then_gives_up(tmp_path: Path) -> None:
     restart = {"initial_s": 0.2, "max_s": 0.4, "max_restarts_per_window": 2, "window_s": 60}
-    config = tiny("w1", tmp_path, env={"LIVE_S": "0.3"}, restart=restart)
+    # Each run lives 1 s: time to be seen ready (probed every 0.05 s), even on a slow machine.
+    config = tiny("w1", tmp_path, env={"LIVE_S": "1.0"}, restart=restart)
     events: list[tuple[bool, float]] = []
     supervisor = Supervisor(
         [config],
