@@ -27,6 +27,7 @@ from gateway.admin import admin_key_hash, admin_routes
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.auth import Caller, KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
+from gateway.connections import ConnectionGuard, ConnectionLimits, connection_limits
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.keyfile import KeyFileWatcher
 from gateway.metrics import GatewayMetrics
@@ -70,6 +71,10 @@ class Gateway:
     admin_key_sha256: str | None = None  # None: no admin API
     key_watcher: KeyFileWatcher | None = None  # reloads the keys file when it changes
     limits: LimitStore = field(default_factory=LocalLimits)  # per key: rpm, tpm, day, in flight
+    # What one client connection may take; uvicorn's protocol for this gateway's server.
+    connections: ConnectionGuard = field(
+        default_factory=lambda: ConnectionGuard(ConnectionLimits())
+    )
 
     @classmethod
     def from_config(cls, config: GatewayConfig, *, log_stream: BinaryIO | None = None) -> Gateway:
@@ -99,6 +104,8 @@ class Gateway:
         )
         router = Router(routes, admission)
         metrics.watch_admission(admission)
+        connections = ConnectionGuard(connection_limits(server))
+        metrics.watch_connections(connections)
         metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
         router.on_retry = lambda route, failure, delay: metrics.retries.labels(route.name).inc()
         router.on_fallback = lambda old, new: metrics.fallbacks.labels(old.name, new.name).inc()
@@ -157,6 +164,7 @@ class Gateway:
             guardrails=guardrails,
             usage=usage,
             admin_key_sha256=admin_key,
+            connections=connections,
             key_watcher=KeyFileWatcher(keys, config.keys.reload_interval_s),
         )
 

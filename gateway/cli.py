@@ -110,27 +110,16 @@ def _server_settings(args: argparse.Namespace, config: GatewayConfig) -> ServerC
 
 
 def _uvicorn_options(config: GatewayConfig, server: ServerConfig) -> dict[str, Any]:
-    """uvicorn's settings, the same for `serve` and `up` (host and port aside).
+    """uvicorn's settings, the same for `serve` and `up` (host, port and protocol aside: the
+    protocol is the gateway's, `Gateway.connections`). The open-files limit is raised to fit
+    `server.max_connections` and the upstream pools."""
+    from gateway.connections import connection_limits, raise_descriptor_limit
 
-    The HTTP protocol is uvicorn's httptools one with the connection bounds of `server:`
-    (gateway.connections); the process's open-files limit is raised to fit them.
-    """
-    from gateway.connections import ConnectionGuard, ConnectionLimits, raise_descriptor_limit
-
-    limits = ConnectionLimits(
-        max_connections=server.max_connections,
-        max_header_bytes=server.max_header_bytes,
-        max_headers=server.max_headers,
-        head_timeout_s=server.head_timeout_s,
-        body_timeout_s=server.body_timeout_s,
-        send_timeout_s=server.send_timeout_s,
-    )
     upstream = sum(backend.max_connections for m in config.models for backend in m.backends)
-    warning = raise_descriptor_limit(limits, upstream)
+    warning = raise_descriptor_limit(connection_limits(server), upstream)
     if warning is not None:
         logging.getLogger("vgate").warning("%s", warning)
     return {
-        "http": ConnectionGuard(limits).protocol_factory,
         "ws": "none",
         "timeout_keep_alive": server.keep_alive_s,
         "lifespan": "on",
@@ -168,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=server.host,
         port=server.port,
         loop="uvloop",
+        http=gateway.connections.protocol_class(),
         **_uvicorn_options(config, server),
     )
     return 0

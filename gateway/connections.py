@@ -28,17 +28,27 @@ import logging
 import math
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.config import ServerConfig
 
 log = logging.getLogger("vgate.connections")
 
 _HEAD_END = b"\r\n\r\n"
 _SWEEP_INTERVAL_S = 1.0
 _READING_HEAD, _READING_BODY, _IDLE = 0, 1, 2
+REJECT_REASONS = (
+    "max_connections",
+    "max_header_bytes",
+    "max_headers",
+    "head_timeout",
+    "body_timeout",
+    "send_timeout",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +61,17 @@ class ConnectionLimits:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     send_timeout_s: float = 60.0
+
+
+def connection_limits(server: ServerConfig) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_connections=server.max_connections,
+        max_header_bytes=server.max_header_bytes,
+        max_headers=server.max_headers,
+        head_timeout_s=server.head_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        send_timeout_s=server.send_timeout_s,
+    )
 
 
 def _error_response(status: int, reason: bytes, code: str, message: str) -> bytes:
@@ -80,7 +101,7 @@ class _Rejected(Exception):
 class ConnectionGuard:
     """The bounds, their prepared answers, and the sweep that enforces the deadlines.
 
-    One per server; handed to every connection's protocol by `protocol_factory`. The sweep
+    One per server; handed to every connection's protocol through `protocol_class`. The sweep
     is a callback rescheduled once a second while any connection is open: no task to start
     or stop, and nothing runs when the server is idle.
     """
@@ -89,7 +110,8 @@ class ConnectionGuard:
         self.limits = limits
         self._open: set[GuardedHttpToolsProtocol] = set()
         self._sweep: asyncio.TimerHandle | None = None
-        self.refused = 0  # connections turned away at max_connections (for tests, metrics)
+        # Connections closed by a bound, by reason; read by /metrics at scrape time.
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.too_large = _error_response(
             431,
             b"Request Header Fields Too Large",
@@ -116,9 +138,13 @@ class ConnectionGuard:
             f"The gateway has {limits.max_connections} connections open, its limit. Retry shortly.",
         )
 
-    def protocol_factory(self, **uvicorn_kwargs: Any) -> GuardedHttpToolsProtocol:
-        """What uvicorn's `http=` setting takes: called with uvicorn's own arguments."""
-        return GuardedHttpToolsProtocol(guard=self, **uvicorn_kwargs)
+    def protocol_class(self) -> type[GuardedHttpToolsProtocol]:
+        """What uvicorn's `http=` setting takes: the guarded protocol bound to this guard."""
+        return type(GuardedHttpToolsProtocol.__name__, (GuardedHttpToolsProtocol,), {"guard": self})
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     def opened(self, protocol: GuardedHttpToolsProtocol, loop: asyncio.AbstractEventLoop) -> None:
         self._open.add(protocol)
@@ -140,10 +166,11 @@ class ConnectionGuard:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with `ConnectionGuard`'s bounds (see the module doc)."""
 
-    def __init__(self, *, guard: ConnectionGuard, **uvicorn_kwargs: Any) -> None:
+    guard: ClassVar[ConnectionGuard]  # set by ConnectionGuard.protocol_class
+
+    def __init__(self, **uvicorn_kwargs: Any) -> None:
         super().__init__(**uvicorn_kwargs)
-        self.guard = guard
-        self.limits = guard.limits
+        self.limits = self.guard.limits
         self.deadline = math.inf  # the earlier of the read and the send deadline
         self._read_deadline = math.inf
         self._send_deadline = math.inf
@@ -159,7 +186,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
             self._refused = True
-            self.guard.refused += 1
+            self.guard.rejected["max_connections"] += 1
             transport.write(self.guard.busy)
             transport.close()
             return
@@ -177,7 +204,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self._rejected or self.parser is None:
             return
         if self._reading == _READING_HEAD and self._count_head(data):
-            self._reject(self.guard.too_large)
+            self._reject(self.guard.too_large, "max_header_bytes")
             return
         self._unset_keepalive_if_required()
         try:
@@ -219,7 +246,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         if self._head_fields > self.limits.max_headers:
-            self._reject(self.guard.too_large)
+            self._reject(self.guard.too_large, "max_headers")
             raise _Rejected  # stops httptools; data_received knows it was answered
         self._reading = _READING_BODY
         self._tail = b""
@@ -263,17 +290,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             self._disconnect()
         elif self._reading == _READING_HEAD:
-            self._reject(self.guard.head_timeout)
+            self._reject(self.guard.head_timeout, "head_timeout")
         else:
-            self._reject(self.guard.body_timeout)
+            self._reject(self.guard.body_timeout, "body_timeout")
 
-    def _reject(self, answer: bytes) -> None:
+    def _reject(self, answer: bytes, reason: str) -> None:
         """Answer `answer` if the request it is about has no answer yet, and close.
 
         A request whose answer has started (say a 401 sent before the body was read) gets no
         second one: the connection just closes.
         """
         cycle = self.cycle
+        self.guard.rejected[reason] += 1
         reading_head = self._reading == _READING_HEAD
         if cycle is None or (
             cycle.response_complete if reading_head else not cycle.response_started

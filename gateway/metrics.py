@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from gateway.connections import ConnectionGuard
 from gateway.record import RequestRecord
 from policies.admission import Admission
 
@@ -203,6 +204,10 @@ class GatewayMetrics:
         """Admission's own counters, read at scrape time: nothing on the hot path."""
         self.registry.register(_AdmissionCollector(admission))
 
+    def watch_connections(self, guard: ConnectionGuard) -> None:
+        """Client connections open and closed by a bound (gateway.connections), at scrape time."""
+        self.registry.register(_ConnectionCollector(guard))
+
     def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:
         """Each backend's concurrency limit in force, read at scrape time (per backend name)."""
         known = [(name, limit) for name, limit in limits if name in self._backends]
@@ -214,6 +219,24 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ConnectionCollector(Collector):
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "vgate_connections_open", "Client connections open.", self._guard.open_connections
+        )
+        rejected = CounterMetricFamily(
+            "vgate_connections_rejected",
+            "Client connections closed by a bound of server: config, by the bound.",
+            labels=["reason"],
+        )
+        for reason, count in self._guard.rejected.items():
+            rejected.add_metric([reason], count)
+        yield rejected
 
 
 class _AdmissionCollector(Collector):

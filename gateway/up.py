@@ -128,7 +128,13 @@ async def _up(
                 server.port,
             )
             uvicorn_server = uvicorn.Server(
-                uvicorn.Config(create_app(gateway), host=server.host, port=server.port, **options)
+                uvicorn.Config(
+                    create_app(gateway),
+                    host=server.host,
+                    port=server.port,
+                    http=gateway.connections.protocol_class(),
+                    **options,
+                )
             )
             try:
                 await uvicorn_server.serve()

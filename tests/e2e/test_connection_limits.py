@@ -189,6 +189,9 @@ def test_beyond_max_connections_a_new_one_gets_503_and_the_rest_recover(
                 return False
 
         poll_until(ready)  # their slots are free again once the server sees them closed
+        metrics = httpx.get(gateway.url + "/metrics", timeout=PATIENCE_S).text
+        assert 'vgate_connections_rejected_total{reason="max_connections"} 1.0' in metrics
+        assert "vgate_connections_open " in metrics
     finally:
         gateway.stop()
 
@@ -213,7 +216,7 @@ async def test_a_client_that_stops_reading_is_disconnected() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        endless, http=guard.protocol_factory, lifespan="off", log_level="warning", ws="none"
+        endless, http=guard.protocol_class(), lifespan="off", log_level="warning", ws="none"
     )
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
