@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from gateway.auth import KeyRing
 from gateway.config import AdminConfig, ConfigError
-from gateway.errors import AuthenticationError, InvalidRequest, NotFound
+from gateway.errors import AuthenticationError, InvalidRequest, NotFound, clip
 from policies.limits import LimitStore, is_unlimited
 
 logger = logging.getLogger("vgate.keys")
@@ -87,8 +87,7 @@ def admin_routes(
         key_id = request.path_params["key_id"]
         described = keys.describe_key(key_id)
         if described is None:
-            shown = key_id if len(key_id) <= 100 else key_id[:100] + "…"
-            raise NotFound(f"No key has the id '{shown}'.", code="key_not_found")
+            raise NotFound(f"No key has the id '{clip(key_id)}'.", code="key_not_found")
         described["process_usage"] = await usage.usage(key_id)
         key_limits = keys.limits_of(key_id)
         described["limits_usage"] = (

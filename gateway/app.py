@@ -24,15 +24,16 @@ from starlette.routing import Route as HTTPRoute
 
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_key_hash, admin_routes
-from gateway.asgi import ASGIApp, Receive, Scope, Send
+from gateway.asgi import ASGIApp, Receive, Scope, Send, header
 from gateway.auth import Caller, KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
 from gateway.connections import ConnectionGuard, ConnectionLimits, connection_limits
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, clip
+from gateway.jwt_auth import TokenVerifier
 from gateway.keyfile import KeyFileWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
-from gateway.proxy import ProxyEndpoint
+from gateway.proxy import ProxyEndpoint, route_for
 from gateway.router import Backend, Route, Router
 from gateway.tracing import Tracer
 from gateway.usage import KeyUsage
@@ -71,6 +72,7 @@ class Gateway:
     admin_key_sha256: str | None = None  # None: no admin API
     key_watcher: KeyFileWatcher | None = None  # reloads the keys file when it changes
     limits: LimitStore = field(default_factory=LocalLimits)  # per key: rpm, tpm, day, in flight
+    tokens: TokenVerifier | None = None  # with jwt.enabled: bearer JWTs beside API keys
     # What one client connection may take; uvicorn's protocol for this gateway's server.
     connections: ConnectionGuard = field(
         default_factory=lambda: ConnectionGuard(ConnectionLimits())
@@ -84,6 +86,9 @@ class Gateway:
             models={name: m.name for m in config.models for name in (m.name, *m.aliases)},
         )
         admin_key = admin_key_hash(config.admin, config.source)
+        tokens = (
+            TokenVerifier.from_config(config.jwt, config.source) if config.jwt.enabled else None
+        )
         metrics = GatewayMetrics(
             [model.name for model in config.models],
             [backend.name for model in config.models for backend in model.backends],
@@ -166,6 +171,7 @@ class Gateway:
             admin_key_sha256=admin_key,
             connections=connections,
             key_watcher=KeyFileWatcher(keys, config.keys.reload_interval_s),
+            tokens=tokens,
         )
 
     async def start(self) -> None:
@@ -179,6 +185,8 @@ class Gateway:
             await self.loads.start()
         if self.key_watcher is not None:
             await self.key_watcher.start()
+        if self.tokens is not None:
+            await self.tokens.start()  # a JWKS URL's first fetch (a failure is logged)
 
     async def aclose(self) -> None:
         if self.tracer is not None:
@@ -187,6 +195,8 @@ class Gateway:
         await self.health.aclose()
         if self.key_watcher is not None:
             await self.key_watcher.aclose()
+        if self.tokens is not None:
+            await self.tokens.aclose()
         if self.loads is not None:
             await self.loads.aclose()
         for backend in self.router.backends:
@@ -312,28 +322,33 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     models_body = models_list(None)
 
-    def models_caller(request: Request) -> Caller:
+    async def models_caller(request: Request) -> Caller:
         record = request.scope["vgate.record"]
         record.endpoint = "models"
-        caller = gateway.keys.authenticate(
-            request.headers.get("authorization", "").encode() or None
-        )
+        authorization = header(request.scope, b"authorization")  # raw bytes, as the proxy
+        try:
+            caller = gateway.keys.authenticate(authorization)
+        except AuthenticationError:
+            token_caller = None
+            if gateway.tokens is not None:
+                token_caller = await gateway.tokens.authenticate(authorization, gateway.keys)
+            if token_caller is None:
+                raise
+            caller = token_caller
         record.caller = caller.name
         return caller
 
     async def list_models(request: Request) -> Response:
-        caller = models_caller(request)
+        caller = await models_caller(request)
         # A key limited to some models sees only those.
         body = models_body if caller.models is None else models_list(caller.models)
         return Response(body, media_type="application/json")
 
     async def retrieve_model(request: Request) -> Response:
         """`client.models.retrieve(name)`: one name or alias, as the list shows it."""
-        caller = models_caller(request)
+        caller = await models_caller(request)
         name = request.path_params["model"]
-        route = router.route_for(name)
-        if caller.models is not None and route.name not in caller.models:
-            raise caller.model_not_allowed(name)
+        route_for(router, caller, name)  # a key limited to some models sees only those
         return Response(orjson.dumps(model_object(name)), media_type="application/json")
 
     async def health(request: Request) -> Response:
@@ -358,6 +373,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
             guardrails=gateway.guardrails,
             limits=gateway.limits,
             default_max_tokens_estimate=config.limits.default_max_tokens_estimate,
+            tokens=gateway.tokens,
         )
         for endpoint in Endpoint
     }
@@ -392,6 +408,9 @@ def create_app(gateway: Gateway) -> ASGIApp:
         exception_handlers={HTTPException: _http_error, GatewayError: _gateway_error},
         lifespan=lifespan,
     )
+    # No redirects: Starlette's answer to a path with a slash too many (or too few) is a 307
+    # whose Location is built from the Host header, an open redirect anyone could trigger.
+    starlette.router.redirect_slashes = False
     return RequestContextMiddleware(
         Edge(proxies, starlette),
         metrics=gateway.metrics,
@@ -405,9 +424,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: GatewayError
     if exc.status_code == 404:
-        error = NotFound(f"Unknown path {request.url.path}.")
+        error = NotFound(f"Unknown path {clip(request.scope['path'])}.")
     elif exc.status_code == 405:
-        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+        error = MethodNotAllowed(
+            f"Method {clip(request.method, 20)} is not allowed on {clip(request.scope['path'])}."
+        )
     else:
         error = GatewayError(exc.detail)
         error.status = exc.status_code

@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.config import ConfigError, field_path, read_yaml
-from gateway.errors import AuthenticationError, PermissionDenied
+from gateway.errors import AuthenticationError, ModelNotFound, clip
 from policies.guardrails import KeyGuardrails
 from policies.limits import NO_LIMITS, KeyLimits
 
@@ -53,12 +53,15 @@ class Caller:
     limits: KeyLimits = NO_LIMITS
     guardrails: KeyGuardrails | None = None  # None: only the global guardrails apply
 
-    def model_not_allowed(self, model: str) -> PermissionDenied:
-        shown = model if len(model) <= 100 else model[:100] + "…"
-        return PermissionDenied(
-            f"This API key is not allowed to use the model '{shown}'.",
+    def model_not_found(self, model: str) -> ModelNotFound:
+        """For a key limited to some models: one answer for a model that does not exist and
+        for one the key may not use, naming only the key's own models, so that the key learns
+        nothing about the others (not even whether they exist)."""
+        assert self.models is not None
+        return ModelNotFound(
+            f"The model '{clip(model)}' does not exist or this API key may not use it. "
+            f"Models this key may use: {', '.join(sorted(self.models)) or 'none'}.",
             param="model",
-            code="model_not_allowed",
         )
 
 
@@ -160,13 +163,27 @@ def read_keys_file(path: Path) -> tuple[_KeyEntry, ...]:
 class _KeySet:
     """One consistent generation of the keys file: swapped whole, never edited."""
 
-    __slots__ = ("by_hash", "by_id", "disabled", "entries")
+    __slots__ = ("by_hash", "by_id", "by_profile", "disabled", "entries")
 
     def __init__(self, by_hash: dict[str, Caller], entries: tuple[_KeyEntry, ...] = ()) -> None:
         self.by_hash = by_hash
         self.entries = entries
         self.by_id = {entry.id: entry for entry in entries}
         self.disabled = frozenset(entry.sha256 for entry in entries if entry.disabled)
+        self.by_profile = _profiles(by_hash.values())
+
+
+def _profiles(callers: Iterable[Caller]) -> dict[str, Caller]:
+    """The enabled keys by id, and by name where no other key has that name or id: what a
+    JWT's profile claim may name (`gateway.jwt_auth`)."""
+    by_id = {caller.id: caller for caller in callers}
+    names: dict[str, list[Caller]] = {}
+    for caller in by_id.values():
+        names.setdefault(caller.name, []).append(caller)
+    by_name = {
+        name: same[0] for name, same in names.items() if len(same) == 1 and name not in by_id
+    }
+    return {**by_name, **by_id}
 
 
 class KeyRing:
@@ -241,6 +258,10 @@ class KeyRing:
                 raise AuthenticationError("This API key has been disabled.", code="invalid_api_key")
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         return caller
+
+    def profile(self, name: str) -> Caller | None:
+        """The enabled key a JWT's profile claim names, by id (or by a name only it has)."""
+        return self._keys.by_profile.get(name)
 
     # -- reloads and administration ---------------------------------------------------------
 

@@ -300,6 +300,92 @@ class TracingConfig(_Frozen):
     export_timeout_s: float = Field(5.0, gt=0)
 
 
+# The signature algorithms a JWT may use: HMAC with a shared secret, or a public key from a
+# JWKS. Never "none", and never both kinds at once (an HS check keyed with a public key's
+# bytes is the classic algorithm-confusion forgery).
+JWT_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+JWT_PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_TIME_CLAIMS = frozenset({"exp", "nbf", "iat"})
+
+
+def _one_or_many(value: object) -> object:
+    return (value,) if isinstance(value, str) else value
+
+
+class JwtConfig(_Frozen):
+    """JWT bearer tokens beside API keys (gateway/jwt_auth.py): off unless enabled.
+
+    A token is verified against one key source: `jwks_file`, `jwks_url` or the HMAC secret
+    in the environment variable `secret_env`. Its `profile_claim` names the key (by id, or
+    by a name only one key has) in the keys file whose models, limits and guardrails apply.
+    """
+
+    enabled: bool = False
+    issuer: str | None = Field(None, min_length=1)  # `iss` must equal it; needed when enabled
+    audience: Annotated[tuple[str, ...], BeforeValidator(_one_or_many)] = ()  # `aud`: one of
+    algorithms: tuple[str, ...] = ()  # empty: RS256 with a JWKS, HS256 with a secret
+    jwks_file: Path | None = None  # read at start-up
+    jwks_url: str | None = None  # fetched at start-up, then every jwks_refresh_s
+    secret_env: str | None = Field(None, min_length=1)  # the variable holding an HS secret
+    profile_claim: str = Field("vgate_key", min_length=1, max_length=128)
+    leeway_s: float = Field(30.0, ge=0, le=300)  # clock skew allowed on exp, nbf and iat
+    jwks_refresh_s: float = Field(300.0, ge=10, le=86_400)
+    jwks_min_refresh_s: float = Field(30.0, ge=1, le=3600)  # unknown `kid`s refetch this rarely
+    jwks_timeout_s: float = Field(5.0, gt=0, le=60)  # one fetch; a request waits at most this
+    max_token_bytes: int = Field(8192, ge=512, le=65_536)  # longer: 401 before any parsing
+    verified_cache_size: int = Field(10_000, ge=0, le=1_000_000)  # tokens kept verified; 0: none
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("https://", "http://")):
+            raise ValueError(f"{url[:100]!r} is not an http:// or https:// URL")
+        return url
+
+    @field_validator("profile_claim")
+    @classmethod
+    def _not_a_time_claim(cls, claim: str) -> str:
+        if claim in _TIME_CLAIMS:
+            raise ValueError(f"{claim!r} is a time claim, not one that can name a key profile")
+        return claim
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> JwtConfig:
+        sources = [
+            name
+            for name in ("jwks_file", "jwks_url", "secret_env")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"give one of jwks_file, jwks_url or secret_env, not {sources}")
+        for name in self.algorithms:
+            if name not in JWT_HMAC_ALGORITHMS | JWT_PUBLIC_KEY_ALGORITHMS:
+                known = ", ".join(sorted(JWT_HMAC_ALGORITHMS | JWT_PUBLIC_KEY_ALGORITHMS))
+                raise ValueError(f"algorithms: {name[:20]!r} is not one of {known}")
+        if not self.enabled:
+            return self
+        if not sources:
+            raise ValueError("enabled: needs a key source: jwks_file, jwks_url or secret_env")
+        if self.issuer is None:
+            raise ValueError("issuer: needed when enabled (the `iss` every token must carry)")
+        if not self.audience:
+            raise ValueError("audience: needed when enabled (the `aud` tokens are meant for)")
+        allowed = JWT_HMAC_ALGORITHMS if self.secret_env else JWT_PUBLIC_KEY_ALGORITHMS
+        for name in self.algorithms:
+            if name not in allowed:
+                kind = "an HS secret" if self.secret_env else "a JWKS"
+                raise ValueError(f"algorithms: {name} cannot be verified with {kind}")
+        return self
+
+    @property
+    def allowed_algorithms(self) -> tuple[str, ...]:
+        if self.algorithms:
+            return self.algorithms
+        return ("HS256",) if self.secret_env else ("RS256",)
+
+
 def _scalar_to_str(value: Any) -> Any:
     """YAML reads `512` and `1` as numbers; a command line and an environment want text."""
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
@@ -380,6 +466,7 @@ class GatewayConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()  # no key: /admin/... does not exist (404)
     guardrails: GuardrailsConfig = GuardrailsConfig()
+    jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
     source: str = "<memory>"
 
     @field_validator("models")

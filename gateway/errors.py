@@ -10,6 +10,15 @@ from typing import Any
 
 import orjson
 
+# How much of a client's own input (a path, a model name, an id) an error message or a log
+# line repeats: enough to recognise it, never the whole of what an attacker chose to send.
+MAX_ECHO_CHARS = 100
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` as an error message or a log line may repeat it: at most `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
 
 class GatewayError(Exception):
     status = 500

@@ -13,7 +13,7 @@ import time
 
 from gateway.accesslog import AccessLog
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
-from gateway.errors import GatewayError
+from gateway.errors import MAX_ECHO_CHARS, GatewayError, clip
 from gateway.metrics import GatewayMetrics
 from gateway.record import RequestRecord
 from gateway.tracing import Tracer
@@ -23,11 +23,15 @@ logger = logging.getLogger("vgate")
 
 # Probes and scrapes are neither logged nor counted: they would drown the requests.
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
-_SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# A client's X-Request-ID is kept only if it is short and plain: letters, digits and the
+# punctuation ids are made of (UUIDs, ULIDs, "req_...", "Root=1-...;Parent=..."), nothing
+# that quotes, escapes or marks up (no quotes, backslashes, brackets, spaces or controls),
+# since it is echoed, logged, traced and sent upstream.
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:;=/+@|~-]{1,128}")
 
 
 def request_id_from(scope: Scope) -> str:
-    """The client's X-Request-ID if it is sane (printable ASCII, bounded), else a new one."""
+    """The client's X-Request-ID if it is sane (plain ASCII, bounded), else a new one."""
     for key, value in scope["headers"]:
         if key == b"x-request-id":
             if _SANE_REQUEST_ID.fullmatch(value):
@@ -57,7 +61,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        record = RequestRecord(request_id_from(scope), start, scope["method"], scope["path"])
+        path, method = scope["path"], scope["method"]
+        if len(path) > MAX_ECHO_CHARS or len(method) > 20:  # what logs and traces repeat
+            path, method = clip(path), clip(method, 20)
+        record = RequestRecord(request_id_from(scope), start, method, path)
         scope["vgate.record"] = record
         request_id = record.request_id.encode("ascii")
         tracer = self.tracer

@@ -20,7 +20,15 @@ from gateway.asgi import (
     read_body,
 )
 from gateway.auth import Caller, KeyRing
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PermissionDenied
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+from gateway.jwt_auth import TokenVerifier
 from gateway.middleware import send_error
 from gateway.record import RequestRecord
 from gateway.router import Route, Router, StreamInterrupted
@@ -51,6 +59,7 @@ class ProxyEndpoint:
         guardrails: Guardrails | None = None,
         limits: LimitStore | None = None,
         default_max_tokens_estimate: int = 256,
+        tokens: TokenVerifier | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.label = {
@@ -65,12 +74,23 @@ class ProxyEndpoint:
         # Not `or`: an empty LocalLimits is falsy (it has __len__), and must still be shared.
         self.limits = limits if limits is not None else LocalLimits()
         self.default_max_tokens_estimate = default_max_tokens_estimate
+        self.tokens = tokens  # with jwt.enabled: bearer JWTs beside API keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: RequestRecord = scope["vgate.record"]
         record.endpoint = self.label
         try:
-            caller = self.keys.authenticate(header(scope, b"authorization"))
+            authorization = header(scope, b"authorization")
+            try:
+                caller = self.keys.authenticate(authorization)
+            except AuthenticationError:
+                # Not a key: perhaps a JWT. Only here, so the API-key path pays nothing.
+                token_caller = None
+                if self.tokens is not None:
+                    token_caller = await self.tokens.authenticate(authorization, self.keys)
+                if token_caller is None:
+                    raise
+                caller = token_caller
             record.caller = caller.name
             scope["vgate.caller"] = caller  # for the per-key usage count at the end
             priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
@@ -85,10 +105,8 @@ class ProxyEndpoint:
                 record.error = "client_disconnected"
                 return
             request = parse_request(self.endpoint, body)
-            route = self.router.route_for(request.model)
+            route = route_for(self.router, caller, request.model)
             record.model = route.name
-            if caller.models is not None and route.name not in caller.models:
-                raise caller.model_not_allowed(request.model)
             if caller.guardrails is not None or self.guardrails.active:
                 self.guardrails.check(request, caller.guardrails)
             _routing_hints(scope, caller, route, request)
@@ -103,6 +121,9 @@ class ProxyEndpoint:
                 verdict = await self.limits.admit(caller.id, caller.limits, estimate)
                 if not verdict.allowed:
                     raise verdict.error()
+            # Whether the key gets back what it was charged: only for the gateway's and the
+            # upstream's faults. A client's own error (a 4xx) is charged like a success,
+            # or a prompt the upstream refuses could be sent without limit.
             failed = True
             try:
                 admission = self.router.admission
@@ -123,7 +144,11 @@ class ProxyEndpoint:
                     record.error = "client_disconnected"
                     failed = False  # what it used is charged; the client chose to leave
                 else:
+                    # Set only by a stream that broke after its first byte: upstream's fault.
                     failed = record.error is not None
+            except GatewayError as error:
+                failed = not client_fault(error)
+                raise
             finally:
                 if verdict.ticket is not None:
                     self.limits.settle_nowait(verdict.ticket, _used(record), failed=failed)
@@ -192,6 +217,31 @@ class ProxyEndpoint:
             stream.close()
             record.record_usage(stream.usage)
             record.dropped_events = stream.dropped_events
+
+
+def client_fault(error: GatewayError) -> bool:
+    """Whether a request failed through its client's fault, and so is charged as a success.
+
+    A 4xx is the client's (an upstream's 400 for a prompt too long, a 404, a guardrail's
+    refusal), except 408 and 429: an upstream out of time or capacity is not the client's
+    doing. Every 5xx (the gateway's 502, 503, 504 for timeouts and connect failures) is
+    given back.
+    """
+    return 400 <= error.status < 500 and error.status not in (408, 429)
+
+
+def route_for(router: Router, caller: Caller, model: str) -> Route:
+    """The route serving `model`, for this caller: to a key limited to some models, a model
+    it may not use and one that does not exist are the same 404, naming only its own."""
+    if caller.models is None:
+        return router.route_for(model)
+    try:
+        route = router.route_for(model)
+    except ModelNotFound:
+        raise caller.model_not_found(model) from None
+    if route.name not in caller.models:
+        raise caller.model_not_found(model)
+    return route
 
 
 def _used(record: RequestRecord) -> int | None:

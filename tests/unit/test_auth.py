@@ -6,7 +6,17 @@ import pytest
 
 from gateway.auth import KeyRing, hash_key
 from gateway.config import ConfigError
-from gateway.errors import AuthenticationError
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NoLiveBackend,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from gateway.proxy import client_fault
 from tests.servers import DEMO_KEY, KEYS_FILE
 
 
@@ -58,3 +68,52 @@ def test_keys_file_errors_name_the_field(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="used twice"):
         KeyRing.load(path)
+
+
+def test_a_limited_key_is_told_only_of_its_own_models(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - {{id: a, name: a, sha256: {hash_key('a')}, models: [m1, m2]}}\n")
+    caller = KeyRing.load(path).authenticate(b"Bearer a")
+    error = caller.model_not_found("secret-model" + "x" * 500)
+    assert (error.status, error.code, error.param) == (404, "model_not_found", "model")
+    assert error.message.endswith("Models this key may use: m1, m2.")
+    assert len(error.message) < 250  # the name asked for is clipped, as everywhere
+
+
+def test_profiles_are_enabled_keys_by_id_or_by_a_name_only_one_has(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        f"  - {{id: k1, name: solo, sha256: {hash_key('1')}}}\n"
+        f"  - {{id: k2, name: twin, sha256: {hash_key('2')}}}\n"
+        f"  - {{id: k3, name: twin, sha256: {hash_key('3')}}}\n"
+        f"  - {{id: k4, name: gone, sha256: {hash_key('4')}, disabled: true}}\n"
+        # A name that is another key's id names that key, never this one.
+        f"  - {{id: k5, name: k1, sha256: {hash_key('5')}}}\n"
+    )
+    keys = KeyRing.load(path)
+    assert keys.profile("k1") is keys.authenticate(b"Bearer 1")
+    assert keys.profile("solo") is keys.authenticate(b"Bearer 1")
+    assert keys.profile("k2") is keys.authenticate(b"Bearer 2")
+    assert keys.profile("twin") is None
+    assert keys.profile("k4") is None and keys.profile("gone") is None
+    assert keys.profile("nobody") is None
+
+
+@pytest.mark.parametrize(
+    ("error", "charged"),
+    [
+        (UpstreamRejected(400, {"error": {"message": "too long"}}, {}), True),
+        (UpstreamRejected(422, {"error": {"message": "bad"}}, {}), True),
+        (ModelNotFound("no such model"), True),
+        (InvalidRequest("bad field"), True),
+        (UpstreamRejected(429, {"error": {"message": "busy"}}, {}), False),
+        (UpstreamRejected(408, {"error": {"message": "slow"}}, {}), False),
+        (UpstreamError("reset"), False),
+        (NoLiveBackend("none"), False),
+        (UpstreamTimeout("late"), False),
+        (GatewayError("bug"), False),
+    ],
+)
+def test_only_a_clients_own_errors_are_charged(error: GatewayError, charged: bool) -> None:
+    assert client_fault(error) is charged
