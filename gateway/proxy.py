@@ -108,7 +108,12 @@ class ProxyEndpoint:
             route = route_for(self.router, caller, request.model)
             record.model = route.name
             if caller.guardrails is not None or self.guardrails.active:
-                self.guardrails.check(request, caller.guardrails)
+                try:
+                    self.guardrails.check(request, caller.guardrails)  # may cap max_tokens, n
+                except InvalidRequest:
+                    if caller.limits is not NO_LIMITS:
+                        await self._charge_refusal(caller, request)
+                    raise
             _routing_hints(scope, caller, route, request)
             record.stream = request.stream
             verdict = ALLOWED
@@ -155,6 +160,19 @@ class ProxyEndpoint:
         except GatewayError as error:
             record.error = error.code or error.type
             await send_error(send, error)
+
+    async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:
+        """A guardrail's refusal counts as one of the key's requests (none of its tokens:
+        nothing was read upstream), or refused prompts could be sent without limit. A key
+        already over its limits is told that instead (429), as for any other request."""
+        estimate = estimate_tokens(
+            request.payload, self.endpoint.value, self.default_max_tokens_estimate
+        )
+        verdict = await self.limits.admit(caller.id, caller.limits, estimate)
+        if not verdict.allowed:
+            raise verdict.error()
+        if verdict.ticket is not None:
+            self.limits.settle_nowait(verdict.ticket, 0, failed=False)
 
     async def _complete(
         self,

@@ -44,6 +44,10 @@ KEYS = {
     "narrow": ("vg-edge-narrow-0123456789abcdefghij", {"models": ["default"]}),
     "full": ("vg-edge-full-0123456789abcdefghijkl", {}),
     "jwt-rpm": ("vg-edge-jwt-rpm-0123456789abcdefgh", {"limits": {"rpm": 2}}),
+    "rails": (
+        "vg-edge-rails-0123456789abcdefghijk",
+        {"limits": {"rpm": 3}, "guardrails": {"max_input_bytes": 64}},
+    ),
 }
 ISSUER = "https://idp.test"
 AUDIENCE = "vgate-edge"
@@ -142,6 +146,21 @@ def test_a_prompt_the_upstream_refuses_is_charged_so_rpm_holds(
     refused = chat(gateway, "rpm", messages=TOO_LONG)
     assert refused.status_code == 429
     assert error_of(refused)["code"] == "rate_limit_exceeded"
+
+
+def test_a_guardrails_refusal_is_charged_too(gateway: Gateway, sim: Process) -> None:
+    """rpm 3 and at most 64 bytes of prompt: three refusals (400), then 429. Before, a
+    refusal was never charged: a key could send refused prompts without limit."""
+    before = requests_seen(sim)
+    statuses = []
+    for _ in range(6):
+        response = chat(gateway, "rails", messages=TOO_LONG)
+        statuses.append(response.status_code)
+        if response.status_code == 400:
+            assert error_of(response)["code"] == "input_too_large"
+    assert statuses[:3] == [400, 400, 400], statuses
+    assert 429 in statuses[3:], statuses
+    assert requests_seen(sim) == before  # none of it reached the upstream
 
 
 def test_the_concurrency_slot_comes_back_after_every_client_error(gateway: Gateway) -> None:
