@@ -175,17 +175,18 @@ def test_the_sdk_raises_authentication_error_for_a_disabled_key(gateway: Gateway
         client.chat.completions.create(model="tiny-llama", messages=MESSAGES)  # type: ignore[arg-type]
 
 
-def test_a_model_the_key_may_not_use_is_403(gateway: Gateway) -> None:
+def test_a_model_the_key_may_not_use_is_404_like_an_unknown_one(gateway: Gateway) -> None:
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=LIMITED, max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model="tiny-embed", input="hi")
-    assert caught.value.status_code == 403
+    assert caught.value.status_code == 404
     body = caught.value.body
     assert isinstance(body, dict)
-    assert body["code"] == "model_not_allowed"
+    assert body["code"] == "model_not_found"
     assert body["param"] == "model"
     assert "'tiny-embed'" in body["message"]
-    assert "tiny-llama" not in body["message"]  # no list of what keys may use
+    # Only the key's own models are named: nothing of the others, not even that they exist.
+    assert body["message"].endswith("Models this key may use: tiny-llama.")
     # The key's models are named by an alias; the route's own name is allowed too.
     for model in ("default", "tiny-llama"):
         reply = client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
@@ -433,7 +434,7 @@ def test_a_created_key_works_without_a_restart(own_gateway: tuple[Gateway, Path]
             return False
 
     poll_until(works)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="tiny-llama", messages=MESSAGES)  # type: ignore[arg-type]
     assert chat(gateway, FULL).status_code == 200  # the others still work
     poll_until(lambda: "keys file" in gateway.log() and "reloaded: 4 keys" in gateway.log())
