@@ -33,6 +33,7 @@ from gateway.jwt_auth import TokenVerifier
 from gateway.keyfile import KeyFileWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.openapi import openapi_json
 from gateway.proxy import ProxyEndpoint, route_for
 from gateway.router import Backend, Route, Router
 from gateway.tracing import Tracer
@@ -149,7 +150,8 @@ class Gateway:
         tracer = Tracer(config.tracing) if config.tracing.enabled else None
         usage = KeyUsage(keys)
         keys.on_reload = lambda ring: usage.retain(ring.ids())
-        guardrails = Guardrails(config.guardrails.deny_patterns, config.guardrails.max_input_bytes)
+        rails = config.guardrails
+        guardrails = Guardrails(rails.deny_patterns, rails.max_input_bytes, rails.max_n)
         # The client connects on first use: building it here neither blocks nor fails.
         redis = create_client(config.redis) if config.redis.url is not None else None
         limits = create_limits(
@@ -364,6 +366,11 @@ def create_app(gateway: Gateway) -> ASGIApp:
             gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    openapi_body = openapi_json(config)  # built once: it depends on the config alone
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
+
     proxies = {
         endpoint.value: ProxyEndpoint(
             endpoint,
@@ -385,6 +392,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
         HTTPRoute("/health", health, methods=["GET"]),
         HTTPRoute("/ready", ready, methods=["GET"]),
         HTTPRoute("/metrics", metrics, methods=["GET"]),
+        HTTPRoute("/openapi.json", openapi, methods=["GET"]),
     ]
     if gateway.admin_key_sha256 is not None and gateway.usage is not None:
         routes += admin_routes(

@@ -77,6 +77,7 @@ class _Guardrails(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     max_tokens: int | None = Field(None, ge=1)
     max_input_bytes: int | None = Field(None, ge=1)
+    max_n: int | None = Field(None, ge=1)  # choices per request; overrides guardrails.max_n
 
 
 class _KeyEntry(BaseModel):
@@ -381,8 +382,8 @@ def _callers(
             models=allowed,
             limits=_limits(entry),
             guardrails=None
-            if rails.max_tokens is None and rails.max_input_bytes is None
-            else KeyGuardrails(rails.max_tokens, rails.max_input_bytes),
+            if rails.max_tokens is None and rails.max_input_bytes is None and rails.max_n is None
+            else KeyGuardrails(rails.max_tokens, rails.max_input_bytes, rails.max_n),
         )
     return by_hash
 

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from policies.guardrails import MAX_PATTERNS, check_pattern
+from policies.guardrails import DEFAULT_MAX_N, MAX_PATTERNS, check_pattern
 
 ENV_PREFIX = "VGATE_"
 
@@ -257,6 +257,8 @@ class GuardrailsConfig(_Frozen):
         (), max_length=MAX_PATTERNS
     )
     max_input_bytes: int | None = Field(None, ge=1)  # the prompt's text, UTF-8; per key overrides
+    # Choices per request (`n`, a completion's `best_of`); a key's own overrides; null: no cap.
+    max_n: int | None = Field(DEFAULT_MAX_N, ge=1)
 
 
 class RedisConfig(_Frozen):

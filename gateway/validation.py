@@ -2,17 +2,46 @@
 
 Only what the gateway relies on or what would make an upstream fail obscurely is checked;
 unknown fields pass through untouched so new OpenAI parameters work without a release.
+
+The one walk over the prompt-bearing fields (`measure_prompt`) does three jobs at once: it
+checks their types (a wrong one is 400 naming the field, never a 500 further in), and it
+collects what the upstream renders into the model's input, as `Prompt`, for the guardrails
+(its text) and the token estimate (its text, token ids, media parts and messages). What
+counts as prompt text is decided here and nowhere else, so that the input cap, the deny
+patterns and the estimate cannot disagree about it:
+
+- chat: every message's `content` (a string; in a parts list: bare strings, the text of
+  `text`, `input_text`, `output_text`, `summary_text` and `reasoning_text` parts, a `refusal`
+  part's `refusal`, a `thinking` part's `thinking`; media parts count as media; a part of
+  any other type counts all its keys and strings), and every other field of the message
+  (`name`, `tool_calls` with their function names and arguments, `function_call`,
+  `tool_call_id`, `reasoning`, `reasoning_content`, and anything else a chat template could
+  render) by all its keys and strings; the request's `tools`, `functions`, `documents` and
+  `chat_template_kwargs` the same way;
+- completions: `prompt` (a string, strings, token ids or lists of token ids) and `suffix`;
+- embeddings: `input` in the same shapes as `prompt`.
+
+A field whose effect on the prompt no text check can see (a request's own `chat_template`,
+which can build any text; `prompt_embeds`) is noted as `Prompt.opaque`: the guardrails
+refuse it while a text check is in force.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
 from gateway.errors import InvalidRequest
+
+# The deepest nesting the gateway forwards: orjson.loads accepts 1024 levels, but the router
+# re-serialises every request with orjson.dumps, whose limit is 254. Deeper is 400 here.
+MAX_JSON_DEPTH = 254
+# The largest integer orjson parses as one (a larger number becomes a float): token ids are
+# integers from 0 to this.
+MAX_TOKEN_ID = 2**64 - 1
 
 
 class Endpoint(StrEnum):
@@ -26,6 +55,17 @@ class Endpoint(StrEnum):
 
 
 @dataclass(slots=True)
+class Prompt:
+    """What the upstream renders into the model's input, as measured by `measure_prompt`."""
+
+    texts: list[str] = field(default_factory=list)  # every piece of text, in order
+    token_ids: int = 0  # tokens given as ids (a completion's or an embedding's)
+    media: int = 0  # image, audio, video and file parts
+    messages: int = 0  # chat messages
+    opaque: str | None = None  # the first field no text check can see into, by its name
+
+
+@dataclass(slots=True)
 class ProxyRequest:
     endpoint: Endpoint
     payload: dict[str, Any]
@@ -35,9 +75,40 @@ class ProxyRequest:
     pin: str | None = None  # the backend this request must go to, if any
     pin_forced: bool = False  # by X-VGate-Pin: that backend and no other, no fallback
     affinity_key: str | None = None  # for strategy affinity: a user or conversation
+    prompt: Prompt = field(default_factory=Prompt)
 
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Content parts whose text is rendered, and the key that holds it.
+TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "summary_text": "text",
+    "reasoning_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+# Content parts that reach the model as media, not text.
+MEDIA_PARTS = frozenset(
+    {
+        "image_url",
+        "input_image",
+        "image",
+        "image_embeds",
+        "audio_url",
+        "input_audio",
+        "audio",
+        "video_url",
+        "video",
+        "file",
+        "input_file",
+    }
+)
+# Message fields of a known type (anything else a message holds is only walked for text).
+_MESSAGE_STRINGS = ("name", "tool_call_id", "reasoning", "reasoning_content", "refusal")
+# Request fields a chat template renders into the prompt, besides the messages.
+_RENDERED_CHAT_FIELDS = ("tools", "functions", "documents", "chat_template_kwargs")
 
 
 def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
@@ -50,17 +121,13 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
         ) from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    _check_depth(body, payload)
 
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("model", "you must provide a model parameter as a non-empty string")
 
-    if endpoint is Endpoint.CHAT:
-        _check_messages(payload.get("messages"))
-    elif endpoint is Endpoint.COMPLETIONS:
-        _check_prompt(payload.get("prompt"))
-    else:
-        _check_input(payload.get("input"))
+    prompt = measure_prompt(endpoint, payload)
 
     stream = False
     wants_usage = False
@@ -77,39 +144,208 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
             )
         for name in ("max_tokens", "max_completion_tokens", "n"):
             _optional_int(payload, name, minimum=1)
+        if endpoint is Endpoint.COMPLETIONS:
+            _optional_int(payload, "best_of", minimum=1)
         _optional_number(payload, "temperature", 0.0, 2.0)
         _optional_number(payload, "top_p", 0.0, 1.0)
-    return ProxyRequest(endpoint, payload, model, stream, wants_usage)
+    user = payload.get("user")
+    if user is not None and type(user) is not str:
+        raise _invalid("user", "must be a string")
+    return ProxyRequest(endpoint, payload, model, stream, wants_usage, prompt=prompt)
+
+
+def measure_prompt(endpoint: Endpoint, payload: dict[str, Any]) -> Prompt:
+    """Check the prompt-bearing fields' types and collect what they render (see the module)."""
+    prompt = Prompt()
+    if endpoint is Endpoint.CHAT:
+        _walk_messages(payload.get("messages"), prompt)
+        texts = prompt.texts
+        for name in _RENDERED_CHAT_FIELDS:
+            value = payload.get(name)
+            if value is not None:
+                _strings(value, texts)
+        if payload.get("chat_template") is not None:
+            prompt.opaque = "chat_template"
+    elif endpoint is Endpoint.COMPLETIONS:
+        _walk_prompt("prompt", payload.get("prompt"), prompt)
+        suffix = payload.get("suffix")
+        if suffix is not None:
+            if type(suffix) is not str:
+                raise _invalid("suffix", "must be a string")
+            prompt.texts.append(suffix)
+        if payload.get("prompt_embeds") is not None:
+            prompt.opaque = "prompt_embeds"
+    else:
+        _walk_prompt("input", payload.get("input"), prompt)
+    return prompt
+
+
+def _check_depth(body: bytes, payload: dict[str, Any]) -> None:
+    """400 for JSON nested deeper than the router can re-serialise.
+
+    Nesting deeper than MAX_JSON_DEPTH needs more than that many brackets, so almost every
+    body is cleared by counting them (C speed, no walk). Only a body with more is
+    serialised once here to find out, which is what the router will do with it anyway.
+    """
+    if len(body) <= 2 * MAX_JSON_DEPTH or body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    try:
+        orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            f"The JSON body of your request is nested too deeply: the gateway accepts at "
+            f"most {MAX_JSON_DEPTH} levels of arrays and objects.",
+            code="invalid_json",
+        ) from None
 
 
 def _invalid(param: str, reason: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid '{param}': {reason}.", param=param, code="invalid_value")
 
 
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
+def _walk_messages(messages: Any, prompt: Prompt) -> None:
+    if type(messages) is not list or not messages:
         raise _invalid("messages", "must be a non-empty array of message objects")
+    texts = prompt.texts
+    prompt.messages = len(messages)
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
+        if type(message) is not dict:
             raise _invalid(f"messages[{index}]", "must be an object")
         role = message.get("role")
-        if role not in _ROLES:
-            raise _invalid(f"messages[{index}].role", f"must be one of {', '.join(sorted(_ROLES))}")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise _invalid(f"messages[{index}].content", "must be a string or an array of parts")
+        # type() first: a dict or a list is unhashable, and `in` a set would raise.
+        if type(role) is not str or role not in ROLES:
+            raise _invalid(f"messages[{index}].role", f"must be one of {', '.join(sorted(ROLES))}")
+        for key, value in message.items():
+            if key == "role":
+                continue
+            if key == "content":
+                if type(value) is str:
+                    texts.append(value)
+                elif type(value) is list:
+                    _walk_parts(index, value, prompt)
+                elif value is not None:
+                    raise _invalid(
+                        f"messages[{index}].content", "must be a string or an array of parts"
+                    )
+            elif value is None:
+                continue
+            elif key in _MESSAGE_STRINGS:
+                if type(value) is not str:
+                    raise _invalid(f"messages[{index}].{key}", "must be a string")
+                texts.append(value)
+            elif key == "tool_calls":
+                if type(value) is not list:
+                    raise _invalid(f"messages[{index}].tool_calls", "must be an array of objects")
+                for number, call in enumerate(value):
+                    _check_call(f"messages[{index}].tool_calls[{number}]", call)
+                _strings(value, texts)
+            elif key == "function_call":
+                _check_function(f"messages[{index}].function_call", value)
+                _strings(value, texts)
+            else:
+                # Anything else a chat template could render: counted, keys and strings.
+                texts.append(key)
+                _strings(value, texts)
 
 
-def _check_prompt(prompt: Any) -> None:
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt):
+def _check_call(name: str, call: Any) -> None:
+    """A tool call shaped as the upstream will read it: a name and arguments are strings."""
+    if type(call) is not dict:
+        raise _invalid(name, "must be an object")
+    function = call.get("function")
+    if function is not None:
+        _check_function(f"{name}.function", function)
+
+
+def _check_function(name: str, function: Any) -> None:
+    if type(function) is not dict:
+        raise _invalid(name, "must be an object")
+    for key in ("name", "arguments"):
+        value = function.get(key)
+        if value is not None and type(value) is not str:
+            raise _invalid(f"{name}.{key}", "must be a string")
+
+
+def _walk_parts(index: int, parts: list[Any], prompt: Prompt) -> None:
+    texts = prompt.texts
+    for number, part in enumerate(parts):
+        if type(part) is str:
+            texts.append(part)  # a bare string in a parts list is text too
+            continue
+        if type(part) is not dict:
+            raise _invalid(
+                f"messages[{index}].content[{number}]", "must be a string or a content part"
+            )
+        kind = part.get("type")
+        key = TEXT_PARTS.get(kind) if type(kind) is str else None
+        if key is not None:
+            text = part.get(key)
+            if type(text) is str:
+                texts.append(text)
+            elif text is not None:
+                raise _invalid(f"messages[{index}].content[{number}].{key}", "must be a string")
+        elif type(kind) is str and kind in MEDIA_PARTS:
+            prompt.media += 1
+        else:
+            # A part of a type not known here: whatever it holds counts as text.
+            _strings(part, texts)
+
+
+def _walk_prompt(name: str, value: Any, prompt: Prompt) -> None:
+    """A completion's `prompt` or an embedding's `input`: text, texts, ids or lists of ids."""
+    if type(value) is str:
+        prompt.texts.append(value)
         return
-    raise _invalid("prompt", "must be a string or a non-empty array of strings or token ids")
+    if type(value) is not list or not value:
+        raise _invalid(name, "must be a string or a non-empty array of strings or token ids")
+    kinds = set(map(type, value))  # C speed, even for a long list of token ids
+    if kinds == {str}:
+        prompt.texts.extend(value)
+    elif kinds == {int}:
+        if min(value) < 0:
+            number = next(i for i, item in enumerate(value) if item < 0)
+            raise _invalid(f"{name}[{number}]", "must be a token id: an integer of at least 0")
+        prompt.token_ids += len(value)
+    elif kinds == {list}:
+        for number, ids in enumerate(value):
+            if not ids or set(map(type, ids)) != {int} or min(ids) < 0:
+                raise _invalid(
+                    f"{name}[{number}]", "must be a non-empty array of token ids (integers >= 0)"
+                )
+            prompt.token_ids += len(ids)
+    else:
+        first = type(value[0])
+        number = 0  # the first item is of no accepted kind, or a later one differs from it
+        if first in (str, int, list):
+            number = next(i for i, item in enumerate(value) if type(item) is not first)
+        raise _invalid(
+            f"{name}[{number}]",
+            "must be of the same kind as the array's first item: all strings, all token ids "
+            "or all arrays of token ids",
+        )
 
 
-def _check_input(value: Any) -> None:
-    if isinstance(value, str) or (isinstance(value, list) and value):
-        return
-    raise _invalid("input", "must be a string or a non-empty array of strings or token ids")
+def _strings(value: Any, texts: list[str]) -> None:
+    """Every string in `value`, object keys included, as a template rendering it would show.
+
+    Recursion is bounded: bodies deeper than MAX_JSON_DEPTH are refused before any walk.
+    """
+    kind = type(value)
+    if kind is str:
+        texts.append(value)
+    elif kind is list:
+        for item in value:
+            if type(item) is str:
+                texts.append(item)
+            elif type(item) in (dict, list):
+                _strings(item, texts)
+    elif kind is dict:
+        for key, item in value.items():
+            texts.append(key)
+            if type(item) is str:
+                texts.append(item)
+            elif type(item) in (dict, list):
+                _strings(item, texts)
 
 
 def _optional_bool(payload: dict[str, Any], key: str, *, name: str | None = None) -> bool:

@@ -1,6 +1,6 @@
 """Guardrails: operational limits on what a request may ask, checked before it is routed.
 
-Three checks, all on the parsed request and nothing else, cheapest first:
+Four checks, all on the parsed request and nothing else, cheapest first:
 
 - **max_tokens cap** (per key): a request asking for more than the key's `max_tokens` (as
   `max_tokens`, or `max_completion_tokens` on chat) is refused with 400 `max_tokens_exceeded`
@@ -8,16 +8,26 @@ Three checks, all on the parsed request and nothing else, cheapest first:
   for 4,000 tokens and silently got 256 would read a cut-off answer as the model's whole one.
   A request that names no limit is given the cap (`max_completion_tokens` on chat,
   `max_tokens` on completions), so omitting it is no way around the cap.
-- **input size** (per key, else the global default): the UTF-8 bytes of the prompt's text
-  (chat messages' content strings and text parts, a completion's prompt strings, an
-  embedding's input strings; token-id prompts are not text and are bounded by the body
-  limit alone). Over the cap: 400 `input_too_large` naming the field. 400, not 413, because
-  the body was acceptable as HTTP (that is `server.max_body_bytes`, answered 413 before it is
-  read); what is too large is the prompt, which is how OpenAI reports a too-long prompt too.
+- **n cap** (per key, else the global default, 16): `n` (and a completion's `best_of`) over it
+  is 400 `integer_above_max_value` naming the parameter, as OpenAI answers an `n` over its
+  own maximum. Every choice is a whole completion: without this cap `n: 1000` would ask a
+  thousand times the `max_tokens` cap of work.
+- **input size** (per key, else the global default): the UTF-8 bytes of the prompt's text,
+  everything the upstream renders into the model's input as `gateway.validation` measures it
+  (message contents of every text shape, names, tool calls and their arguments, reasoning,
+  tool definitions; a completion's prompt and suffix; an embedding's input). Token-id
+  prompts are not text and are bounded by the body limit alone. Over the cap: 400
+  `input_too_large` naming the request's main field. 400, not 413, because the body was
+  acceptable as HTTP (that is `server.max_body_bytes`, answered 413 before it is read); what
+  is too large is the prompt, which is how OpenAI reports a too-long prompt too.
 - **deny patterns** (global): regular expressions searched in the same text only (never in
   other fields, headers or the model name). A match is 400 `content_policy_violation`; the
   message gives the pattern's index in the config, never the text it matched. Nothing here
   logs: the access log has the request's error code, and never the prompt.
+
+While either text check is in force, a request holding a field whose effect on the prompt no
+text check can see (a `chat_template` of its own, which can build any text; `prompt_embeds`)
+is refused: 400 `unsupported_by_guardrails` naming the field.
 
 Patterns are compiled once, at start-up, and each searched once in the prompt's texts joined
 by newlines. They are not joined into one alternation: that would cost `re` its fast search
@@ -32,14 +42,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.errors import InvalidRequest
 from gateway.validation import Endpoint, ProxyRequest
 
 MAX_PATTERNS = 100
-_CHAT, _COMPLETIONS, _EMBEDDINGS = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS
 MAX_PATTERN_CHARS = 1000
+# The global cap on `n` (and `best_of`) unless the config says otherwise: room for sampling
+# several answers to pick from, not for one request to occupy a worker's every sequence slot.
+DEFAULT_MAX_N = 16
+_EMBEDDINGS = Endpoint.EMBEDDINGS
 
 _TEXT_FIELD = {
     Endpoint.CHAT: "messages",
@@ -51,6 +63,8 @@ _DEFAULT_LIMIT_PARAM = {
     Endpoint.CHAT: "max_completion_tokens",
     Endpoint.COMPLETIONS: "max_tokens",
 }
+# The parameters that multiply a request's completions, each capped by `max_n`.
+_CHOICE_PARAMS = ("n", "best_of")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,7 @@ class KeyGuardrails:
 
     max_tokens: int | None = None  # the most a request may ask for per completion
     max_input_bytes: int | None = None  # overrides the global default, either way
+    max_n: int | None = None  # choices per request (`n`, `best_of`); overrides the global cap
 
 
 def check_pattern(pattern: str) -> str | None:
@@ -76,29 +91,6 @@ def check_pattern(pattern: str) -> str | None:
     return None
 
 
-def prompt_texts(endpoint: Endpoint, payload: dict[str, Any]) -> list[str]:
-    """The prompt's text, piece by piece: what a person wrote, not the request's framing."""
-    texts: list[str] = []
-    if endpoint is _CHAT:
-        for message in payload["messages"]:  # validated: a non-empty list
-            content = message.get("content") if type(message) is dict else None
-            if type(content) is str:
-                texts.append(content)
-            elif type(content) is list:
-                for part in content:
-                    if type(part) is dict and part.get("type") == "text":
-                        text = part.get("text")
-                        if type(text) is str:
-                            texts.append(text)
-    else:
-        value = payload.get("prompt" if endpoint is _COMPLETIONS else "input")
-        if type(value) is str:
-            texts.append(value)
-        elif type(value) is list:
-            texts.extend(item for item in value if type(item) is str)
-    return texts
-
-
 def utf8_size(texts: Iterable[str]) -> int:
     # str.isascii() is O(1) in CPython: only non-ASCII text is encoded to be measured.
     size = 0
@@ -110,36 +102,53 @@ def utf8_size(texts: Iterable[str]) -> int:
 class Guardrails:
     """The global guardrails (from the config) applied with one key's own (from its entry)."""
 
-    __slots__ = ("_patterns", "active", "max_input_bytes", "pattern_sources")
+    __slots__ = ("_patterns", "active", "max_input_bytes", "max_n", "pattern_sources")
 
     def __init__(
-        self, deny_patterns: Sequence[str] = (), max_input_bytes: int | None = None
+        self,
+        deny_patterns: Sequence[str] = (),
+        max_input_bytes: int | None = None,
+        max_n: int | None = None,
     ) -> None:
         self.pattern_sources = tuple(deny_patterns)
         self._patterns = tuple(re.compile(pattern) for pattern in deny_patterns)
         self.max_input_bytes = max_input_bytes
+        self.max_n = max_n
         # Whether any request needs looking at regardless of its key: the hot path's test.
-        self.active = bool(self._patterns) or max_input_bytes is not None
+        self.active = bool(self._patterns) or max_input_bytes is not None or max_n is not None
 
     def check(self, request: ProxyRequest, key: KeyGuardrails | None) -> None:
         """Raise `InvalidRequest` if `request` breaks a guardrail; may set the token cap."""
         limit = self.max_input_bytes
+        max_n = self.max_n
         if key is not None:
             if key.max_tokens is not None and request.endpoint is not _EMBEDDINGS:
                 _cap_tokens(request, key.max_tokens)
             if key.max_input_bytes is not None:
                 limit = key.max_input_bytes
+            if key.max_n is not None:
+                max_n = key.max_n
+        if max_n is not None and request.endpoint is not _EMBEDDINGS:
+            _cap_choices(request, max_n, key is not None and key.max_n is not None)
         if limit is None and not self._patterns:
             return
-        texts = prompt_texts(request.endpoint, request.payload)
+        prompt = request.prompt
+        if prompt.opaque is not None:
+            raise InvalidRequest(
+                f"'{prompt.opaque}' is not accepted by this gateway: its guardrails check the "
+                "prompt's text, and cannot see what this field would make of it.",
+                param=prompt.opaque,
+                code="unsupported_by_guardrails",
+            )
+        texts = prompt.texts
         field = _TEXT_FIELD[request.endpoint]
         if limit is not None:
             size = utf8_size(texts)
             if size > limit:
                 whose = "this API key" if key is not None and key.max_input_bytes else "the gateway"
                 raise InvalidRequest(
-                    f"The text of '{field}' is {size:,} bytes; {whose} allows at most "
-                    f"{limit:,} bytes per request.",
+                    f"The text of '{field}' (with the other fields rendered into the prompt) "
+                    f"is {size:,} bytes; {whose} allows at most {limit:,} bytes per request.",
                     param=field,
                     code="input_too_large",
                 )
@@ -166,6 +175,21 @@ class Guardrails:
             if pattern.search(text) is not None:
                 return index
         return None
+
+
+def _cap_choices(request: ProxyRequest, cap: int, keys_own: bool) -> None:
+    payload = request.payload
+    for param in _CHOICE_PARAMS:
+        value = payload.get(param)
+        # Validated: an int of at least 1 where present (best_of only on completions).
+        if type(value) is int and value > cap:
+            whose = "this API key" if keys_own else "the gateway"
+            raise InvalidRequest(
+                f"Invalid '{param}': {value} choices were asked for, but {whose} allows at "
+                f"most {cap} per request.",
+                param=param,
+                code="integer_above_max_value",
+            )
 
 
 def _cap_tokens(request: ProxyRequest, cap: int) -> None:

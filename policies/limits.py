@@ -37,9 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import orjson
-
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.validation import Endpoint, Prompt, measure_prompt
 
 PERIOD_US = 60_000_000  # the rate limits' period: one minute
 DAY_US = 86_400_000_000
@@ -250,59 +249,49 @@ _MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, per chat message
 _IMAGE_TOKENS = 85  # an image part, at OpenAI's "low detail" price
 
 
-def estimate_tokens(payload: dict[str, Any], endpoint: str, default_max_tokens: int = 256) -> int:
+def estimate_tokens(
+    payload: dict[str, Any],
+    endpoint: str,
+    default_max_tokens: int = 256,
+    prompt: Prompt | None = None,
+) -> int:
     """A cheap upper-ish estimate of the tokens a request will use, without a tokenizer.
 
-    The prompt: its characters divided by 4, rounded up (chat: every message's text parts,
-    plus 4 tokens per message and 85 per image part; tools and functions by their JSON
-    size; completions and embeddings: `prompt` / `input`, where lists of token ids count
-    one token each). The completion: `max_completion_tokens`, else `max_tokens`, else
-    `default_max_tokens`, times `n`; embeddings have none. `endpoint` is the request's path
-    (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) or the short name.
+    The prompt, as `gateway.validation.measure_prompt` measures it for the guardrails too:
+    its text's characters divided by 4, rounded up (every shape rendered into the prompt:
+    message contents, names, tool calls, tool definitions, a completion's prompt and suffix,
+    an embedding's input), plus 4 tokens per chat message, 85 per media part and one per
+    token id given as such. Pass the request's `prompt` where it was measured already (by
+    `parse_request`), to spare a second walk. The completion: `max_completion_tokens`, else
+    `max_tokens`, else `default_max_tokens`, times the completions generated (`n`, or a
+    completion's `best_of` where larger); embeddings have none. `endpoint` is the request's
+    path (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) or the short name.
     The estimate is reconciled with the response's `usage` when it ends.
     """
-    chars = 0
-    tokens = 0
     embeddings = endpoint.endswith("embeddings")
-    if endpoint.endswith("chat/completions") or endpoint == "chat":
-        messages = payload.get("messages")
-        if isinstance(messages, list):
-            tokens += _MESSAGE_OVERHEAD_TOKENS * len(messages)
-            for message in messages:
-                if not isinstance(message, dict):
-                    continue
-                content = message.get("content")
-                if isinstance(content, str):
-                    chars += len(content)
-                elif isinstance(content, list):
-                    for part in content:
-                        if isinstance(part, dict):
-                            text = part.get("text")
-                            if isinstance(text, str):
-                                chars += len(text)
-                            elif part.get("type") in ("image_url", "input_image", "image"):
-                                tokens += _IMAGE_TOKENS
-                for name in ("tool_calls", "function_call"):
-                    if message.get(name):
-                        chars += _json_size(message[name])
-        for name in ("tools", "functions"):
-            if payload.get(name):
-                chars += _json_size(payload[name])
-    else:
-        prompt = payload.get("input" if embeddings else "prompt")
-        tokens += _prompt_tokens(prompt)
-        if isinstance(prompt, str):
-            chars += len(prompt)
-        elif isinstance(prompt, list):
-            chars += sum(len(item) for item in prompt if isinstance(item, str))
-    tokens += -(-chars // _CHARS_PER_TOKEN)
+    if prompt is None:
+        if endpoint.endswith("chat/completions") or endpoint == "chat":
+            kind = Endpoint.CHAT
+        else:
+            kind = Endpoint.EMBEDDINGS if embeddings else Endpoint.COMPLETIONS
+        try:
+            prompt = measure_prompt(kind, payload)
+        except InvalidRequest:
+            prompt = Prompt()  # not a valid request: its completion budget alone
+    tokens = (
+        prompt.token_ids
+        + _MESSAGE_OVERHEAD_TOKENS * prompt.messages
+        + _IMAGE_TOKENS * prompt.media
+        - (-sum(map(len, prompt.texts)) // _CHARS_PER_TOKEN)
+    )
     if not embeddings:
         budget = _count(payload.get("max_completion_tokens"))
         if budget is None:
             budget = _count(payload.get("max_tokens"))
         if budget is None:
             budget = default_max_tokens
-        tokens += budget * max(1, _count(payload.get("n")) or 1)
+        choices = max(1, _count(payload.get("n")) or 1, _count(payload.get("best_of")) or 1)
+        tokens += budget * choices
     return clamp_tokens(tokens)
 
 
@@ -310,22 +299,6 @@ def _count(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
-
-
-def _prompt_tokens(prompt: Any) -> int:
-    """Token ids given as such: a list of ints, or a list of lists of ints."""
-    if not isinstance(prompt, list) or not prompt:
-        return 0
-    if isinstance(prompt[0], int):
-        return len(prompt)
-    return sum(len(item) for item in prompt if isinstance(item, list))
-
-
-def _json_size(value: Any) -> int:
-    try:
-        return len(orjson.dumps(value))
-    except TypeError:
-        return 0
 
 
 # The wire format: OpenAI's x-ratelimit-* headers and Retry-After.

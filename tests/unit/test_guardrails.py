@@ -6,14 +6,15 @@ import orjson
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.validation import Endpoint, parse_request
+from gateway.validation import Endpoint, measure_prompt, parse_request
 from policies.guardrails import (
+    DEFAULT_MAX_N,
     Guardrails,
     KeyGuardrails,
     check_pattern,
-    prompt_texts,
     utf8_size,
 )
+from policies.limits import estimate_tokens
 
 
 def chat(**body: Any) -> Any:
@@ -69,9 +70,9 @@ def test_input_size_counts_utf8_bytes_of_the_text_only() -> None:
     error = refused(guardrails, chat(messages=[{"role": "user", "content": "é" * 6}]), None)
     assert (error.code, error.param) == ("input_too_large", "messages")
     assert "12 bytes" in error.message and "the gateway allows at most 10" in error.message
-    # Across messages and text parts; image parts and names are not prompt text.
+    # Across messages and text parts; image parts are not prompt text.
     messages = [
-        {"role": "system", "content": "abcde", "name": "x" * 100},
+        {"role": "system", "content": "abcde"},
         {
             "role": "user",
             "content": [
@@ -83,6 +84,9 @@ def test_input_size_counts_utf8_bytes_of_the_text_only() -> None:
     guardrails.check(chat(messages=messages), None)
     messages[0]["content"] = "abcdef"
     refused(guardrails, chat(messages=messages), None)
+    # A name is rendered into the prompt: it counts.
+    named = [{"role": "system", "content": "abcde", "name": "x" * 100}]
+    refused(guardrails, chat(messages=named), None)
 
 
 def test_a_keys_own_input_cap_overrides_the_global_one_either_way() -> None:
@@ -151,9 +155,163 @@ def test_prompt_texts_and_their_size() -> None:
             {"role": "user", "content": "héllo"},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
             {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text"}]},
-            "not a message",
         ]
     }
-    texts = list(prompt_texts(Endpoint.CHAT, payload))
-    assert texts == ["héllo", "ok"]
-    assert utf8_size(texts) == 8
+    texts = measure_prompt(Endpoint.CHAT, payload).texts
+    assert texts == ["héllo", "id", "x", "ok"]
+    assert utf8_size(texts) == 11
+
+
+# Every shape the upstream renders into the prompt is read by the text checks (issue 9).
+
+SECRET = "launch-code-4242"
+BYPASSES: list[tuple[str, dict[str, Any]]] = [
+    ("input_text part", {"content": [{"type": "input_text", "text": SECRET}]}),
+    ("output_text part", {"content": [{"type": "output_text", "text": SECRET}]}),
+    ("refusal part", {"content": [{"type": "refusal", "refusal": SECRET}]}),
+    ("thinking part", {"content": [{"type": "thinking", "thinking": SECRET}]}),
+    ("bare string part", {"content": ["hello", SECRET]}),
+    ("unknown part type", {"content": [{"type": "novel", "body": {"text": SECRET}}]}),
+    ("reasoning", {"role": "assistant", "reasoning": SECRET}),
+    ("reasoning_content", {"role": "assistant", "reasoning_content": SECRET}),
+    ("name", {"content": "hi", "name": SECRET}),
+    (
+        "tool call arguments",
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": SECRET}}
+            ],
+        },
+    ),
+    (
+        "tool call name",
+        {"role": "assistant", "tool_calls": [{"function": {"name": SECRET, "arguments": "{}"}}]},
+    ),
+    ("function_call", {"role": "assistant", "function_call": {"name": "f", "arguments": SECRET}}),
+    ("tool result", {"role": "tool", "tool_call_id": "1", "content": SECRET}),
+    ("an unknown message field", {"content": "hi", "prefix_text": SECRET}),
+]
+
+
+@pytest.mark.parametrize(("shape", "message"), BYPASSES, ids=[s for s, _ in BYPASSES])
+def test_every_chat_shape_is_searched_and_counted(shape: str, message: dict[str, Any]) -> None:
+    request = chat(messages=[{"role": "user", **message}])
+    error = refused(Guardrails(deny_patterns=["launch-code-\\d+"]), request, None)
+    assert error.code == "content_policy_violation", shape
+    error = refused(Guardrails(max_input_bytes=len(SECRET) - 1), request, None)
+    assert error.code == "input_too_large", shape
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"type": "function", "function": {"name": "f", "description": SECRET}}]},
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {SECRET: {"type": "string"}},
+                        },
+                    },
+                }
+            ]
+        },
+        {"functions": [{"name": "f", "description": SECRET}]},
+        {"documents": [{"title": "t", "text": SECRET}]},
+        {"chat_template_kwargs": {"persona": SECRET}},
+    ],
+)
+def test_request_fields_rendered_with_the_messages_are_searched(extra: dict[str, Any]) -> None:
+    error = refused(Guardrails(deny_patterns=["launch-code-\\d+"]), chat(**extra), None)
+    assert (error.code, error.param) == ("content_policy_violation", "messages")
+
+
+def test_every_completion_and_embedding_shape_is_searched() -> None:
+    guardrails = Guardrails(deny_patterns=["launch-code-\\d+"])
+    for endpoint, body in [
+        (Endpoint.COMPLETIONS, {"prompt": SECRET}),
+        (Endpoint.COMPLETIONS, {"prompt": ["fine", SECRET]}),
+        (Endpoint.COMPLETIONS, {"prompt": "fine", "suffix": SECRET}),
+        (Endpoint.EMBEDDINGS, {"input": SECRET}),
+        (Endpoint.EMBEDDINGS, {"input": ["fine", SECRET]}),
+    ]:
+        request = parse_request(endpoint, orjson.dumps({"model": "m", **body}))
+        assert refused(guardrails, request, None).code == "content_policy_violation", body
+
+
+def test_fields_no_text_check_can_read_are_refused_only_while_one_is_in_force() -> None:
+    template = chat(chat_template="{{ 'launch-' ~ 'code-' ~ 4242 }}")
+    error = refused(Guardrails(deny_patterns=["launch-code-\\d+"]), template, None)
+    assert (error.code, error.param) == ("unsupported_by_guardrails", "chat_template")
+    error = refused(Guardrails(), template, KeyGuardrails(max_input_bytes=1000))
+    assert error.param == "chat_template"
+    embeds = parse_request(
+        Endpoint.COMPLETIONS, orjson.dumps({"model": "m", "prompt": "", "prompt_embeds": "AA=="})
+    )
+    assert refused(Guardrails(max_input_bytes=10), embeds, None).param == "prompt_embeds"
+    # No text check: nothing to bypass, so nothing is refused.
+    Guardrails(max_n=DEFAULT_MAX_N).check(template, KeyGuardrails(max_tokens=10))
+    Guardrails().check(embeds, None)
+
+
+# The `n` cap.
+
+
+def test_n_over_the_global_cap_is_refused_naming_it() -> None:
+    guardrails = Guardrails(max_n=DEFAULT_MAX_N)
+    assert guardrails.active  # the default config caps n: every request is looked at
+    guardrails.check(chat(n=DEFAULT_MAX_N), None)
+    error = refused(guardrails, chat(n=1000), None)
+    assert (error.code, error.param) == ("integer_above_max_value", "n")
+    assert "1000" in error.message and f"the gateway allows at most {DEFAULT_MAX_N}" in (
+        error.message
+    )
+    completion = parse_request(
+        Endpoint.COMPLETIONS, b'{"model": "m", "prompt": "hi", "n": 2, "best_of": 17}'
+    )
+    assert refused(guardrails, completion, None).param == "best_of"
+    # Embeddings have no choices.
+    embedding = parse_request(Endpoint.EMBEDDINGS, b'{"model": "m", "input": "hi", "n": 99}')
+    guardrails.check(embedding, None)
+
+
+def test_a_keys_own_n_cap_overrides_the_global_one_either_way() -> None:
+    guardrails = Guardrails(max_n=4)
+    guardrails.check(chat(n=8), KeyGuardrails(max_n=8))
+    error = refused(guardrails, chat(n=3), KeyGuardrails(max_n=2))
+    assert "this API key allows at most 2" in error.message
+    # No global cap: the key's alone applies, and without one nothing does.
+    refused(Guardrails(), chat(n=3), KeyGuardrails(max_n=2))
+    Guardrails().check(chat(n=10**6), None)
+
+
+# The token estimate reads the same measure.
+
+
+def test_the_estimate_counts_every_choice_and_every_rendered_shape() -> None:
+    request = chat(max_tokens=10, n=3)
+    assert estimate_tokens(request.payload, "chat") == 4 + 1 + 10 * 3
+    completion = parse_request(
+        Endpoint.COMPLETIONS, b'{"model": "m", "prompt": "abcd", "max_tokens": 10, "best_of": 5}'
+    )
+    assert estimate_tokens(completion.payload, "/v1/completions") == 1 + 10 * 5
+    # Tool-call arguments and reasoning count: 40 characters, 10 tokens more.
+    message = {
+        "role": "assistant",
+        "reasoning": "r" * 20,
+        "tool_calls": [{"function": {"arguments": "a" * 20}}],
+    }
+    plain = chat(max_tokens=1)
+    rich = chat(max_tokens=1, messages=[{"role": "user", "content": "hi"}, message])
+    assert estimate_tokens(rich.payload, "chat") >= estimate_tokens(plain.payload, "chat") + 14
+    # Measured once by parse_request, passed in: the same answer without a second walk.
+    for request in (plain, rich, completion):
+        endpoint = request.endpoint.value
+        assert estimate_tokens(request.payload, endpoint, prompt=request.prompt) == (
+            estimate_tokens(request.payload, endpoint)
+        )
