@@ -52,6 +52,7 @@ from policies.load import LoadScraper, ScrapeTarget
 from policies.redis_state import RedisHealth, create_client
 from policies.retry import RetryBudget, RetryPolicy
 from providers import MissingCredential, create_adapter
+from providers.http1 import ByteBudget
 
 
 @dataclass
@@ -94,10 +95,12 @@ class Gateway:
             [model.name for model in config.models],
             [backend.name for model in config.models for backend in model.backends],
         )
+        # One bound on the upstream answers held in memory, shared by every backend.
+        budget = ByteBudget(config.upstream.max_buffered_bytes)
         routes = [
             Route(
                 model,
-                [_backend(config, m, b, metrics) for b in range(len(model.backends))],
+                [_backend(config, m, b, metrics, budget) for b in range(len(model.backends))],
                 _retry_policy(model.retries),
             )
             for m, model in enumerate(config.models)
@@ -237,12 +240,16 @@ class Gateway:
 
 
 def _backend(
-    config: GatewayConfig, model_index: int, backend_index: int, metrics: GatewayMetrics
+    config: GatewayConfig,
+    model_index: int,
+    backend_index: int,
+    metrics: GatewayMetrics,
+    budget: ByteBudget,
 ) -> Backend:
     route = config.models[model_index]
     backend = route.backends[backend_index]
     try:
-        adapter = create_adapter(backend, route.timeouts)
+        adapter = create_adapter(backend, route.timeouts, config.upstream, budget)
     except MissingCredential as exc:
         field = f"models[{model_index}].backends[{backend_index}].api_key_env"
         raise ConfigError(config.source, field, str(exc)) from None

@@ -290,6 +290,29 @@ class LimitsConfig(_Frozen):
     probe_interval_s: float = Field(1.0, gt=0)  # while Redis is down, how often it is tried
 
 
+class UpstreamConfig(_Frozen):
+    """What the gateway takes from an upstream (providers/http1.py). Past a size cap the
+    attempt fails as the upstream's fault (502, retried elsewhere if allowed); past the
+    process-wide buffer, as the gateway's overload (503 with Retry-After)."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # head; trailers too
+    max_headers: int = Field(256, ge=8, le=10_000)  # header fields in one answer's head
+    # One answer read whole (non-streamed). Chat and completions: 8k tokens with 20
+    # top_logprobs each, or 16 choices of a 128k-token answer, fit in 16 MiB.
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
+    # Embeddings are the largest legitimate answers: as JSON floats about 21 bytes each,
+    # 64 MiB is ~1,000 inputs of 3,072 dimensions; base64 fits 2,048 of them in 34 MB.
+    max_embeddings_body_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)  # all reads at once
+
+    @model_validator(mode="after")
+    def _answers_fit_the_buffer(self) -> UpstreamConfig:
+        for name in ("max_body_bytes", "max_embeddings_body_bytes"):
+            if getattr(self, name) > self.max_buffered_bytes:
+                raise ValueError(f"{name} is larger than max_buffered_bytes")
+        return self
+
+
 class TracingConfig(_Frozen):
     """OTLP/HTTP export of one span per request, routing decisions as its events."""
 
@@ -468,6 +491,7 @@ class GatewayConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()  # no key: /admin/... does not exist (404)
     guardrails: GuardrailsConfig = GuardrailsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()  # caps on what upstreams send
     jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
     source: str = "<memory>"
 

@@ -40,6 +40,7 @@ from policies.resume import Diverged, Splice, Transcript, prefill_payload
 from policies.retry import AttemptFailed, RetryPolicy
 from policies.selection import Selector, create_selector
 from providers import Adapter, UpstreamBroken, UpstreamConnectError, UpstreamResponse
+from providers.base import UpstreamBufferFull, retry_after_seconds
 
 # A backend that refused a connection sits out this long; nothing was sent to it, so
 # skipping it costs nobody anything. Active health checks come with the health policy.
@@ -893,11 +894,12 @@ async def _rejection(backend: Backend, response: UpstreamResponse) -> AttemptFai
     try:
         data = await response.read(MAX_ERROR_BODY_BYTES)
         payload: Any = orjson.loads(data)
-    except (UpstreamBroken, orjson.JSONDecodeError):
-        payload = None
+    except (UpstreamBroken, UpstreamBufferFull, orjson.JSONDecodeError):
+        payload = None  # the status says enough; a body that could not be held is unread
     message = _error_message(payload)
     retryable = status in _RETRYABLE_STATUSES
-    retry_after = _seconds(response.retry_after) if retryable else None
+    seconds = _seconds(response.retry_after)
+    retry_after = seconds if retryable else None
     error: GatewayError
     if status in (401, 403, 407):
         # The client's key was fine; the gateway's own credentials for this backend are not.
@@ -916,7 +918,8 @@ async def _rejection(backend: Backend, response: UpstreamResponse) -> AttemptFai
             "code": None,
             **(error_body if isinstance(error_body, dict) else {}),
         }
-        headers = {"Retry-After": response.retry_after} if response.retry_after else {}
+        # The client gets the parsed whole seconds, never the upstream's own bytes.
+        headers = {"Retry-After": str(seconds)} if seconds is not None else {}
         rejected_type = (
             ContextTooLong
             if status == 400 and _CONTEXT_TOO_LONG.search(message or "")
@@ -962,13 +965,9 @@ def _first_event_error(backend: Backend, error: dict[str, Any]) -> AttemptFailed
     )
 
 
-def _seconds(retry_after: str | None) -> float | None:
-    if retry_after is None:
-        return None
-    try:
-        return max(float(retry_after), 0.0)
-    except ValueError:
-        return None  # an HTTP date: rare from inference servers, and backoff still applies
+def _seconds(retry_after: str | None) -> int | None:
+    """Delta-seconds or an HTTP-date as whole seconds, at most an hour; None if neither."""
+    return retry_after_seconds(retry_after)
 
 
 def _error_message(payload: Any) -> str | None:

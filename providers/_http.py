@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
-from gateway.config import BackendConfig
+from gateway.config import BackendConfig, UpstreamConfig
 from providers.base import UpstreamBroken, UpstreamConnectError
-from providers.http1 import ConnectionPool, Response
+from providers.http1 import ByteBudget, ConnectionPool, Response
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection the server is
 # about to close would otherwise fail a request that never reached it.
@@ -17,19 +17,36 @@ MAX_HEALTH_BODY = 64 * 1024
 MAX_METRICS_BODY = 2 * 1024 * 1024  # vLLM's /metrics is tens of KiB; more is not vLLM's
 
 
-class HTTPUpstreamResponse:
-    __slots__ = ("_response", "content_type", "retry_after", "status")
+_EMBEDDINGS_PATH = "/v1/embeddings"
 
-    def __init__(self, response: Response) -> None:
+
+class HTTPUpstreamResponse:
+    __slots__ = (
+        "_budget",
+        "_cap",
+        "_response",
+        "_setting",
+        "content_type",
+        "retry_after",
+        "status",
+    )
+
+    def __init__(self, response: Response, cap: int, setting: str, budget: ByteBudget) -> None:
         self._response = response
+        self._cap = cap
+        self._setting = setting
+        self._budget = budget
         self.status = response.status
         self.content_type = response.header(b"content-type") or ""
         self.retry_after = response.header(b"retry-after")
 
-    # The lean client's errors are already UpstreamBroken / UpstreamConnectError.
+    # The lean client's errors are already UpstreamBroken / UpstreamConnectError, and
+    # UpstreamBufferFull (a 503) when the process holds as much as it may.
 
     async def read(self, limit: int) -> bytes:
-        return await self._response.read(limit)
+        if limit < self._cap:  # the router's own, smaller limit (an error body)
+            return await self._response.read(limit, self._budget)
+        return await self._response.read(self._cap, self._budget, self._setting)
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._response.chunks()
@@ -43,12 +60,21 @@ class OpenAICompatibleAdapter:
     health_path: ClassVar[str] = "/health"
 
     def __init__(
-        self, backend: BackendConfig, *, connect_timeout_s: float, api_key: str | None
+        self,
+        backend: BackendConfig,
+        *,
+        connect_timeout_s: float,
+        api_key: str | None,
+        upstream: UpstreamConfig | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.name = backend.name
         self._base_url = backend.url
         self._max_connections = backend.max_connections
         self._connect_timeout_s = connect_timeout_s
+        self._limits = upstream = upstream or UpstreamConfig()
+        # Shared by every adapter of the process (gateway.app); its own when built alone.
+        self._budget = budget or ByteBudget(upstream.max_buffered_bytes)
         # The header block is encoded once; only the request id changes per request.
         headers = b"Content-Type: application/json\r\n"
         if api_key:
@@ -62,6 +88,8 @@ class OpenAICompatibleAdapter:
             max_connections=self._max_connections,
             keepalive_s=KEEPALIVE_S,
             connect_timeout_s=self._connect_timeout_s,
+            max_head_bytes=self._limits.max_header_bytes,
+            max_headers=self._limits.max_headers,
         )
 
     async def aclose(self) -> None:
@@ -72,7 +100,13 @@ class OpenAICompatibleAdapter:
     async def post(
         self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
     ) -> HTTPUpstreamResponse:
-        return await self._send(b"POST", path, body, request_id, traceparent)
+        response = await self._send(b"POST", path, body, request_id, traceparent)
+        limits = self._limits
+        if path == _EMBEDDINGS_PATH:
+            cap, setting = limits.max_embeddings_body_bytes, "upstream.max_embeddings_body_bytes"
+        else:
+            cap, setting = limits.max_body_bytes, "upstream.max_body_bytes"
+        return HTTPUpstreamResponse(response, cap, setting, self._budget)
 
     async def _send(
         self,
@@ -81,13 +115,15 @@ class OpenAICompatibleAdapter:
         body: bytes,
         request_id: str,
         traceparent: bytes | None = None,
-    ) -> HTTPUpstreamResponse:
+    ) -> Response:
         assert self._pool is not None, "adapter used before start()"
         headers = self._headers + b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
         if traceparent is not None:
             headers += b"traceparent: " + traceparent + b"\r\n"
-        response = await self._pool.request(method, path.encode(), headers, body)
-        return HTTPUpstreamResponse(response)
+        return await self._pool.request(method, path.encode(), headers, body)
+
+    # Probes read small, capped bodies outside the budget: one at a time per backend, they
+    # must not fail (and eject a backend) because client answers fill the buffer.
 
     async def health(self, timeout_s: float) -> bool:
         try:

@@ -10,6 +10,13 @@ requests with a body, responses with a length, chunked or ending at close, read 
 streamed with flow control, TLS, a connect timeout, and abort on cancellation (closing the
 connection is how an upstream such as vLLM learns to stop generating). Parsing, the part
 that is easy to get wrong, is llhttp's via httptools, as in uvicorn.
+
+What an upstream sends is bounded before it is kept: the head (and trailers, chunk lines)
+by `max_head_bytes` and `max_headers`, a body read whole by the caller's limit and by a
+`ByteBudget` shared across pools. Interim answers (1xx) are skipped. A connection goes back
+to the pool only after an exchange that ended cleanly (answer read whole, request sent
+whole, nothing more arrived), and one that receives anything while idle is dropped: its
+bytes would otherwise become the next caller's answer.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from providers.base import UpstreamBroken, UpstreamConnectError
+from providers.base import UpstreamBroken, UpstreamBufferFull, UpstreamConnectError
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the socket pauses
+# An LLM API's head is under 2 KiB (OpenAI's, the largest, about 1.5 KiB in 30 fields).
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_MAX_HEADERS = 256
 
 
 class ConnectFailed(UpstreamConnectError):
@@ -37,19 +47,54 @@ class ConnectionBroken(UpstreamBroken):
     """The connection failed or the upstream spoke broken HTTP after the request was sent."""
 
 
+class ByteBudget:
+    """Body bytes that reads in progress hold at once, across every pool that shares it.
+
+    No lock: the event loop runs one callback at a time, so check-and-add cannot race.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class _OutOfStep(Exception):
+    """Raised in a parser callback to stop parsing; the reason is already in `error`."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one exchange at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_head_bytes: int, max_headers: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
         self.idle_since = 0.0
         self.closed = False
-        self._reset()
+        self.begin()
+        # No exchange yet: an upstream that speaks before it is asked is out of step.
+        self.complete = True
 
-    def _reset(self) -> None:
-        self.status = 0
+    def begin(self) -> None:
+        """Ready for the next exchange (the previous one, if any, ended cleanly)."""
+        self.status = 0  # the final answer's; 0 until its head is whole (1xx are skipped)
         self.headers: dict[bytes, bytes] = {}
+        self.header_count = 0
+        # Bytes received since the last body byte that were not body: heads, chunk-size
+        # lines, trailers. Counted before the parser keeps them; capped by max_head_bytes.
+        self.framing = 0
         self.body: deque[bytes] = deque()
         self.buffered = 0
         self.complete = False
@@ -66,11 +111,50 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:
+            # The answer is whole, or the connection idles in the pool: whatever arrives
+            # now would be read as the next caller's answer.
+            self.abort()
+        elif len(data) <= self.max_head_bytes - self.framing:
+            self._feed(data)
+        else:
+            self._feed_in_steps(data)
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        buffered = self.buffered  # only parsing adds to it, so a rise is body received
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ConnectionBroken(f"malformed HTTP response: {exc}"))
             self.abort()
+            return False
+        if self.buffered == buffered:
+            self.framing += len(data)
+        else:
+            self.framing = 0
+        return True
+
+    def _feed_in_steps(self, data: bytes) -> None:
+        """Parse `data` no further than the framing cap allows; bytes past it are never kept."""
+        view = memoryview(data)
+        while view:
+            room = self.max_head_bytes - self.framing
+            if room <= 0:
+                what = "head" if not self.status else "trailers or chunk-size lines"
+                self._fail(
+                    ConnectionBroken(
+                        f"the upstream's {what} passed {self.max_head_bytes} bytes "
+                        "(upstream.max_header_bytes)"
+                    )
+                )
+                self.abort()
+                return
+            if not self._feed(view[:room]):
+                return
+            view = view[room:]
+            if self.complete and view:
+                self.abort()  # bytes after the answer: the connection is out of step
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -81,11 +165,35 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # more bytes after the answer, in the same read
+            self._fail(ConnectionBroken("the upstream sent more than its answer"))
+            raise _OutOfStep
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a trailer: the head was handed over already; its bytes count as framing
+        self.header_count += 1
+        if self.header_count > self.max_headers:
+            self._fail(
+                ConnectionBroken(
+                    f"the upstream sent over {self.max_headers} header fields "
+                    "(upstream.max_headers)"
+                )
+            )
+            raise _OutOfStep
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._fail(ConnectionBroken("the upstream switched protocols (101)"))
+                raise _OutOfStep
+            # 100 Continue, 103 Early Hints...: an interim answer; the real one follows.
+            self.headers.clear()
+            return
+        self.status = status
         # Asked here: llhttp forgets the message's flags once it completes.
         self.keep_alive = self.parser.should_keep_alive()
         _wake(self.head_waiter)
@@ -99,6 +207,8 @@ class _Connection(asyncio.Protocol):
         _wake(self.body_waiter)
 
     def on_message_complete(self) -> None:
+        if not self.status:
+            return  # an interim answer ended
         self.complete = True
         _wake(self.head_waiter)
         _wake(self.body_waiter)
@@ -124,7 +234,16 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed
+        """Whether the exchange ended cleanly: the answer read whole, the request sent whole
+        (an upstream may answer before reading it all), the upstream willing to go on."""
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and not self.buffered
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
+        )
 
     def abort(self) -> None:
         self.closed = True
@@ -138,12 +257,14 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 
 
 class Response:
-    __slots__ = ("_connection", "_done", "_pool", "headers", "status")
+    __slots__ = ("_budget", "_connection", "_done", "_pool", "_reserved", "headers", "status")
 
     def __init__(self, pool: ConnectionPool, connection: _Connection) -> None:
         self._pool = pool
         self._connection = connection
         self._done = False
+        self._budget: ByteBudget | None = None
+        self._reserved = 0  # bytes of `_budget` this response holds until it is closed
         self.status = connection.status
         self.headers = connection.headers
 
@@ -151,8 +272,10 @@ class Response:
         value = self.headers.get(name)
         return None if value is None else value.decode("latin-1")
 
-    async def read(self, limit: int) -> bytes:
-        """The whole body; `ConnectionBroken` if it breaks off or exceeds `limit` bytes."""
+    async def read(self, limit: int, budget: ByteBudget | None = None, setting: str = "") -> bytes:
+        """The whole body; `ConnectionBroken` if it breaks off or exceeds `limit` bytes
+        (`setting` names where the limit comes from), `UpstreamBufferFull` if holding it
+        would pass `budget`, which it counts against until the response is closed."""
         connection = self._connection
         parts: list[bytes] = []
         size = 0
@@ -162,7 +285,14 @@ class Response:
                 size += len(part)
                 if size > limit:
                     self.close()
-                    raise ConnectionBroken(f"response body is over {limit} bytes")
+                    where = f" ({setting})" if setting else ""
+                    raise ConnectionBroken(f"response body is over {limit} bytes{where}")
+                if budget is not None:
+                    if not budget.take(len(part)):
+                        self.close()
+                        raise UpstreamBufferFull(budget.limit)
+                    self._budget = budget
+                    self._reserved += len(part)
                 parts.append(part)
             elif connection.complete:
                 self.close()
@@ -205,8 +335,12 @@ class Response:
         if self._done:
             return
         self._done = True
+        if self._reserved:
+            assert self._budget is not None
+            self._budget.give(self._reserved)
+            self._reserved = 0
         connection = self._connection
-        if connection.reusable() and not connection.buffered:
+        if connection.reusable():
             self._pool.release(connection)
         else:
             self._pool.discard(connection)
@@ -216,7 +350,14 @@ class ConnectionPool:
     """Keep-alive connections to one origin, at most `max_connections` at once."""
 
     def __init__(
-        self, base_url: str, *, max_connections: int, keepalive_s: float, connect_timeout_s: float
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        keepalive_s: float,
+        connect_timeout_s: float,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+        max_headers: int = DEFAULT_MAX_HEADERS,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -229,6 +370,8 @@ class ConnectionPool:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
+        self._max_head_bytes = max_head_bytes
+        self._max_headers = max_headers
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._held: set[_Connection] = set()
@@ -247,6 +390,9 @@ class ConnectionPool:
             raise
         self._held.add(connection)
         try:
+            connection.begin()
+            if connection.closed:  # spoke before it was asked, or went away: never used
+                raise ConnectionBroken("the upstream closed the connection")
             head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
                 method,
                 self.base_path,
@@ -260,12 +406,14 @@ class ConnectionPool:
             if len(body) >= 65536:
                 connection.transport.write(body)
             if not connection.status and connection.error is None:
+                # Bounded by the caller's deadline (the router's phase timeouts).
                 waiter = connection.head_waiter = asyncio.get_running_loop().create_future()
                 try:
                     await waiter
                 finally:
                     connection.head_waiter = None
-            if connection.error is not None:
+            if not connection.status:  # no head: only a failure wakes the waiter without one
+                assert connection.error is not None
                 raise connection.error
         except BaseException:
             self.discard(connection)
@@ -276,16 +424,16 @@ class ConnectionPool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
+            # Closed by the upstream, or dropped for speaking while idle: never reused.
             if connection.closed or now - connection.idle_since > self._keepalive_s:
                 connection.abort()
                 continue
-            connection._reset()
             return connection
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, protocol = await loop.create_connection(
-                    _Connection,
+                    lambda: _Connection(self._max_head_bytes, self._max_headers),
                     self.host,
                     self.port,
                     ssl=self._ssl,

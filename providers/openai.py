@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 
-from gateway.config import BackendConfig
+from gateway.config import BackendConfig, UpstreamConfig
 from providers._http import OpenAICompatibleAdapter
+from providers.http1 import ByteBudget
 
 
 class MissingCredential(Exception):
@@ -19,9 +20,22 @@ class OpenAIAdapter(OpenAICompatibleAdapter):
     provider = "openai"
     health_path = "/v1/models"
 
-    def __init__(self, backend: BackendConfig, *, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        backend: BackendConfig,
+        *,
+        connect_timeout_s: float,
+        upstream: UpstreamConfig | None = None,
+        budget: ByteBudget | None = None,
+    ) -> None:
         assert backend.api_key_env is not None  # enforced by BackendConfig
         api_key = os.environ.get(backend.api_key_env)
         if not api_key:
             raise MissingCredential(f"environment variable {backend.api_key_env} is not set")
-        super().__init__(backend, connect_timeout_s=connect_timeout_s, api_key=api_key)
+        super().__init__(
+            backend,
+            connect_timeout_s=connect_timeout_s,
+            api_key=api_key,
+            upstream=upstream,
+            budget=budget,
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,3 +267,137 @@ class FakeUpstream:
             await writer.drain()
             return True
         raise ValueError(f"unknown FakeUpstream mode {mode!r}")
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    """One request off the connection: its path, headers (names lower-cased) and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return path, headers, body
+
+
+def chat_answer(request_body: bytes, text: str) -> bytes:
+    """A whole HTTP answer to a chat request saying `text`: an event stream when the request
+    asked for one (as the gateway does to assemble a non-streaming answer), else JSON."""
+    if orjson.loads(request_body).get("stream"):
+        events = (
+            role_event()
+            + content_event(text, finish="stop")
+            + usage_event(3, 1)
+            + b"data: [DONE]\n\n"
+        )
+        return (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + _chunk(events) + b"0\r\n\r\n"
+        )
+    body = orjson.dumps(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+Script = Callable[["ScriptedUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ScriptedUpstream:
+    """A raw socket upstream that runs `script` on each connection it accepts, on an event
+    loop in a thread of its own: for misbehaviour across a connection's requests (interim
+    answers, bytes sent to an idle connection, endless heads) that FakeUpstream's
+    request-by-request modes cannot act. `state` is the scripts' to share (their loop's)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.state: dict[str, Any] = {}
+        self._released: dict[str, asyncio.Event] = {}
+        self._told: dict[str, threading.Event] = {}
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._server = server
+        self._ready.set()
+        self._loop.run_forever()
+
+    # A script and its test in step: the test releases a script waiting at a point, a
+    # script tells the test it has passed one. Each wait is bounded and consumes the signal.
+
+    def release(self, name: str) -> None:
+        """From the test: let a script waiting in `released(name)` go on."""
+        self._loop.call_soon_threadsafe(self._released_event(name).set)
+
+    async def released(self, name: str, timeout_s: float = 30.0) -> None:
+        event = self._released_event(name)
+        await asyncio.wait_for(event.wait(), timeout_s)
+        event.clear()
+
+    def tell(self, name: str) -> None:
+        """From a script: wake the test waiting in `heard(name)`."""
+        self._told_event(name).set()
+
+    def heard(self, name: str, timeout_s: float = 30.0) -> bool:
+        event = self._told_event(name)
+        told = event.wait(timeout_s)
+        event.clear()
+        return told
+
+    def _released_event(self, name: str) -> asyncio.Event:
+        return self._released.setdefault(name, asyncio.Event())
+
+    def _told_event(self, name: str) -> threading.Event:
+        return self._told.setdefault(name, threading.Event())
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(self, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the gateway hung up, as it must on much of what these scripts send
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from providers.http1 import ConnectFailed, ConnectionBroken, ConnectionPool
+from providers.base import UpstreamBufferFull
+from providers.http1 import ByteBudget, ConnectFailed, ConnectionBroken, ConnectionPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -74,6 +75,8 @@ def pool(url: str, **options: float) -> ConnectionPool:
         max_connections=int(options.get("max_connections", 8)),
         keepalive_s=options.get("keepalive_s", 4.0),
         connect_timeout_s=options.get("connect_timeout_s", 1.0),
+        max_head_bytes=int(options.get("max_head_bytes", 64 * 1024)),
+        max_headers=int(options.get("max_headers", 256)),
     )
 
 
@@ -325,3 +328,307 @@ def test_connect_timeout(run) -> None:
     finally:
         for sock in (*fillers, listener):
             sock.close()
+
+
+# What a misbehaving upstream sends: each must fail its own exchange, or be skipped, and
+# never reach the next caller on a reused connection.
+
+ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+# The head of an answer nobody asked for: a reused connection would read the next answer
+# as its body, and wait for 100,000 bytes.
+UNASKED = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"
+
+
+def answer(body: bytes) -> bytes:
+    return ANSWER % (len(body), body)
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+    """Poll `predicate` until true, however slow the machine; go on (to fail later) if not."""
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_interim_answers_are_skipped_and_never_reach_the_next_caller(run) -> None:
+    """100 Continue (and 103 with its headers) come before the answer; a client that takes
+    one as the answer pools the connection, and the next caller receives this answer."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the first request ("first"), no body
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </hint>\r\n\r\n")
+        await writer.drain()
+        # The answer takes a while (an LLM generating). A client that took the 100 as the
+        # answer has sent the next request on this connection by then.
+        try:
+            second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.3)
+        except TimeoutError:
+            second = b""
+        writer.write(answer(b'"first"'))
+        if second:
+            writer.write(answer(b'"second"'))
+        await writer.drain()
+        while True:  # later requests on this connection: answered in turn
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer(b'"second"'))
+            await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(_quiet(handle), "127.0.0.1", 0)
+        client = pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        first = await client.request(b"GET", b"/", b"", b"")
+        first_body = await first.read(100)
+        second = await client.request(b"GET", b"/", b"", b"")
+        second_body = await second.read(100)
+        assert (first.status, first_body, first.header(b"link")) == (200, b'"first"', None)
+        assert (second.status, second_body) == (200, b'"second"')
+        await client.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_switching_protocols_is_broken(run) -> None:
+    async def main() -> None:
+        server = Server(
+            fixed(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n"
+            )
+        )
+        client = pool(await server.start())
+        with pytest.raises(ConnectionBroken, match=r"switched protocols \(101\)"):
+            await client.request(b"GET", b"/", b"", b"")
+        await client.aclose()
+
+    run(main())
+
+
+def test_a_connection_that_receives_bytes_while_idle_is_dropped(run) -> None:
+    async def main() -> None:
+        speak = asyncio.Event()
+        spoken = asyncio.Event()
+
+        async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+            writer.write(OK)
+            await writer.drain()
+            if not speak.is_set():
+
+                async def unasked() -> None:
+                    await speak.wait()
+                    writer.write(UNASKED)
+                    await writer.drain()
+                    spoken.set()
+
+                tasks.append(asyncio.create_task(unasked()))
+            return True
+
+        tasks: list[asyncio.Task[None]] = []
+        server = Server(respond)
+        client = pool(await server.start(), keepalive_s=600.0)  # only the bytes may spoil it
+        assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        speak.set()  # the connection idles in the pool now
+        await asyncio.wait_for(spoken.wait(), 10)
+        await until(lambda: all(c.closed for c in client._idle))
+        async with asyncio.timeout(10):  # without the fix: waits for 100,000 bytes, forever
+            response = await client.request(b"POST", b"/", b"", b"")
+            assert await response.read(10) == b"{}"
+        assert server.connections == 2
+        await client.aclose()
+
+    run(main())
+
+
+def test_bytes_after_the_answer_spoil_the_connection(run) -> None:
+    async def main() -> None:
+        server = Server(fixed(OK + UNASKED))  # more than the answer, in the same write
+        client = pool(await server.start())
+        first = await client.request(b"POST", b"/", b"", b"")
+        assert await first.read(10) == b"{}" and first.header(b"content-length") == "2"
+        async with asyncio.timeout(10):
+            assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        assert server.connections == 2
+        await client.aclose()
+
+    run(main())
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused(run) -> None:
+    async def main() -> None:
+        server = Server(fixed(OK, keep_open=False))  # keep-alive promised, then closed
+        client = pool(await server.start())
+        assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        await until(lambda: all(c.closed for c in client._idle))
+        async with asyncio.timeout(10):
+            assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        assert server.connections == 2
+        await client.aclose()
+
+    run(main())
+
+
+def test_an_answer_before_the_request_was_sent_whole_is_not_pooled(run) -> None:
+    """An upstream may answer (413, say) without reading the body; the connection still
+    holds the body's unsent rest, and the next request would queue behind it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)  # and never reads the body
+        await writer.drain()
+        if len(connections) == 1:
+            await asyncio.Event().wait()
+        while True:  # the second connection serves requests as they come
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(OK)
+            await writer.drain()
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def main() -> None:
+        server = await asyncio.start_server(_quiet(handle), "127.0.0.1", 0)
+        client = pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        big = b"x" * (64 * 1024 * 1024)  # more than the sockets' buffers hold
+        assert await (await client.request(b"POST", b"/", b"", big)).read(10) == b"{}"
+        async with asyncio.timeout(10):
+            assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        assert len(connections) == 2
+        await client.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_an_oversized_head_fails_before_it_is_kept(run) -> None:
+    total = 64 * 1024 * 1024
+    sent = 0
+    done = asyncio.Event
+
+    async def main() -> None:
+        finished = done()
+
+        async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+            nonlocal sent
+            writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+            piece = b"a" * (1024 * 1024)
+            try:
+                while sent < total:
+                    writer.write(piece)
+                    await writer.drain()
+                    sent += len(piece)
+            except ConnectionError:
+                pass
+            finished.set()
+            return False
+
+        server = Server(respond)
+        client = pool(await server.start())
+        with pytest.raises(ConnectionBroken, match=r"head passed 65536 bytes"):
+            await client.request(b"POST", b"/", b"", b"")
+        await asyncio.wait_for(finished.wait(), 30)
+        assert sent < total  # the client hung up; it never took in the rest
+        await client.aclose()
+
+    run(main())
+
+
+def test_header_fields_are_counted(run) -> None:
+    many = b"".join(b"x-%d: 1\r\n" % index for index in range(40))
+
+    async def main() -> None:
+        server = Server(fixed(b"HTTP/1.1 200 OK\r\n" + many + b"content-length: 2\r\n\r\n{}"))
+        url = await server.start()
+        client = pool(url, max_headers=41)  # the 40 and content-length
+        assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
+        with pytest.raises(ConnectionBroken, match="over 40 header fields"):
+            await pool(url, max_headers=40).request(b"POST", b"/", b"", b"")
+        await client.aclose()
+
+    run(main())
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def test_trailers_neither_replace_the_head_nor_grow_without_bound(run) -> None:
+    async def main() -> None:
+        trailer = b"content-type: text/html\r\nx-late: 1\r\n"
+        server = Server(fixed(CHUNKED + b"2\r\n{}\r\n0\r\n" + trailer + b"\r\n"))
+        client = pool(await server.start())
+        for _ in range(2):
+            response = await client.request(b"POST", b"/", b"", b"")
+            assert await response.read(10) == b"{}"
+            assert response.header(b"content-type") == "application/json"
+            assert response.header(b"x-late") is None
+        assert server.connections == 1  # trailers are part of a clean ending
+
+        endless = b"x-trailer: " + b"a" * (1024 * 1024) + b"\r\n\r\n"
+        server = Server(fixed(CHUNKED + b"2\r\n{}\r\n0\r\n" + endless))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        with pytest.raises(ConnectionBroken, match="trailers or chunk-size lines passed"):
+            await response.read(10)
+        await client.aclose()
+
+    run(main())
+
+
+def test_chunk_size_lines_are_bounded(run) -> None:
+    async def main() -> None:
+        extension = b"1;ext=" + b"a" * (1024 * 1024) + b"\r\nx\r\n0\r\n\r\n"
+        server = Server(fixed(CHUNKED + b"2\r\n{}\r\n" + extension))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        with pytest.raises(ConnectionBroken, match="chunk-size lines passed"):
+            await response.read(100)
+        # A size beyond 64 bits is llhttp's to refuse.
+        server = Server(fixed(CHUNKED + b"1" * 40 + b"\r\nx\r\n0\r\n\r\n"))
+        client = pool(await server.start())
+        with pytest.raises(ConnectionBroken, match="malformed"):
+            await (await client.request(b"POST", b"/", b"", b"")).read(100)
+        await client.aclose()
+
+    run(main())
+
+
+def test_bodies_read_whole_count_against_a_shared_budget(run) -> None:
+    body = b"x" * 3000
+
+    async def main() -> None:
+        server = Server(fixed(answer(body)))
+        client = pool(await server.start())
+        budget = ByteBudget(5000)
+        first = await client.request(b"POST", b"/", b"", b"")
+        second = await client.request(b"POST", b"/", b"", b"")
+        # The first holds 3,000 bytes until it is closed; the second cannot have 3,000 more.
+        first_read = asyncio.create_task(first.read(10_000, budget))
+        assert await first_read == body and budget.used == 0  # read whole: closed, given back
+        budget.used = 2500  # as if another read held this much now
+        with pytest.raises(UpstreamBufferFull) as caught:
+            await second.read(10_000, budget)
+        assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
+        assert budget.used == 2500  # nothing kept by the failed read
+        third = await client.request(b"POST", b"/", b"", b"")
+        with pytest.raises(ConnectionBroken, match=r"over 1000 bytes \(upstream.max_body_bytes\)"):
+            await third.read(1000, budget, "upstream.max_body_bytes")
+        assert budget.used == 2500
+        await client.aclose()
+
+    run(main())
+
+
+def _quiet(handle: Handler) -> Handler:
+    """A raw handler whose peer may vanish at any point (the client under test hangs up)."""
+
+    async def quiet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return quiet
