@@ -33,6 +33,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
@@ -46,6 +47,11 @@ from policies.redis_state import REDIS_ERRORS, RedisHealth, describe
 
 logger = logging.getLogger("vgate.breaker")
 
+# A transition dated further ahead of this process's clock than this is not clock skew (the
+# processes' clocks must agree to well within open_s) but garbage: ignored and overwritten,
+# or one such value would outrank every real transition for as long as it is kept.
+MAX_AHEAD_S = 3600.0
+
 # Sets the key and publishes only what is newer than what the key holds: a publish that
 # was retried after an outage cannot undo a later transition made elsewhere meanwhile.
 _PUBLISH = """
@@ -53,8 +59,9 @@ local current = redis.call('GET', KEYS[1])
 if current then
   local ok, previous = pcall(cjson.decode, current)
   if ok and type(previous) == 'table' then
-    local at = tonumber(previous['at'])
-    if at and at >= tonumber(ARGV[2]) then return 0 end
+    local at, new = tonumber(previous['at']), tonumber(ARGV[2])
+    -- newer, unless it claims a time no clock could (then it is garbage to overwrite)
+    if at and at >= new and at <= new + tonumber(ARGV[5]) then return 0 end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -184,7 +191,7 @@ class BreakerSync:
         async with asyncio.timeout(self._timeout_s):
             await self._script(
                 keys=[self._keys[breaker]],
-                args=[payload, repr(breaker.changed_at), ttl_s, self.channel],
+                args=[payload, repr(breaker.changed_at), ttl_s, self.channel, MAX_AHEAD_S],
             )
 
     # Subscribing: other processes' transitions.
@@ -266,6 +273,11 @@ class BreakerSync:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             logger.debug("ignored a malformed breaker message: %s", describe(error))
             return
+        # Times are checked before they reach the breaker: a NaN or a date out of range
+        # would raise there, aborting a catch-up (the keys after it unread) every round.
+        if not _plausible(at) or (opened_at is not None and not _plausible(opened_at)):
+            logger.debug("ignored a breaker message with impossible times: %r", data[:200])
+            return
         if breaker is None:  # a backend this process's configuration does not have
             return
         if breaker.apply_remote(state, opened_at, at) and self._on_applied is not None:
@@ -275,6 +287,11 @@ class BreakerSync:
         with suppress(*REDIS_ERRORS):
             async with asyncio.timeout(self._timeout_s):
                 await pubsub.aclose()
+
+
+def _plausible(moment: float) -> bool:
+    """A wall-clock time some process's transition could carry (False for NaN too)."""
+    return 0.0 < moment <= time.time() + MAX_AHEAD_S
 
 
 def _jitter(backoff: float) -> float:

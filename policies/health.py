@@ -4,6 +4,12 @@ A backend is ejected after `unhealthy_after` failed probes in a row and readmitt
 `healthy_after` good ones, so one slow probe does not flap it. Passive detection from live
 traffic is the circuit breaker's and the connect-failure ejection's job; this one finds a
 backend that is down (or back) while no traffic reaches it.
+
+The first probe (the round before the gateway serves) decides outright when its answer is
+clear: a 200, or a failure that came before its timeout (refused, reset, another status).
+A first probe that timed out says only that the backend is slow, perhaps busy: it counts as
+one failure, as any later one does, and the backend stays in rotation until
+`unhealthy_after` of them in a row.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from policies.background import stop_task
 
 logger = logging.getLogger("vgate.health")
 
+_GRACE_S = 1.0  # beyond a probe's own timeout, before the checker gives up on it
+_CLOCK_SLACK_S = 0.001  # asyncio may fire a timeout up to its clock's resolution early
+
 
 @dataclass(slots=True)
 class HealthState:
@@ -26,10 +35,10 @@ class HealthState:
     failures: int = 0
     successes: int = 0
 
-    def record(self, ok: bool, config: HealthConfig) -> bool:
+    def record(self, ok: bool, config: HealthConfig, *, timed_out: bool = False) -> bool:
         """Count one probe; True when it changed `healthy`."""
-        if not self.probed:
-            # The first probe decides outright: nothing is known to hold a state against.
+        if not self.probed and not timed_out:
+            # The first clear answer decides outright: nothing is known to hold a state against.
             self.probed = True
             self.failures, self.successes = (0, 1) if ok else (1, 0)
             changed, self.healthy = self.healthy != ok, ok
@@ -41,6 +50,7 @@ class HealthState:
                 self.healthy = True
                 return True
         else:
+            self.probed = True
             self.successes = 0
             self.failures += 1
             if self.healthy and self.failures >= config.unhealthy_after:
@@ -80,12 +90,22 @@ class HealthChecker:
         await asyncio.gather(*(self._check(probe) for probe in due))
 
     async def _check(self, probe: Probe) -> None:
+        timeout_s = probe.config.timeout_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            ok = await probe.check(probe.config.timeout_s)
+            # The probe bounds itself by `timeout_s`; this bound is for one that does not,
+            # which would otherwise stall every later round.
+            async with asyncio.timeout(timeout_s + _GRACE_S):
+                ok = await probe.check(timeout_s)
+        except TimeoutError:
+            ok = False
         except Exception:  # a probe that blows up is a failed probe, never a dead checker
             logger.exception("health probe of %s failed unexpectedly", probe.name)
             ok = False
-        if probe.state.record(ok, probe.config):
+        # A failure that took the whole timeout is a slow backend, not a refusal.
+        timed_out = not ok and loop.time() - started >= timeout_s - _CLOCK_SLACK_S
+        if probe.state.record(ok, probe.config, timed_out=timed_out):
             healthy = probe.state.healthy
             logger.warning("backend %s is %s", probe.name, "healthy" if healthy else "unhealthy")
             if self._on_change is not None:

@@ -9,6 +9,14 @@ backend's latest `LoadReport` and turns it into the one number the selectors rea
     load = in_flight + extra
     extra = max(0, running + waiting - in_flight at the time of the scrape)
 
+"At the time of the scrape" is a moment inside the fetch, when the worker rendered its
+metrics; the gateway can only read its own count before and after. Its requests that end
+during a slow fetch were counted by the worker but not after it, and those that start were
+counted after but maybe not by the worker: either way one reading would turn the gateway's
+own requests into others' work, a phantom load that steers traffic away from a worker for a
+whole interval. The larger of the two readings never does; what it can miss (requests sent
+during the fetch that the worker had not yet seen) only makes `extra` a little low.
+
 `extra` is the work others gave the worker. It is fixed between scrapes while `in_flight`
 moves with every request, so each request this gateway sends counts at once; the simpler
 `max(in_flight, running + waiting)` would let requests pile onto a worker that others keep
@@ -160,6 +168,7 @@ class LoadScraper:
 
     async def _scrape(self, target: ScrapeTarget, now: float) -> None:
         async with self._slots:
+            own_before = target.in_flight()  # see the module's note on the two readings
             try:
                 async with asyncio.timeout(self.timeout_s):
                     body = await target.fetch()
@@ -179,7 +188,8 @@ class LoadScraper:
             )
             return
         running, waiting = counts
-        target.upstream.update(LoadReport(running, waiting, now), target.in_flight())
+        own = max(own_before, target.in_flight())
+        target.upstream.update(LoadReport(running, waiting, now), own)
 
     async def start(self) -> None:
         if self.targets and self._task is None:

@@ -60,21 +60,29 @@ class Transcript:
         if self.id is None:
             self.id = payload.get("id")
             self.created = payload.get("created")
+        if not self.resumable:
+            return  # nothing more is needed of a stream that will not be resumed
         choices = payload.get("choices")
         if not choices:
             return
         if len(choices) != 1 or not isinstance(choices[0], dict):
-            self.resumable = False  # several choices: no single answer to continue
+            self._give_up()  # several choices: no single answer to continue
             return
         text = _text_of(choices[0], self.chat)
         if text is None:
-            self.resumable = False
+            self._give_up()
         elif text:
             self.pieces.append(text)
             self.size += len(text)
             self.chunks += 1
             if self.size > self.max_chars:
-                self.resumable = False
+                self._give_up()
+
+    def _give_up(self) -> None:
+        # The text is kept only to resume with: past this point holding it (and every
+        # piece after it) would grow with the answer, without bound.
+        self.resumable = False
+        self.pieces = []
 
 
 def _text_of(choice: dict[str, Any], chat: bool) -> str | None:

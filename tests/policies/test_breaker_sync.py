@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from gateway.config import BreakerConfig, RedisConfig
 from policies.breaker import BackendBreaker
-from policies.breaker_sync import BreakerSync
+from policies.breaker_sync import MAX_AHEAD_S, BreakerSync
 from policies.redis_state import RedisHealth, create_client
 from tests.policies.test_breaker import fail, succeed
 from tests.servers import RedisServer, start_redis
@@ -202,7 +202,7 @@ async def test_an_older_transition_never_overrides_a_newer_one(
         stored = orjson.loads(await client.get(key) or b"{}")
         assert stored["state"] == "open" and stored["at"] > trip_at
         stale = await a.sync._script(
-            keys=[key], args=[b'{"stale": true}', repr(stored["at"] - 10), 60, "x"]
+            keys=[key], args=[b'{"stale": true}', repr(stored["at"] - 10), 60, "x", MAX_AHEAD_S]
         )
         assert stale == 0
         assert orjson.loads(await client.get(key) or b"{}") == stored
@@ -284,3 +284,65 @@ async def test_malformed_messages_and_unknown_backends_are_ignored(start: Start)
     event = {"route": "other", "backend": "w1", "state": "open", "opened_at": 1.0}
     a.sync._receive(orjson.dumps({**event, "at": time.time(), "origin": "elsewhere"}))
     assert a.breaker.state == "closed"
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"state": "open", "opened_at": -1e300, "at": "now"},  # no datetime holds it
+        {"state": "open", "opened_at": "nan", "at": "now"},
+        {"state": "closed", "opened_at": None, "at": 1e300},  # would outrank every transition
+        {"state": "closed", "opened_at": None, "at": "inf"},
+    ],
+    ids=["opened-out-of-range", "opened-nan", "at-far-ahead", "at-infinite"],
+)
+async def test_a_key_with_impossible_times_poisons_no_breaker(
+    redis_server: RedisServer, poison: dict[str, Any]
+) -> None:
+    """A value in Redis with times no process could have written (another version's, a
+    clock years off, a hand edit) must not stop the others from being shared: it raised
+    in the catch-up (the keys after it never read, the subscription never listened), or
+    outranked every later transition of its breaker for as long as it was kept."""
+    prefix = f"poison{next(_prefixes)}"
+    config = BreakerConfig(consecutive_failures=2, open_s=30, min_requests=1000)
+    clients: list[Redis] = []
+    syncs: list[BreakerSync] = []
+
+    def process() -> tuple[BackendBreaker, BackendBreaker, BreakerSync]:
+        w1 = BackendBreaker("w1", config, route="tiny-llama")
+        w2 = BackendBreaker("w2", config, route="tiny-llama")
+        client = create_client(RedisConfig(url=redis_server.url, socket_timeout_s=TIMEOUT_S))
+        sync = BreakerSync(
+            client,
+            [w1, w2],
+            key_prefix=prefix,
+            timeout_s=TIMEOUT_S,
+            check_interval_s=0.2,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+        clients.append(client)
+        syncs.append(sync)
+        return w1, w2, sync
+
+    a1, a2, a = process()
+    b1, b2, b = process()
+    now = time.time()
+    value = {"route": "tiny-llama", "backend": "w1", "origin": "elsewhere", **poison}
+    value["at"] = now if value["at"] == "now" else value["at"]
+    writer = Redis.from_url(redis_server.url)
+    try:
+        await writer.set(a.key(a1), orjson.dumps(value))
+        await a.start()
+        await b.start()
+        trip(a2)  # another backend: its sharing must not wait on w1's bad key
+        await eventually(lambda: b2.state == "open")
+        trip(a1)  # and w1's own transitions are shared again (the bad key overwritten)
+        await eventually(lambda: b1.state == "open")
+        assert b1.changed_at < now + 3600
+    finally:
+        for sync in syncs:
+            await sync.aclose()
+        for client in clients:
+            await client.aclose()
+        await writer.aclose()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 from gateway.config import HealthConfig
@@ -65,3 +66,25 @@ async def test_only_due_probes_run_and_disabled_ones_never() -> None:
     for now in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
         await checker.check_due(now)
     assert calls.count("fast") == 6 and calls.count("slow") == 2 and "off" not in calls
+
+
+def test_a_first_probe_that_timed_out_counts_as_one_failure_not_a_verdict() -> None:
+    state = HealthState()
+    assert not state.record(False, CONFIG, timed_out=True) and state.healthy  # slow, not down
+    assert state.record(False, CONFIG, timed_out=True) and not state.healthy  # two in a row
+    one = HealthConfig(unhealthy_after=1)
+    assert HealthState().record(False, one, timed_out=True)  # as configured: one is enough
+
+
+async def test_a_probe_that_ignores_its_timeout_is_still_bounded() -> None:
+    """A check that never returns must not hold up every later round."""
+
+    async def hang(timeout_s: float) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    config = HealthConfig(timeout_s=0.05, unhealthy_after=1)
+    hung = Probe("h", config, hang, HealthState())
+    async with asyncio.timeout(30):  # the checker's own bound is timeout_s plus a second
+        await HealthChecker([hung]).check_all()
+    assert not hung.state.healthy

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.config import BackendConfig
 from policies.load import (
@@ -122,6 +123,27 @@ async def test_scrape_keeps_reports_and_expires_them_when_scrapes_fail() -> None
         assert scraped.upstream.extra == 10 and scraped.failing
     await scraper.scrape_due(14.0)
     assert scraped.upstream.report is None and scraped.upstream.extra == 0
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(10, 0), (0, 10)],
+    ids=["own-requests-end-during-the-fetch", "own-requests-start-during-the-fetch"],
+)
+async def test_the_gateways_own_requests_never_become_others_load(before: int, after: int) -> None:
+    """The worker renders its metrics in the middle of a slow fetch, while ten of this
+    gateway's own requests end (or start): it counts all ten, and no one else's."""
+    own = [before]
+
+    async def fetch() -> bytes | None:
+        body = b"vllm:num_requests_running 10\nvllm:num_requests_waiting 0\n"
+        own[0] = after  # the gateway's requests moved on while the answer was on its way
+        return body
+
+    scraped = ScrapeTarget("w", fetch, UpstreamLoad(), lambda: own[0])
+    await LoadScraper([scraped]).scrape_due(0.0)
+    assert scraped.upstream.report == LoadReport(10, 0, 0.0)
+    assert scraped.upstream.extra == 0  # no phantom load of ten for a whole interval
 
 
 async def test_a_backend_without_metrics_is_left_alone_for_a_while() -> None:

@@ -77,6 +77,28 @@ def test_an_answer_over_the_size_limit_is_not_resumable() -> None:
     assert not transcript.resumable
 
 
+@pytest.mark.parametrize(
+    "breaker",
+    [
+        {"choices": [{"index": 0, "text": "x" * 100}]},  # over the size limit
+        {"choices": [{"index": 0, "text": 7}]},  # not plain text
+        {"choices": [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]},  # two choices
+    ],
+    ids=["too-long", "not-text", "two-choices"],
+)
+def test_a_transcript_that_gave_up_holds_no_text_however_long_the_stream(breaker: Any) -> None:
+    # It is fed every chunk of the stream: once it cannot be resumed, keeping the text
+    # would hold the whole answer in memory (a stream may run for hours).
+    transcript = Transcript(chat=False, max_chars=50)
+    transcript.record({"id": "cmpl-1", "created": 1, "choices": [{"index": 0, "text": "ab"}]})
+    transcript.record(breaker)
+    assert not transcript.resumable
+    for _ in range(10_000):
+        transcript.record({"choices": [{"index": 0, "text": "more text "}]})
+    assert transcript.pieces == [] and transcript.text == ""
+    assert transcript.id == "cmpl-1"  # what a splice needs of it is kept
+
+
 def test_the_prefill_continues_the_delivered_text_as_the_assistant() -> None:
     original = {
         "model": "m",
