@@ -212,6 +212,15 @@ def _request_schemas(models: list[str], max_n: int | None) -> dict[str, Any]:
             "properties": {
                 "model": model,
                 "input": _prompt_schema("input"),
+                "messages": _nullable(
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _ref("ChatMessage"),
+                        "description": "vLLM embeds chat messages instead of `input` where "
+                        "a body has them; the guardrails read them too.",
+                    }
+                ),
                 "user": _nullable({"type": "string"}),
             },
         },

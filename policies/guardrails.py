@@ -27,7 +27,10 @@ Four checks, all on the parsed request and nothing else, cheapest first:
 
 While either text check is in force, a request holding a field whose effect on the prompt no
 text check can see (a `chat_template` of its own, which can build any text; `prompt_embeds`)
-is refused: 400 `unsupported_by_guardrails` naming the field.
+is refused: 400 `unsupported_by_guardrails` naming the field. So is a prompt (or embedding
+input) given as token ids while deny patterns are set: without the model's tokenizer they
+cannot be searched, and a forbidden phrase sent as its token ids would pass. (The input size
+cap does not count token ids: the body limit bounds them.)
 
 Patterns are compiled once, at start-up, and each searched once in the prompt's texts joined
 by newlines. They are not joined into one alternation: that would cost `re` its fast search
@@ -140,8 +143,16 @@ class Guardrails:
                 param=prompt.opaque,
                 code="unsupported_by_guardrails",
             )
-        texts = prompt.texts
         field = _TEXT_FIELD[request.endpoint]
+        if prompt.token_ids and self._patterns:
+            # Token ids are text the patterns cannot read: the forbidden phrase, tokenised.
+            raise InvalidRequest(
+                f"'{field}' as token ids is not accepted by this gateway: its deny patterns "
+                "search the prompt's text, and cannot read token ids.",
+                param=field,
+                code="unsupported_by_guardrails",
+            )
+        texts = prompt.all_texts()
         if limit is not None:
             size = utf8_size(texts)
             if size > limit:

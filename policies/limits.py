@@ -282,7 +282,7 @@ def estimate_tokens(
         prompt.token_ids
         + _MESSAGE_OVERHEAD_TOKENS * prompt.messages
         + _IMAGE_TOKENS * prompt.media
-        - (-sum(map(len, prompt.texts)) // _CHARS_PER_TOKEN)
+        - (-sum(map(len, prompt.all_texts())) // _CHARS_PER_TOKEN)
     )
     if not embeddings:
         budget = _count(payload.get("max_completion_tokens"))

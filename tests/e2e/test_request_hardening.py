@@ -208,6 +208,25 @@ def test_a_template_of_the_requests_own_is_refused_while_text_checks_apply(
     assert (error["code"], error["param"]) == ("unsupported_by_guardrails", "chat_template")
 
 
+def test_token_ids_are_refused_while_deny_patterns_apply(gateway: Gateway) -> None:
+    # A forbidden phrase sent tokenised: no pattern can read it, so it is not let through.
+    for path, body in [
+        ("/v1/completions", {"model": "tiny-llama", "prompt": [101, 2023, 3642]}),
+        ("/v1/embeddings", {"model": "tiny-embed", "input": [[101, 2023]]}),
+    ]:
+        error = error_of(post(gateway, path, body))
+        assert error["code"] == "unsupported_by_guardrails", body
+
+
+def test_messages_beside_an_embedding_input_are_searched(gateway: Gateway) -> None:
+    body = {
+        "model": "tiny-embed",
+        "input": "fine",
+        "messages": [{"role": "user", "content": SECRET}],
+    }
+    assert error_of(post(gateway, "/v1/embeddings", body))["code"] == "content_policy_violation"
+
+
 def test_a_clean_request_with_every_shape_still_passes(gateway: Gateway) -> None:
     messages = [
         {"role": "system", "content": "be brief", "name": "policy"},

@@ -157,8 +157,9 @@ def test_prompt_texts_and_their_size() -> None:
             {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text"}]},
         ]
     }
-    texts = measure_prompt(Endpoint.CHAT, payload).texts
-    assert texts == ["héllo", "id", "x", "ok"]
+    texts = measure_prompt(Endpoint.CHAT, payload).all_texts()
+    # Strings inside tool calls (and other rendered JSON) come after the plain texts.
+    assert texts == ["héllo", "ok", "id", "x"]
     assert utf8_size(texts) == 11
 
 
@@ -315,3 +316,19 @@ def test_the_estimate_counts_every_choice_and_every_rendered_shape() -> None:
         assert estimate_tokens(request.payload, endpoint, prompt=request.prompt) == (
             estimate_tokens(request.payload, endpoint)
         )
+
+
+def test_token_ids_are_refused_while_deny_patterns_apply() -> None:
+    tokens = parse_request(Endpoint.COMPLETIONS, b'{"model": "m", "prompt": [[1, 2], [3]]}')
+    error = refused(Guardrails(deny_patterns=["x"]), tokens, None)
+    assert (error.code, error.param) == ("unsupported_by_guardrails", "prompt")
+    embedding = parse_request(Endpoint.EMBEDDINGS, b'{"model": "m", "input": [1, 2]}')
+    assert refused(Guardrails(deny_patterns=["x"]), embedding, None).param == "input"
+    # The size cap alone does not read them: the body limit bounds them.
+    Guardrails(max_input_bytes=1).check(tokens, None)
+
+
+def test_messages_sent_for_embedding_are_searched_too() -> None:
+    body = {"model": "m", "input": "fine", "messages": [{"role": "user", "content": SECRET}]}
+    request = parse_request(Endpoint.EMBEDDINGS, orjson.dumps(body))
+    assert refused(Guardrails(deny_patterns=["launch-code-\\d+"]), request, None).param == "input"

@@ -215,7 +215,7 @@ def test_a_field_of_the_wrong_type_is_400_naming_it(
 
 
 def texts_of(endpoint: Endpoint, payload: dict[str, object]) -> list[str]:
-    return measure_prompt(endpoint, payload).texts
+    return measure_prompt(endpoint, payload).all_texts()
 
 
 def test_every_text_shape_of_a_chat_message_is_measured() -> None:
@@ -251,7 +251,7 @@ def test_every_text_shape_of_a_chat_message_is_measured() -> None:
         Endpoint.CHAT,
         {"messages": messages, "tools": tools, "documents": [{"title": "doc"}]},
     )
-    texts = set(prompt.texts)
+    texts = set(prompt.all_texts())
     for text in ("sys", "nm", "bare", "t", "it", "ot", "r", "th", "m", "why", "because"):
         assert text in texts, text
     for text in ("fn", "{}", "c1", "out", "old", '{"a":1}', "x", "custom_field", "v"):
@@ -265,10 +265,10 @@ def test_every_text_shape_of_a_chat_message_is_measured() -> None:
 
 def test_completion_and_embedding_shapes_are_measured() -> None:
     prompt = measure_prompt(Endpoint.COMPLETIONS, {"prompt": ["a", "b"], "suffix": "s"})
-    assert prompt.texts == ["a", "b", "s"] and prompt.token_ids == 0
+    assert prompt.all_texts() == ["a", "b", "s"] and prompt.token_ids == 0
     assert measure_prompt(Endpoint.COMPLETIONS, {"prompt": [1, 2, 3]}).token_ids == 3
     assert measure_prompt(Endpoint.COMPLETIONS, {"prompt": [[1, 2], [3]]}).token_ids == 3
-    assert measure_prompt(Endpoint.EMBEDDINGS, {"input": "e"}).texts == ["e"]
+    assert measure_prompt(Endpoint.EMBEDDINGS, {"input": "e"}).all_texts() == ["e"]
     assert measure_prompt(Endpoint.EMBEDDINGS, {"input": [[1], [2, 3]]}).token_ids == 3
 
 
@@ -282,4 +282,4 @@ def test_fields_no_text_check_can_see_into_are_noted() -> None:
 
 def test_parse_request_keeps_the_measure() -> None:
     request = parse(Endpoint.CHAT, {**CHAT, "tools": [{"function": {"name": "f"}}]})
-    assert request.prompt.texts == ["hi", "function", "name", "f"]
+    assert request.prompt.all_texts() == ["hi", "function", "name", "f"]
