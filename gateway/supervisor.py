@@ -49,6 +49,7 @@ logger = logging.getLogger("vgate.supervisor")
 REPO = Path(__file__).resolve().parent.parent
 TAIL_LINES = 20  # shown in a failure report
 SCAN_LINES = 300  # searched for the cause
+TAIL_BYTES = 256 * 1024  # of the log, read for those lines
 PROBE_INTERVAL_S = 0.5  # GET /health while a worker starts
 EXIT_POLL_S = 0.1  # how soon a death is noticed
 
@@ -250,13 +251,18 @@ class _Worker:
         self.task: asyncio.Task[None] | None = None
 
     def tail(self, lines: int = TAIL_LINES) -> str:
-        """The current run's last lines (the log holds every run of this `vgate up`)."""
+        """The current run's last lines (the log holds every run of this `vgate up`), read
+        from at most its last TAIL_BYTES: a worker's log can grow to gigabytes."""
         try:
             with self.log_path.open("rb") as log:
-                log.seek(self.log_offset)
-                text = log.read().decode("utf-8", "replace")
+                start = max(self.log_offset, log.seek(0, os.SEEK_END) - TAIL_BYTES)
+                log.seek(start)
+                data = log.read(TAIL_BYTES)
         except OSError:
             return ""
+        if start > self.log_offset:
+            data = data.partition(b"\n")[2]  # the first line is cut: not a line of the log
+        text = data.decode("utf-8", "replace")
         out = [line for line in text.splitlines() if not _POLLING.search(line)][-lines:]
         return "\n".join(line if len(line) <= 300 else line[:300] + " ..." for line in out)
 

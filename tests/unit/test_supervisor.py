@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,44 @@ async def test_a_failed_start_raises_with_the_reason(tmp_path: Path) -> None:
     finally:
         await supervisor.aclose()
     assert supervisor.status()["good"]["pid"] is None
+
+
+# A worker that logged 64 MiB, then died of OOM.
+HUGE_LOG = """
+import sys
+sys.stdout.buffer.write(b'INFO 12-07 10:00:00 Avg prompt throughput: 0.0 tokens/s\\n' * 1200000)
+print('torch.OutOfMemoryError: CUDA out of memory.', flush=True)
+sys.exit(1)
+"""
+
+
+async def test_a_huge_log_is_diagnosed_from_its_end_without_reading_it_whole(
+    tmp_path: Path,
+) -> None:
+    """The failure report read the whole of the run's log into memory (and on the event
+    loop): a worker that logs for days has gigabytes of it."""
+    config = WorkerConfig(
+        name="big",
+        model="m",
+        port=free_port(),
+        command=(sys.executable, "-c", HUGE_LOG),
+        log_dir=tmp_path,
+    )
+    supervisor = Supervisor([config], probe_interval_s=0.05)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WorkerStartError) as caught:
+            await supervisor.start()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await supervisor.aclose()
+    (failure,) = caught.value.failures
+    assert failure.kind == "out_of_memory"
+    assert failure.tail.endswith("torch.OutOfMemoryError: CUDA out of memory.")
+    lines = failure.tail.splitlines()
+    assert len(lines) == 20 and lines[0].startswith("INFO 12-07 10:00:00")  # whole lines only
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB held to read the log's last lines"
 
 
 async def test_a_missing_command_is_reported(tmp_path: Path) -> None:
