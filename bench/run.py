@@ -118,6 +118,7 @@ class Plan:
     concurrencies: tuple[int, ...]
     transports: bool
     transport_concurrency: int = 16
+    non_stream: str | None = None  # the routes' `non_stream` mode; None: the config default
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,6 +306,9 @@ class Bench:
             }
             backend_extra = {"scrape_metrics": False}
             top_extra = {"load_scrape": {"enabled": False}}
+
+        if self.plan.non_stream is not None:
+            route_extra["non_stream"] = self.plan.non_stream
 
         def route(model: str, backend: str, url: str) -> dict[str, Any]:
             return {
@@ -994,6 +998,11 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         default=None,
         help="compare upstream HTTP clients (default: on, off with --quick)",
     )
+    parser.add_argument(
+        "--non-stream",
+        choices=("assemble", "passthrough"),
+        help="the gateway routes' non_stream mode, to compare the two (default: the config's)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument(
         "--keep-logs",
@@ -1011,6 +1020,7 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         warmup_s=float(round(warmup)),
         concurrencies=tuple(args.concurrency or (1, 16, 64)),
         transports=transports_on,
+        non_stream=args.non_stream,
     )
     return plan, args
 

@@ -215,6 +215,10 @@ class ModelRoute(_Frozen):
     breaker: BreakerConfig = BreakerConfig()
     health: HealthConfig = HealthConfig()
     resume: ResumeConfig = ResumeConfig()
+    # Non-streaming chat and completions: `assemble` asks the upstream for a stream and
+    # builds the JSON answer, so first_token_s and idle_s apply; `passthrough` forwards the
+    # request as it is, bounded by total_s alone (vLLM sends nothing until it has finished).
+    non_stream: Literal["assemble", "passthrough"] = "assemble"
     fallbacks: tuple[str, ...] = ()  # model names tried in order when this one cannot answer
     context_window: int | None = Field(
         None, ge=1

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import orjson
 import pybreaker
 
+from gateway.assemble import Assembler, Incomplete, can_assemble, streaming_payload
 from gateway.config import BackendConfig, ModelRoute, Timeouts
 from gateway.errors import (
     ContextTooLong,
@@ -27,8 +28,9 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from gateway.readtimer import ReadTimer
 from gateway.record import RequestRecord
-from gateway.sse import DONE_EVENT, SSEObserver, error_event
+from gateway.sse import DONE_EVENT, ChunkRecorder, SSEObserver, error_event
 from gateway.validation import Endpoint, ProxyRequest
 from policies.adaptive import AdaptiveLimit, latency_sample
 from policies.admission import Admission
@@ -414,6 +416,12 @@ class Router:
         record: RequestRecord,
         deadline: float,
     ) -> Completion:
+        if (
+            route.config.non_stream == "assemble"
+            and request.endpoint is not Endpoint.EMBEDDINGS
+            and can_assemble(request.payload)
+        ):
+            return await self._assemble_once(route, backend, request, record, deadline)
         loop = asyncio.get_running_loop()
         body = _upstream_body(request, backend, ask_usage=False)
         asked = loop.time()
@@ -428,8 +436,13 @@ class Router:
                     )
                     if response.status != 200:
                         raise await _rejection(backend, response)
+                    content_type = response.content_type
+                    if not _is_json(content_type):
+                        raise _broken(
+                            backend,
+                            f"answered with '{content_type[:64] or 'no content type'}', not JSON",
+                        )
                     data = await response.read(MAX_RESPONSE_BYTES)
-                    content_type = response.content_type or "application/json"
             except TimeoutError:
                 backend.overloaded()
                 # The deadline is the first route's, so a fallback's own total_s is not it.
@@ -462,6 +475,53 @@ class Router:
         backend.answered(record.backend_s, stream=False, completion_tokens=record.completion_tokens)
         return Completion(data, content_type)
 
+    async def _assemble_once(
+        self,
+        route: Route,
+        backend: Backend,
+        request: ProxyRequest,
+        record: RequestRecord,
+        deadline: float,
+    ) -> Completion:
+        """A non-streaming answer asked for as a stream and put together here (see
+        gateway.assemble): the stream's phase timeouts apply, and an answer that breaks
+        at any point is an attempt that failed, retried before the client has anything."""
+        assembler = Assembler(chat=request.endpoint is Endpoint.CHAT)
+        payload = streaming_payload(request.payload)
+        stream = await self._stream_once(
+            route, backend, request, record, deadline, assembler, payload
+        )
+        first_at = time.perf_counter()
+        observer = stream.observer
+        size = len(stream.first)
+        failure: AttemptFailed | None = None
+        try:
+            async for events in stream.rest():
+                size += len(events)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _broken(backend, f"answered more than {MAX_RESPONSE_BYTES} bytes")
+            if observer.malformed:
+                # Its text is missing from the answer: never a whole-looking 200 that is not.
+                raise _broken(backend, f"sent {observer.malformed} events that are not JSON")
+            answer = assembler.answer(observer.usage)
+        except StreamInterrupted as interrupted:
+            failure = _interrupted(backend, interrupted, stream.deadline)
+        except Incomplete as incomplete:
+            failure = _broken(backend, str(incomplete))
+        except AttemptFailed as caught:
+            failure = caught
+        finally:
+            stream.close()
+            # The whole answer was the upstream's time, as a non-streaming one's is.
+            rest = time.perf_counter() - first_at
+            record.backend_s += rest
+            record.upstream_s = (record.upstream_s or 0.0) + rest
+        if failure is not None:
+            _blame(backend, failure)
+            raise failure
+        record.record_usage(observer.usage)
+        return Completion(orjson.dumps(answer), "application/json")
+
     async def _stream_once(
         self,
         route: Route,
@@ -469,7 +529,7 @@ class Router:
         request: ProxyRequest,
         record: RequestRecord,
         deadline: float,
-        recorder: Transcript | None = None,
+        recorder: ChunkRecorder | None = None,
         payload: dict[str, Any] | None = None,
     ) -> UpstreamStream:
         loop = asyncio.get_running_loop()
@@ -574,6 +634,7 @@ class UpstreamStream:
     __slots__ = (
         "_chunks",
         "_closed",
+        "_timer",
         "backend",
         "deadline",
         "first",
@@ -595,6 +656,7 @@ class UpstreamStream:
         self.response: UpstreamResponse | None = None
         self.first = b""
         self._chunks: AsyncIterator[bytes] | None = None
+        self._timer: ReadTimer | None = None
 
     async def first_events(self) -> bytes:
         while True:
@@ -610,48 +672,57 @@ class UpstreamStream:
         Raises `StreamInterrupted` when the upstream breaks, stalls past `idle_s`, runs
         past `total_s`, or ends before it finished.
         """
-        loop = asyncio.get_running_loop()
         observer = self.observer
         name = self.backend.name
-        while not observer.done:
-            deadline = min(loop.time() + self.idle_s, self.deadline)
-            try:
-                async with asyncio.timeout_at(deadline):
+        # One timer for every read: asyncio.timeout_at around each would cost more than
+        # the event's own handling (gateway.readtimer).
+        self._timer = timer = ReadTimer(self.idle_s, self.deadline)
+        try:
+            while not observer.done:
+                timer.start()
+                try:
                     events = await self._next()
-            except TimeoutError:
-                if observer.finished:
-                    break  # the answer is whole; only its [DONE] is late
-                if deadline < self.deadline:
-                    reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
-                else:
-                    reason = "ran past the request's total time (timeouts.total_s)"
-                raise StreamInterrupted(
-                    f"Backend '{name}' {reason}; the stream was cut off.",
-                    code="upstream_timeout",
-                ) from None
-            except UpstreamBroken as exc:
-                if observer.finished:
-                    break
-                raise StreamInterrupted(
-                    f"Backend '{name}' broke off the stream: {exc}", code="upstream_stream_broken"
-                ) from None
-            if events is None:
-                if observer.finished:
-                    break
-                raise StreamInterrupted(
-                    f"Backend '{name}' ended the stream before the answer finished.",
-                    code="upstream_stream_incomplete",
-                )
-            if observer.error is not None:
+                except asyncio.CancelledError:
+                    if not timer.expired():
+                        raise
+                    if observer.finished:
+                        break  # the answer is whole; only its [DONE] is late
+                    if timer.idle_expired:
+                        reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
+                    else:
+                        reason = "ran past the request's total time (timeouts.total_s)"
+                    raise StreamInterrupted(
+                        f"Backend '{name}' {reason}; the stream was cut off.",
+                        code="upstream_timeout",
+                    ) from None
+                except UpstreamBroken as exc:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' broke off the stream: {exc}",
+                        code="upstream_stream_broken",
+                    ) from None
+                finally:
+                    timer.stop()
+                if events is None:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' ended the stream before the answer finished.",
+                        code="upstream_stream_incomplete",
+                    )
+                if observer.error is not None:
+                    if events:
+                        yield events  # what came before the error is part of the answer
+                    raise StreamInterrupted(
+                        f"Backend '{name}' reported an error mid-stream: "
+                        f"{observer.error.get('message', 'no message')}",
+                        code="upstream_stream_error",
+                    )
                 if events:
-                    yield events  # what came before the error is part of the answer
-                raise StreamInterrupted(
-                    f"Backend '{name}' reported an error mid-stream: "
-                    f"{observer.error.get('message', 'no message')}",
-                    code="upstream_stream_error",
-                )
-            if events:
-                yield events
+                    yield events
+        finally:
+            timer.close()
         if not observer.done:
             # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
             observer.done = True
@@ -674,6 +745,8 @@ class UpstreamStream:
             return
         self._closed = True
         self.backend.in_flight -= 1
+        if self._timer is not None:
+            self._timer.close()  # a consumer that left without closing `rest()` too
         if self.response is not None:
             self.response.close()
 
@@ -869,6 +942,35 @@ def _connect_failure(backend: Backend, exc: UpstreamConnectError, now: float) ->
             f"Backend '{backend.name}' is unreachable: {exc}", code="upstream_unreachable"
         )
     return AttemptFailed(error, backend=backend.name, retryable=True, backend_fault=True)
+
+
+def _interrupted(
+    backend: Backend, interrupted: StreamInterrupted, deadline: float
+) -> AttemptFailed:
+    """A stream assembled for a non-streaming client broke: nothing reached the client, so
+    another attempt may start afresh, while the request's time lasts."""
+    error: GatewayError
+    if interrupted.code == "upstream_timeout":
+        error = UpstreamTimeout(interrupted.message)
+    else:
+        error = UpstreamError(interrupted.message, code=interrupted.code)
+    in_time = asyncio.get_running_loop().time() < deadline
+    return AttemptFailed(error, backend=backend.name, retryable=in_time, backend_fault=True)
+
+
+def _blame(backend: Backend, failure: AttemptFailed) -> None:
+    """Count a failure after the first event against the backend's breaker (which counted
+    the attempt's start as a success), as a non-streaming exchange that broke would be."""
+    try:
+        with backend.breaker.attempt():
+            raise failure
+    except (AttemptFailed, pybreaker.CircuitBreakerError):
+        pass
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def _broken(backend: Backend, what: str) -> AttemptFailed:

@@ -91,6 +91,8 @@ def broken_gateway(
             "health": UNCHECKED,
             # The failure itself is under test here; resuming it is test_resumption's.
             "resume": {"enabled": False},
+            # Its whole JSON answer is the case under test: asked for as it was sent.
+            **({"non_stream": "passthrough"} if name == "bad_usage" else {}),
             "backends": [backend(f"b-{name}", fake.url)],
         }
         for name, fake in upstreams.items()
