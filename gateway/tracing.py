@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +71,7 @@ class OncePerInterval(logging.Filter):
 
 
 class Tracer:
-    __slots__ = ("_log_filter", "_processor", "_random", "_ratio", "_resource")
+    __slots__ = ("_flush_s", "_log_filter", "_processor", "_random", "_ratio", "_resource")
 
     def __init__(self, config: TracingConfig, exporter: SpanExporter | None = None) -> None:
         self._log_filter: tuple[logging.Logger, OncePerInterval] | None = None
@@ -86,6 +87,7 @@ class Tracer:
             schedule_delay_millis=config.schedule_delay_s * 1000,
             export_timeout_millis=config.export_timeout_s * 1000,
         )
+        self._flush_s = config.export_timeout_s
         self._resource = Resource.create({"service.name": config.service_name})
         self._ratio = config.sample_ratio
         self._random = random.Random()
@@ -142,8 +144,22 @@ class Tracer:
         self._processor.on_end(span)
 
     def shutdown(self) -> None:
-        """Flush what is queued (bounded by the export timeout) and stop the worker."""
-        self._processor.shutdown()  # type: ignore[no-untyped-call]
+        """Flush what is queued and stop the worker, within the export timeout.
+
+        The SDK's own shutdown exports every queued batch, each bounded by the export
+        timeout, and waits up to 30 s for them: a slow collector would hold the gateway's
+        exit that long. Past the bound, what is left is dropped (its thread is a daemon).
+        """
+        flush = threading.Thread(
+            target=self._processor.shutdown, name="vgate-tracing-flush", daemon=True
+        )
+        flush.start()
+        flush.join(self._flush_s)
+        if flush.is_alive():
+            logger.warning(
+                "tracing: spans not exported within %gs of shutting down were dropped",
+                self._flush_s,
+            )
         if self._log_filter is not None:
             exporter_logger, log_filter = self._log_filter
             exporter_logger.removeFilter(log_filter)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from gateway.config import TracingConfig
+from gateway.record import RequestRecord
 from gateway.tracing import EXPORT_LOG_INTERVAL_S, OncePerInterval, Tracer
+from tests.fake_upstream import ScriptedUpstream
 
 
 def record(message: str, *args: object) -> logging.LogRecord:
@@ -43,3 +47,33 @@ def test_the_tracer_limits_the_otlp_exporters_log_while_it_runs_only() -> None:
     assert isinstance(added, OncePerInterval) and added.interval_s == EXPORT_LOG_INTERVAL_S
     tracer.shutdown()
     assert exporter_logger.filters == before
+
+
+async def _blackhole(
+    upstream: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await asyncio.Event().wait()  # a collector that accepts and never answers
+
+
+def test_shutdown_with_a_collector_that_never_answers_takes_one_export_timeout() -> None:
+    """Each queued batch waited out the export timeout in turn, for up to the SDK's 30 s:
+    a gateway stopping with a stalled collector outlived its orchestrator's grace period."""
+    collector = ScriptedUpstream(_blackhole)
+    config = TracingConfig(
+        enabled=True,
+        endpoint=collector.url + "/v1/traces",
+        export_timeout_s=0.5,
+        schedule_delay_s=60,
+        max_queue_size=20_000,
+    )
+    tracer = Tracer(config)
+    try:
+        for number in range(20_000):  # 40 batches: 20 s of timeouts in a row
+            request = RequestRecord(f"r{number}", 0.0, "POST", "/v1/chat/completions")
+            tracer.begin({"headers": []}, request)
+            tracer.end(request, 0.001)
+        began = time.monotonic()
+        tracer.shutdown()
+        assert time.monotonic() - began < 10  # one export timeout, and a loaded machine's slack
+    finally:
+        collector.stop()
