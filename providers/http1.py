@@ -115,10 +115,20 @@ class _Connection(asyncio.Protocol):
             # The answer is whole, or the connection idles in the pool: whatever arrives
             # now would be read as the next caller's answer.
             self.abort()
-        elif len(data) <= self.max_head_bytes - self.framing:
-            self._feed(data)
-        else:
+        elif len(data) > self.max_head_bytes - self.framing:
             self._feed_in_steps(data)
+        else:  # _feed, inlined: this is every read of every answer
+            buffered = self.buffered
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._fail(ConnectionBroken(f"malformed HTTP response: {exc}"))
+                self.abort()
+                return
+            if self.buffered == buffered:
+                self.framing += len(data)
+            else:
+                self.framing = 0
 
     def _feed(self, data: bytes | memoryview) -> bool:
         buffered = self.buffered  # only parsing adds to it, so a rise is body received
@@ -216,7 +226,12 @@ class _Connection(asyncio.Protocol):
     # used by Response
 
     def _ends_at_close(self) -> bool:
-        return b"content-length" not in self.headers and b"transfer-encoding" not in self.headers
+        # RFC 9112, 6.3: without a length, or with a transfer coding other than chunked last
+        # ("identity"), a response's body ends where the connection does (as llhttp reads it).
+        if b"content-length" in self.headers:
+            return False
+        coding = self.headers.get(b"transfer-encoding")
+        return coding is None or not coding.rstrip().lower().endswith(b"chunked")
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:
@@ -288,9 +303,10 @@ class Response:
                     where = f" ({setting})" if setting else ""
                     raise ConnectionBroken(f"response body is over {limit} bytes{where}")
                 if budget is not None:
-                    if not budget.take(len(part)):
+                    if budget.used + len(part) > budget.limit:
                         self.close()
                         raise UpstreamBufferFull(budget.limit)
+                    budget.used += len(part)  # ByteBudget.take, inlined on the hot path
                     self._budget = budget
                     self._reserved += len(part)
                 parts.append(part)

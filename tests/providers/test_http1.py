@@ -147,6 +147,18 @@ def test_body_ending_at_close(run) -> None:
     run(main())
 
 
+def test_body_ending_at_close_under_a_transfer_coding_other_than_chunked(run) -> None:
+    async def main() -> None:
+        head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n"
+        server = Server(fixed(head + b"until the end", False))
+        client = pool(await server.start())
+        response = await client.request(b"GET", b"/", b"", b"")
+        assert await response.read(100) == b"until the end"
+        await client.aclose()
+
+    run(main())
+
+
 def test_large_body_is_read_whole_despite_flow_control(run) -> None:
     big = b"x" * (3 * 1024 * 1024)
 
