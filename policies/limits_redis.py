@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.config import LimitsConfig, RedisConfig
 from policies.limits import (
@@ -309,8 +309,23 @@ class RedisLimits:
             ticket_id,
             self._lease_us,
         )
+        keys = self.keys(key_id)
         async with asyncio.timeout(self.timeout_s), self._calls:
-            result = await self._admit(keys=self.keys(key_id), args=args)
+            try:
+                result = await self._admit(keys=keys, args=args)
+            except ResponseError as error:
+                if not str(error).startswith("WRONGTYPE"):
+                    raise
+                # Redis answered: one key of ours holds what no script of ours wrote. Not
+                # an outage (that would fail every key open, or closed); repaired here.
+                logger.warning(
+                    "rate limits: the Redis keys of key %r held a value of the wrong type "
+                    "(%s); they were reset",
+                    key_id,
+                    describe(error),
+                )
+                await self.redis.delete(*keys)
+                result = await self._admit(keys=keys, args=args)
         if result[R_REFUSED] != NOT_REFUSED:
             return verdict_from(limits, tokens, result, None)
         ticket = Ticket(key_id, ticket_id, limits, tokens, int(result[R_DAY]), self)

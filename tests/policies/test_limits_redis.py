@@ -508,3 +508,69 @@ async def test_create_limits(redis_server: RedisServer) -> None:
         assert await client.exists("made:rl:{k}") == 1
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["hash", "tickets", "undone"])
+async def test_a_key_of_the_wrong_type_is_repaired_not_taken_for_an_outage(
+    make: Make, redis_server: RedisServer, which: int
+) -> None:
+    """One of a key's Redis keys holding a string (a hand edit, another program sharing the
+    prefix) made every admit of that key fail with WRONGTYPE, which was taken for an
+    outage: every key failed open (or, fail-closed, was refused with 503), again and again."""
+    shared = make()
+    failover = FailoverLimits(shared, LocalLimits(), mode="closed")
+    limits = KeyLimits(rpm=2)
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.set(shared.keys("k")[which], b"not a hash or a sorted set")
+        first = await failover.admit("k", limits, 1)
+        assert first.allowed and first.ticket is not None and first.ticket.store is shared
+        assert not failover.down and failover.unavailable_refusals == 0
+        assert (await failover.admit("k", limits, 1)).allowed
+        refused = await failover.admit("k", limits, 1)  # rpm 2, counted in Redis again
+        assert refused.status == 429
+        assert (await failover.admit("other", limits, 1)).allowed  # never 503 meanwhile
+        assert not failover.down
+    finally:
+        await client.aclose()
+        await failover.aclose()
+
+
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+while true do
+  t = redis.call('TIME')
+  if t[1] * 1000000 + t[2] - start > 1500000 then return 1 end
+end
+"""
+
+
+async def test_a_call_that_timed_out_never_leaves_its_answer_to_the_next(
+    redis_server: RedisServer,
+) -> None:
+    """A guard on the client library (redis-py once had this bug, CVE-2023-28859): an
+    admit cut off by its timeout after its command was sent must not leave the pooled
+    connection with an answer unread, which the next call would take for its own."""
+    client = create_client(RedisConfig(url=redis_server.url, socket_timeout_s=5.0))
+    busy = Redis.from_url(redis_server.url)
+    store = RedisLimits(client, key_prefix=f"t{next(_prefixes)}", timeout_s=0.3, max_calls=1)
+    limits = KeyLimits(rpm=5)
+    try:
+        assert (await store.admit("k", limits, 1)).allowed  # the connection, pooled
+        blocker = asyncio.ensure_future(busy.eval(_BUSY, 0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await store.admit("k", limits, 1)  # sent, its answer comes after the timeout
+        await blocker
+        usage = await store.usage("k", limits)
+        assert isinstance(usage, dict) and usage["source"] == "redis"
+        # The timed-out admit ran when Redis woke (it may: the undo is FailoverLimits'),
+        # so two of five are used, and this third is counted as the third.
+        assert usage["requests_remaining"] == 3
+        third = await store.admit("k", limits, 1)
+        assert third.allowed and third.ticket is not None
+        assert dict(third.headers)[b"x-ratelimit-remaining-requests"] == b"2"
+    finally:
+        await client.aclose()
+        await busy.aclose()
