@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
+from pydantic import ValidationError
 
+from gateway.auth import KeyRing, hash_key
+from gateway.config import ConfigError, GuardrailsConfig
 from gateway.errors import InvalidRequest
 from gateway.validation import Endpoint, measure_prompt, parse_request
 from policies.guardrails import (
@@ -332,3 +337,29 @@ def test_messages_sent_for_embedding_are_searched_too() -> None:
     body = {"model": "m", "input": "fine", "messages": [{"role": "user", "content": SECRET}]}
     request = parse_request(Endpoint.EMBEDDINGS, orjson.dumps(body))
     assert refused(Guardrails(deny_patterns=["launch-code-\\d+"]), request, None).param == "input"
+
+
+# The settings: the global cap in the config, a key's own in the keys file.
+
+
+def test_the_global_n_cap_defaults_to_16_and_may_be_lifted() -> None:
+    assert GuardrailsConfig().max_n == DEFAULT_MAX_N == 16
+    assert GuardrailsConfig(max_n=None).max_n is None
+    with pytest.raises(ValidationError):
+        GuardrailsConfig(max_n=0)
+
+
+def test_a_keys_max_n_reaches_its_caller(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    entries = [
+        {"id": "a", "name": "a", "sha256": hash_key("sa"), "guardrails": {"max_n": 32}},
+        {"id": "b", "name": "b", "sha256": hash_key("sb")},
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    keys = KeyRing.load(path)
+    assert keys.authenticate(b"Bearer sa").guardrails == KeyGuardrails(max_n=32)
+    assert keys.authenticate(b"Bearer sb").guardrails is None
+    entries[1]["guardrails"] = {"max_n": 0}
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    with pytest.raises(ConfigError, match=r"guardrails\.max_n"):
+        KeyRing.load(path)
