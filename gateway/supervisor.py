@@ -203,6 +203,12 @@ def group_members(pgid: int, *, zombies: bool = False) -> list[int]:
     return members
 
 
+async def _members(pgid: int, *, zombies: bool = False) -> list[int]:
+    """`group_members` off the event loop: a scan of /proc reads a file per process, tens
+    of milliseconds on a node with a thousand of them, polled while the gateway serves."""
+    return await asyncio.to_thread(group_members, pgid, zombies=zombies)
+
+
 def _oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has killed: in this process's cgroup (v2
     memory.events, v1 memory.oom_control), else on the machine (/proc/vmstat); None if
@@ -498,25 +504,25 @@ class Supervisor:
         if popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(popen.pid, signal.SIGTERM)
-        elif group_members(pgid):
+        elif await _members(pgid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while (popen.poll() is None or group_members(pgid)) and time.monotonic() < deadline:
+        while (popen.poll() is None or await _members(pgid)) and time.monotonic() < deadline:
             if self._hurry:
                 break
             await asyncio.sleep(0.1)
-        if popen.poll() is None or group_members(pgid):
+        if popen.poll() is None or await _members(pgid):
             logger.warning("worker %s: still running after %gs: SIGKILL", worker.name, grace_s)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
         deadline = time.monotonic() + 10.0
         # Its children outlive it as zombies until init reaps them: wait for that too.
         while time.monotonic() < deadline and (  # noqa: ASYNC110 (processes, not tasks)
-            popen.poll() is None or group_members(pgid, zombies=True)
+            popen.poll() is None or await _members(pgid, zombies=True)
         ):
             await asyncio.sleep(0.05)
-        left = group_members(pgid, zombies=True)
+        left = await _members(pgid, zombies=True)
         if left:
             logger.error("worker %s: processes %s of its group are still there", worker.name, left)
 

@@ -6,6 +6,7 @@ import asyncio
 import random
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway import supervisor as supervisor_module
 from gateway.config import ConfigError, WorkerConfig, load_config
 from gateway.supervisor import (
     Supervisor,
@@ -401,3 +403,24 @@ async def test_stop_kills_the_whole_group_even_when_the_worker_ignores_sigterm(
     assert group_members(pid, zombies=True) == []
     log = (tmp_path / "w1.log").read_text()
     assert "tiny worker up" in log
+
+
+async def test_the_proc_scans_of_a_stop_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping a worker polls /proc (a file read per process on the node) every 0.1 s for
+    up to its grace period, while the gateway serves the other workers: never on the loop."""
+    scanned_on: list[bool] = []
+    scan = supervisor_module.group_members
+
+    def recording(pgid: int, *, zombies: bool = False) -> list[int]:
+        scanned_on.append(threading.current_thread() is threading.main_thread())
+        return scan(pgid, zombies=zombies)
+
+    monkeypatch.setattr(supervisor_module, "group_members", recording)
+    supervisor = Supervisor([tiny("w1", tmp_path, stop_timeout_s=0.5)], probe_interval_s=0.05)
+    try:
+        await supervisor.start()
+    finally:
+        await supervisor.aclose()
+    assert scanned_on and not any(scanned_on)
