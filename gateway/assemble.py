@@ -37,7 +37,7 @@ def can_assemble(payload: dict[str, Any]) -> bool:
         if payload.get(key) not in (None, False):
             return False
     best_of = payload.get("best_of")
-    return best_of is None or best_of == payload.get("n", 1)
+    return best_of is None or best_of == (payload.get("n") or 1)
 
 
 def streaming_payload(payload: dict[str, Any]) -> dict[str, Any]:

@@ -363,6 +363,7 @@ def test_chunks_are_not_changed_by_assembly() -> None:
         ({"model": "m", "messages": []}, True),
         ({"n": 2}, True),
         ({"n": 2, "best_of": 2}, True),
+        ({"n": None, "best_of": 1}, True),
         ({"best_of": 3}, False),  # vLLM answers best_of > n whole, never streamed
         ({"n": 2, "best_of": 4}, False),
         ({"use_beam_search": True}, False),
