@@ -93,7 +93,8 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.header_count = 0
         # Bytes received since the last body byte that were not body: heads, chunk-size
-        # lines, trailers. Counted before the parser keeps them; capped by max_head_bytes.
+        # lines, trailers; capped by max_head_bytes. A head is counted before the parser
+        # keeps any of it; after a body byte, to within the rest of that one socket read.
         self.framing = 0
         self.body: deque[bytes] = deque()
         self.buffered = 0

@@ -306,9 +306,11 @@ def test_tls(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         context.load_cert_chain(cert, key)
         server = Server(fixed(OK))
         client = pool(await server.start(context))
-        response = await client.request(b"POST", b"/", b"", b"")
-        assert await response.read(10) == b"{}"
+        for _ in range(2):
+            response = await client.request(b"POST", b"/", b"", b"")
+            assert await response.read(10) == b"{}"
         assert server.requests[0].split(b"\r\n")[1].startswith(b"Host: localhost:")
+        assert server.connections == 1  # a clean exchange over TLS is pooled too
         await client.aclose()
 
     run(main())
@@ -592,6 +594,12 @@ def test_chunk_size_lines_are_bounded(run) -> None:
     async def main() -> None:
         extension = b"1;ext=" + b"a" * (1024 * 1024) + b"\r\nx\r\n0\r\n\r\n"
         server = Server(fixed(CHUNKED + b"2\r\n{}\r\n" + extension))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        with pytest.raises(ConnectionBroken, match="chunk-size lines passed"):
+            await response.read(100)
+        zeros = b"0" * (1024 * 1024) + b"1\r\nx\r\n0\r\n\r\n"  # a size line without end
+        server = Server(fixed(CHUNKED + b"2\r\n{}\r\n" + zeros))
         client = pool(await server.start())
         response = await client.request(b"POST", b"/", b"", b"")
         with pytest.raises(ConnectionBroken, match="chunk-size lines passed"):
