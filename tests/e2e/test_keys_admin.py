@@ -315,7 +315,7 @@ def test_admin_lists_keys_without_secrets(gateway: Gateway) -> None:
         "tokens_per_day": BIG,
         "max_concurrent": 64,
     }
-    assert limited["guardrails"] == {"max_tokens": 8, "max_input_bytes": 64}
+    assert limited["guardrails"] == {"max_tokens": 8, "max_input_bytes": 64, "max_n": None}
     assert limited["disabled"] is False
     assert keys["key-off"]["disabled"] is True
     assert keys["key-full"]["models"] is None
