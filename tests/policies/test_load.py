@@ -18,7 +18,7 @@ from policies.load import (
     parse_load,
 )
 from providers.vllm import VLLMAdapter
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, ScriptedUpstream, read_request
 from tests.servers import start_sim
 
 VLLM_BODY = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -280,3 +280,44 @@ async def test_scraping_a_real_sim_sees_its_queue(logs: Path) -> None:
     finally:
         await adapter.aclose()
         sim.stop()
+
+
+async def _metrics_cut_off_then_whole(
+    upstream: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The first connection's /metrics stops mid-body for longer than a scrape may take,
+    then finishes it and serves the next request on the same connection: a client that
+    pooled it after the timed-out scrape would read that body's tail as its next answer."""
+    first = upstream.connections == 1
+    body = b"vllm:num_requests_running 3\nvllm:num_requests_waiting 4\n"
+    while True:
+        await read_request(reader)
+        head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        if first:
+            writer.write(head + body[:10])
+            await writer.drain()
+            await asyncio.sleep(3)
+            writer.write(body[10:])
+            body = b"vllm:num_requests_running 99\nvllm:num_requests_waiting 99\n"
+            first = False
+            continue
+        writer.write(head + body)
+        await writer.drain()
+
+
+async def test_a_scrape_cut_off_by_its_timeout_never_leaves_its_connection_pooled() -> None:
+    upstream = ScriptedUpstream(_metrics_cut_off_then_whole)
+    adapter = adapter_for(upstream.url)
+    await adapter.start()
+    scraped = target(adapter.metrics)
+    scraper = LoadScraper([scraped], interval_s=1.0, timeout_s=1.0)
+    try:
+        await scraper.scrape_due(0.0)
+        assert scraped.failing and scraped.upstream.report is None  # timed out mid-body
+        await asyncio.sleep(3)  # the rest of that body has arrived by now
+        await scraper.scrape_due(1.0)
+        assert scraped.upstream.report == LoadReport(3, 4, 1.0)
+        assert upstream.connections == 2
+    finally:
+        await adapter.aclose()
+        upstream.stop()
