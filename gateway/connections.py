@@ -41,6 +41,7 @@ log = logging.getLogger("vgate.connections")
 _HEAD_END = b"\r\n\r\n"
 _SWEEP_INTERVAL_S = 1.0
 _READING_HEAD, _READING_BODY, _IDLE = 0, 1, 2
+BODY_TIMED_OUT = "vgate.body_timed_out"  # in the scope of a request whose body timed out
 REJECT_REASONS = (
     "max_connections",
     "max_header_bytes",
@@ -292,6 +293,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif self._reading == _READING_HEAD:
             self._reject(self.guard.head_timeout, "head_timeout")
         else:
+            if self.cycle is not None:
+                self.cycle.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]
             self._reject(self.guard.body_timeout, "body_timeout")
 
     def _reject(self, answer: bytes, reason: str) -> None:

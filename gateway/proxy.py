@@ -20,6 +20,7 @@ from gateway.asgi import (
     read_body,
 )
 from gateway.auth import Caller, KeyRing
+from gateway.connections import BODY_TIMED_OUT
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -101,8 +102,10 @@ class ProxyEndpoint:
                     f"Request body is larger than the gateway's limit of {exc.limit} bytes.",
                 ) from None
             except ClientDisconnected:
-                record.status = CLIENT_CLOSED_REQUEST
-                record.error = "client_disconnected"
+                if scope.get(BODY_TIMED_OUT):  # the server answered 408 and closed
+                    record.status, record.error = 408, "request_timeout"
+                else:
+                    record.status, record.error = CLIENT_CLOSED_REQUEST, "client_disconnected"
                 return
             request = parse_request(self.endpoint, body)
             route = route_for(self.router, caller, request.model)
@@ -121,7 +124,10 @@ class ProxyEndpoint:
                 # Once per client request, before routing: retries and fallbacks are never
                 # charged again, and a refusal costs no upstream work and no quota.
                 estimate = estimate_tokens(
-                    request.payload, self.endpoint.value, self.default_max_tokens_estimate
+                    request.payload,
+                    self.endpoint.value,
+                    self.default_max_tokens_estimate,
+                    prompt=request.prompt,  # measured once, by validation
                 )
                 verdict = await self.limits.admit(caller.id, caller.limits, estimate)
                 if not verdict.allowed:
@@ -166,7 +172,10 @@ class ProxyEndpoint:
         nothing was read upstream), or refused prompts could be sent without limit. A key
         already over its limits is told that instead (429), as for any other request."""
         estimate = estimate_tokens(
-            request.payload, self.endpoint.value, self.default_max_tokens_estimate
+            request.payload,
+            self.endpoint.value,
+            self.default_max_tokens_estimate,
+            prompt=request.prompt,
         )
         verdict = await self.limits.admit(caller.id, caller.limits, estimate)
         if not verdict.allowed:

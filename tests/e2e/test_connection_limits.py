@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from gateway.connections import ConnectionGuard, ConnectionLimits
+from tests.e2e.conftest import new_request_id, wait_for_line
 from tests.servers import (
     DEMO_KEY,
     Gateway,
@@ -151,13 +152,18 @@ def test_a_connection_that_says_nothing_is_closed(gateway: Gateway) -> None:
 
 
 def test_a_body_shorter_than_its_content_length_is_408(gateway: Gateway) -> None:
+    request_id = new_request_id()
     with connect(gateway) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + DEMO_KEY.encode()
+            + b"\r\nX-Request-ID: "
+            + request_id.encode()
             + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
         )
         assert_error(read_answer(sock), 408, "request_timeout")
+    entry = wait_for_line(gateway, request_id)  # logged as what it was, not a 499
+    assert (entry["status"], entry["error"]) == (408, "request_timeout")
 
 
 def test_a_keep_alive_connection_serves_on_within_the_bounds(gateway: Gateway) -> None:
