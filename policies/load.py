@@ -39,6 +39,7 @@ logger = logging.getLogger("vgate.load")
 RUNNING = b"vllm:num_requests_running"
 WAITING = b"vllm:num_requests_waiting"
 MAX_SERIES = 256  # per gauge: one per served model and engine; more is not a vLLM worker
+MAX_COUNT = 1_000_000  # requests in one sample: more is not a vLLM worker either
 
 Fetch = Callable[[], Awaitable[bytes | None]]  # a /metrics body, or None where there is none
 
@@ -107,7 +108,7 @@ def _gauge_sum(body: bytes, name: bytes) -> int | None:
             value = float(fields[0]) if fields else math.nan
         except ValueError:
             continue
-        if math.isfinite(value) and value >= 0:
+        if 0 <= value <= MAX_COUNT:  # False for NaN; no sum of these overflows
             total += value
             series += 1
     return round(total) if series else None

@@ -61,6 +61,9 @@ def test_parse_without_gauges_is_none_and_garbage_never_raises() -> None:
     assert parse_load(b"# TYPE vllm:num_requests_running gauge\n") is None
     assert parse_load(bytes(range(256)) * 100) is None
     assert parse_load(b"vllm:num_requests_waiting 2\n") == (0, 2)
+    # Each sample finite, their sum not: the parse raised OverflowError.
+    huge = b"vllm:num_requests_running 1e308\nvllm:num_requests_running 1e308\n"
+    assert parse_load(huge + b"vllm:num_requests_waiting 2\n") == (0, 2)
 
 
 def test_parse_is_bounded_on_huge_bodies() -> None:
