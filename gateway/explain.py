@@ -55,7 +55,9 @@ def find_entry(lines: Iterable[bytes | str], request_id: str | None) -> dict[str
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        if not isinstance(entry, dict) or not entry.get("decisions"):
+        if not isinstance(entry, dict) or not isinstance(entry.get("decisions"), list):
+            continue
+        if not entry["decisions"]:
             continue
         if request_id is None or entry.get("request_id") == request_id:
             found = entry
@@ -126,18 +128,31 @@ def explain(
     )
     all_same = True
     for number, decision in enumerate(entry["decisions"], 1):
-        result = replay(config, decision)
-        all_same &= result.same
-        print(f"\ndecision {number}: route {result.route}, {result.reason}", file=out)
-        print(f"  selector state: {orjson.dumps(decision.get('state')).decode()}", file=out)
-        if decision.get("key_hash") is not None:
-            print(f"  affinity key hash: {decision['key_hash']}", file=out)
-        if decision.get("pin") is not None:
-            print(f"  pinned to: {decision['pin']}", file=out)
-        _table(decision["candidates"], out)
-        verdict = "same" if result.same else f"DIFFERENT ({result.problem or 'replayed'})"
-        print(f"  logged: {result.logged}  replayed: {result.replayed}  -> {verdict}", file=out)
+        try:
+            all_same &= _explain_one(config, number, decision, out)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+            # A line edited, cut off or written by another version: say so, never a traceback.
+            print(
+                f"\ndecision {number}: malformed in the log, not replayed "
+                f"({type(error).__name__}: {str(error)[:200]})",
+                file=out,
+            )
+            all_same = False
     return 0 if all_same else 3
+
+
+def _explain_one(config: GatewayConfig, number: int, decision: Any, out: TextIO) -> bool:
+    result = replay(config, decision)
+    print(f"\ndecision {number}: route {result.route}, {result.reason}", file=out)
+    print(f"  selector state: {orjson.dumps(decision.get('state')).decode()}", file=out)
+    if decision.get("key_hash") is not None:
+        print(f"  affinity key hash: {decision['key_hash']}", file=out)
+    if decision.get("pin") is not None:
+        print(f"  pinned to: {decision['pin']}", file=out)
+    _table(decision["candidates"], out)
+    verdict = "same" if result.same else f"DIFFERENT ({result.problem or 'replayed'})"
+    print(f"  logged: {result.logged}  replayed: {result.replayed}  -> {verdict}", file=out)
+    return result.same
 
 
 def _table(candidates: Sequence[dict[str, Any]], out: TextIO) -> None:

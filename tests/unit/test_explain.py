@@ -104,3 +104,30 @@ def test_explain_prints_each_decision_and_finds_the_request() -> None:
     assert text.count("-> same") == 2
     assert "p2c_latency, avoiding backends tried" in text
     assert explain(settings, log, "missing", io.StringIO()) == 1
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "not a decision",
+        {"route": "m"},  # cut off
+        {"route": "m", "strategy": "weighted", "seed": 7, "candidates": [{"name": "b0"}]},
+        {"route": "m", "strategy": "weighted", "seed": 7, "candidates": "b0", "state": [1]},
+        {"route": ["m"], "choice": "b0"},
+    ],
+    ids=["string", "cut-off", "candidate-fields-missing", "candidates-not-a-list", "route-a-list"],
+)
+def test_a_malformed_decision_is_reported_not_a_traceback(broken: Any) -> None:
+    settings = config("weighted")
+    route = Gateway.from_config(settings).router.routes[0]
+    decisions: list[Decision] = []
+    route.choose(1.0, (), None, None, decisions)
+    entry = {"request_id": "abc", "decisions": [broken, decisions[0].to_json()]}
+    out = io.StringIO()
+    assert explain(settings, [orjson.dumps(entry)], "abc", out) == 3
+    text = out.getvalue()
+    assert "decision 1: malformed in the log, not replayed" in text
+    assert "decision 2: route m" in text and "-> same" in text  # the others still replayed
+    # A line whose "decisions" is not a list is not an access-log entry at all.
+    odd = orjson.dumps({"request_id": "abc", "decisions": "weighted"})
+    assert explain(settings, [odd], "abc", io.StringIO()) == 1
