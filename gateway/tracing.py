@@ -37,6 +37,7 @@ logger = logging.getLogger("vgate.tracing")
 
 _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _SCOPE = InstrumentationScope("vgate")
+_EXPORT_BATCH = 512  # spans per export, the SDK's default
 
 
 # While a collector is down the OTLP exporter logs every failed batch, several a second
@@ -84,6 +85,8 @@ class Tracer:
         self._processor = BatchSpanProcessor(
             exporter,
             max_queue_size=config.max_queue_size,
+            # The SDK's batch (512) may not exceed the queue: a small queue was a crash.
+            max_export_batch_size=min(_EXPORT_BATCH, config.max_queue_size),
             schedule_delay_millis=config.schedule_delay_s * 1000,
             export_timeout_millis=config.export_timeout_s * 1000,
         )

@@ -77,3 +77,12 @@ def test_shutdown_with_a_collector_that_never_answers_takes_one_export_timeout()
         assert time.monotonic() - began < 10  # one export timeout, and a loaded machine's slack
     finally:
         collector.stop()
+
+
+def test_a_queue_smaller_than_the_sdks_batch_is_a_valid_setting() -> None:
+    """`tracing.max_queue_size` accepts 1 and up; below 512 the SDK refused to start
+    (its export batch may not exceed the queue), and so did the gateway."""
+    tracer = Tracer(
+        TracingConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", max_queue_size=1)
+    )
+    tracer.shutdown()
