@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-concurrent", "requests in flight at once"),
         ("--max-tokens", "guardrail: the most max_tokens a request may ask for"),
         ("--max-input-bytes", "guardrail: the most bytes of prompt text per request"),
+        ("--max-n", "guardrail: the most choices (n) a request may ask for"),
     ):
         create.add_argument(flag, type=_positive, help=text)
     _file_arguments(create)
@@ -116,7 +117,7 @@ def _create(args: argparse.Namespace, path: Path, known: frozenset[str] | None) 
         entry["limits"] = limits
     rails = {
         name: getattr(args, name)
-        for name in ("max_tokens", "max_input_bytes")
+        for name in ("max_tokens", "max_input_bytes", "max_n")
         if getattr(args, name) is not None
     }
     if rails:
