@@ -19,10 +19,8 @@ def test_create_sets_every_key_guardrail(
     parser = argparse.ArgumentParser()
     keys_cli.add_arguments(parser)
     path = tmp_path / "keys.yaml"
-    args = parser.parse_args(
-        ["create", "--name", "team", "--file", str(path), "--max-tokens", "100"]
-        + ["--max-input-bytes", "2000", "--max-n", "2"]
-    )
+    flags = ["--max-tokens", "100", "--max-input-bytes", "2000", "--max-n", "2"]
+    args = parser.parse_args(["create", "--name", "team", "--file", str(path), *flags])
     assert keys_cli.run(args) == 0
     (entry,) = read_keys_file(path)
     assert entry.describe()["guardrails"] == {
