@@ -324,3 +324,38 @@ async def test_a_scrape_cut_off_by_its_timeout_never_leaves_its_connection_poole
     finally:
         await adapter.aclose()
         upstream.stop()
+
+
+def _huge_metrics(chunked: bool) -> Callable[..., Awaitable[None]]:
+    async def script(
+        upstream: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A /metrics of 100 MB (vLLM's is tens of KB), sent for as long as it is read."""
+        await read_request(reader)
+        size = 100_000_000
+        framing = "transfer-encoding: chunked" if chunked else f"content-length: {size}"
+        writer.write(f"HTTP/1.1 200 OK\r\n{framing}\r\n\r\n".encode())
+        line = b"vllm:num_requests_running 1\n" * 2340  # 65,520 bytes
+        upstream.state["sent"] = 0
+        while upstream.state["sent"] < size:
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+            await writer.drain()
+            upstream.state["sent"] += len(line)
+
+    return script
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_huge_metrics_body_fails_the_scrape_without_being_read(chunked: bool) -> None:
+    upstream = ScriptedUpstream(_huge_metrics(chunked))
+    adapter = adapter_for(upstream.url)
+    await adapter.start()
+    scraped = target(adapter.metrics)
+    try:
+        await LoadScraper([scraped], timeout_s=20.0).scrape_due(0.0)
+        assert scraped.failing and scraped.upstream.report is None
+        # The client stopped at its cap (2 MiB); the rest was never asked for.
+        assert upstream.state["sent"] < 20_000_000
+    finally:
+        await adapter.aclose()
+        upstream.stop()
