@@ -346,3 +346,89 @@ async def test_a_key_with_impossible_times_poisons_no_breaker(
         for client in clients:
             await client.aclose()
         await writer.aclose()
+
+
+class SilentProxy:
+    """A TCP proxy to Redis whose subscriptions can go silent: their bytes stop flowing
+    either way without a FIN or RST, as when a cable is pulled or a NAT entry dropped."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.subscriptions = 0  # connections that sent SUBSCRIBE
+        self._silenced: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def silence_subscriptions(self) -> None:
+        self._silenced.update(range(1, self.subscriptions + 1))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.redis_port
+        )
+        number = [0]  # this connection's subscription number, once it subscribes
+
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, outgoing: bool
+        ) -> None:
+            while data := await source.read(65536):
+                if outgoing and not number[0] and b"SUBSCRIBE" in data.upper():
+                    self.subscriptions += 1
+                    number[0] = self.subscriptions
+                if number[0] in self._silenced:
+                    continue  # swallowed: no answer, no error, the socket stays open
+                sink.write(data)
+                await sink.drain()
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await asyncio.gather(
+                pump(reader, upstream_writer, True), pump(upstream_reader, writer, False)
+            )
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            upstream_writer.close()
+            self._tasks.discard(task)
+
+    async def aclose(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_subscription_that_went_silent_is_noticed_and_made_again(
+    redis_server: RedisServer,
+) -> None:
+    """No FIN, no RST: only the missing answer to its PING tells the subscriber that its
+    connection is dead; without noticing, it would hear no transition again (catching up
+    from the keys every check_interval_s would be all that is left)."""
+    proxy = SilentProxy(redis_server.port)
+    url = await proxy.start()
+    breaker = BackendBreaker("w1", BreakerConfig(), route="tiny-llama")
+    client = create_client(RedisConfig(url=url, socket_timeout_s=TIMEOUT_S))
+    sync = BreakerSync(
+        client,
+        [breaker],
+        key_prefix=f"silent{next(_prefixes)}",
+        timeout_s=TIMEOUT_S,
+        check_interval_s=0.2,
+        backoff_initial_s=0.02,
+        backoff_max_s=0.2,
+    )
+    try:
+        await sync.start()
+        await eventually(lambda: proxy.subscriptions == 1)
+        proxy.silence_subscriptions()
+        await eventually(lambda: proxy.subscriptions >= 2)  # subscribed again, anew
+    finally:
+        await sync.aclose()
+        await client.aclose()
+        await proxy.aclose()
