@@ -250,7 +250,11 @@ def test_connections_are_bounded(run) -> None:
         server = Server(respond)
         client = pool(await server.start(), max_connections=2)
         pending = [asyncio.create_task(client.request(b"POST", b"/", b"", b"")) for _ in range(5)]
-        await asyncio.sleep(0.1)
+        for _ in range(500):  # the two connections, however slow the machine
+            if server.connections >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # time for any more to arrive, as there must be none
         assert server.connections == 2 and not any(task.done() for task in pending)
         go.set()
         for task in pending:
