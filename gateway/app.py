@@ -74,11 +74,11 @@ class Gateway:
     admin_key_sha256: str | None = None  # None: no admin API
     key_watcher: KeyFileWatcher | None = None  # reloads the keys file when it changes
     limits: LimitStore = field(default_factory=LocalLimits)  # per key: rpm, tpm, day, in flight
-    tokens: TokenVerifier | None = None  # with jwt.enabled: bearer JWTs beside API keys
     # What one client connection may take; uvicorn's protocol for this gateway's server.
     connections: ConnectionGuard = field(
         default_factory=lambda: ConnectionGuard(ConnectionLimits())
     )
+    tokens: TokenVerifier | None = None  # with jwt.enabled: bearer JWTs beside API keys
 
     @classmethod
     def from_config(cls, config: GatewayConfig, *, log_stream: BinaryIO | None = None) -> Gateway:
