@@ -35,7 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openapi import openapi_json
 from gateway.proxy import ProxyEndpoint, route_for
-from gateway.router import Backend, Route, Router
+from gateway.router import AnswerBounds, Backend, Route, Router
 from gateway.tracing import Tracer
 from gateway.usage import KeyUsage
 from gateway.validation import Endpoint
@@ -111,7 +111,7 @@ class Gateway:
             max_waiting=server.queue_max_waiting,
             timeout_s=server.queue_timeout_s,
         )
-        router = Router(routes, admission)
+        router = Router(routes, admission, AnswerBounds(config.upstream.max_body_bytes, budget))
         metrics.watch_admission(admission)
         connections = ConnectionGuard(connection_limits(server))
         metrics.watch_connections(connections)

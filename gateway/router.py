@@ -43,6 +43,7 @@ from policies.retry import AttemptFailed, RetryPolicy
 from policies.selection import Selector, create_selector
 from providers import Adapter, UpstreamBroken, UpstreamConnectError, UpstreamResponse
 from providers.base import UpstreamBufferFull, retry_after_seconds
+from providers.http1 import ByteBudget
 
 # A backend that refused a connection sits out this long; nothing was sent to it, so
 # skipping it costs nobody anything. Active health checks come with the health policy.
@@ -255,9 +256,25 @@ class Completion:
 Attempt = Callable[[Route, Backend, ProxyRequest, RequestRecord, float], Awaitable[T]]
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerBounds:
+    """What an answer the gateway assembles from a stream may hold (`upstream:` config):
+    `max_bytes` of events for one answer, and the process's shared `budget` of answers
+    held in memory at once, which whole-body reads in the adapters count against too."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    budget: ByteBudget = field(default_factory=lambda: ByteBudget(256 * 1024 * 1024))
+
+
 class Router:
-    def __init__(self, routes: Iterable[Route], admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        admission: Admission | None = None,
+        answers: AnswerBounds | None = None,
+    ) -> None:
         self.routes = tuple(routes)
+        self.answers = answers or AnswerBounds()
         self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
         self._by_name: dict[str, Route] = {}
         for route in self.routes:
@@ -493,13 +510,30 @@ class Router:
         )
         first_at = time.perf_counter()
         observer = stream.observer
-        size = len(stream.first)
+        bounds = self.answers
+        budget = bounds.budget
+        # What the events hold is what the answer being built holds: bounded per answer
+        # (the upstream's fault past it) and, with every other answer in memory, per process
+        # (the gateway's overload: 503, retried by the client, counted by no breaker).
+        held = 0
         failure: AttemptFailed | None = None
+
+        def hold(events: bytes) -> None:
+            nonlocal held
+            if held + len(events) > bounds.max_bytes:
+                raise _broken(
+                    backend,
+                    f"answered more than {bounds.max_bytes} bytes (upstream.max_body_bytes)",
+                )
+            if budget.used + len(events) > budget.limit:
+                raise UpstreamBufferFull(budget.limit)
+            budget.used += len(events)
+            held += len(events)
+
         try:
+            hold(stream.first)
             async for events in stream.rest():
-                size += len(events)
-                if size > MAX_RESPONSE_BYTES:
-                    raise _broken(backend, f"answered more than {MAX_RESPONSE_BYTES} bytes")
+                hold(events)
             if observer.malformed:
                 # Its text is missing from the answer: never a whole-looking 200 that is not.
                 raise _broken(backend, f"sent {observer.malformed} events that are not JSON")
@@ -512,6 +546,7 @@ class Router:
             failure = caught
         finally:
             stream.close()
+            budget.give(held)
             # The whole answer was the upstream's time, as a non-streaming one's is.
             rest = time.perf_counter() - first_at
             record.backend_s += rest

@@ -27,7 +27,15 @@ from providers import UpstreamBroken
 from providers.base import RETRY_AFTER_MAX_S, retry_after_seconds
 from providers.http1 import ByteBudget
 from providers.vllm import VLLMAdapter
-from tests.fake_upstream import FakeUpstream, ScriptedUpstream, chat_answer, read_request
+from tests.fake_upstream import (
+    FakeUpstream,
+    ScriptedUpstream,
+    chat_answer,
+    content_event,
+    read_request,
+    role_event,
+    usage_event,
+)
 from tests.servers import DEMO_KEY, Gateway, backend, gateway_config, start_gateway
 
 UNCHECKED = {"enabled": False}  # no health probes: each connection's requests are the test's
@@ -148,6 +156,59 @@ async def too_big(
         body = embeddings_body(2 * 1024 * 1024)
         writer.write(embeddings_head(len(body)) + body)
         await writer.drain()
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def sse_chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def stream_events(writer: asyncio.StreamWriter, size: int) -> None:
+    """`size` bytes or so of a chat answer's content events, in 32 KiB pieces."""
+    piece = content_event("x" * 32 * 1024)
+    for _ in range(size // len(piece) + 1):
+        writer.write(sse_chunk(piece))
+        await writer.drain()
+
+
+async def stream_ending(writer: asyncio.StreamWriter) -> None:
+    end = content_event("", finish="stop") + usage_event(1, 1) + b"data: [DONE]\n\n"
+    writer.write(sse_chunk(end) + b"0\r\n\r\n")
+    await writer.drain()
+
+
+async def streams_too_much(
+    upstream: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A whole, well-formed stream of 2 MiB of text: an assembled answer past the cap."""
+    await read_request(reader)
+    writer.write(SSE_HEAD + sse_chunk(role_event()))
+    await stream_events(writer, 2 * 1024 * 1024)
+    await stream_ending(writer)
+
+
+async def streams_half_then_waits(
+    upstream: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """600 KiB of an answer's events, then a pause until the gateway let go of one of the
+    two connections taking part (1 MiB holds one such answer, not two), then the end."""
+    aborted = upstream.state.setdefault("aborted", asyncio.Event())
+    await read_request(reader)
+    writer.write(SSE_HEAD + sse_chunk(role_event()))
+    await stream_events(writer, 600 * 1024)
+    hung_up = asyncio.ensure_future(reader.read(1))
+    other = asyncio.ensure_future(aborted.wait())
+    done, _ = await asyncio.wait({hung_up, other}, timeout=60, return_when="FIRST_COMPLETED")
+    if hung_up in done:
+        aborted.set()
+        other.cancel()
+        return
+    hung_up.cancel()
+    await stream_ending(writer)
 
 
 def route(name: str, url: str, **extra: Any) -> dict[str, Any]:
@@ -309,7 +370,12 @@ CAPS = {
 
 @pytest.fixture(scope="module")
 def capped(logs: Path) -> Iterator[tuple[Gateway, dict[str, ScriptedUpstream]]]:
-    fakes = {"halves": ScriptedUpstream(half_then_wait), "big": ScriptedUpstream(too_big)}
+    fakes = {
+        "halves": ScriptedUpstream(half_then_wait),
+        "big": ScriptedUpstream(too_big),
+        "stream-big": ScriptedUpstream(streams_too_much),
+        "stream-halves": ScriptedUpstream(streams_half_then_waits),
+    }
     process = start_gateway(
         logs,
         config_of([route(name, fake.url) for name, fake in fakes.items()], upstream=CAPS),
@@ -352,6 +418,30 @@ def test_answers_held_at_once_are_bounded_and_the_overflow_is_a_503(
     assert error["code"] == "overloaded" and "upstream.max_buffered_bytes" in error["message"]
     assert refused[0].headers["retry-after"] == "1"
     assert len(answered[0].content) == 900 * 1024
+
+
+def test_an_assembled_answer_over_the_cap_is_the_upstreams_fault(
+    capped: tuple[Gateway, dict[str, ScriptedUpstream]],
+) -> None:
+    """A non-streaming request is asked upstream as a stream (non_stream: assemble): the
+    events it is built from count against upstream.max_body_bytes as a whole body would."""
+    gateway, _ = capped
+    error = error_of(chat(gateway, "stream-big", "hi"), 502)
+    assert "more than 1048576 bytes (upstream.max_body_bytes)" in error["message"]
+
+
+def test_assembled_answers_held_at_once_are_bounded_and_the_overflow_is_a_503(
+    capped: tuple[Gateway, dict[str, ScriptedUpstream]],
+) -> None:
+    gateway, _ = capped
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda _: chat(gateway, "stream-halves", "hi"), range(2)))
+    refused = [r for r in responses if r.status_code == 503]
+    answered = [r for r in responses if r.status_code == 200]
+    assert len(refused) == 1 and len(answered) == 1, [r.text[:200] for r in responses]
+    error = error_of(refused[0], 503)
+    assert error["code"] == "overloaded" and "upstream.max_buffered_bytes" in error["message"]
+    assert len(content_of(answered[0])) >= 600 * 1024
 
 
 # The adapter's caps by endpoint, against a raw socket server in this process.
