@@ -30,6 +30,8 @@ class SSEObserver:
     """Splits upstream bytes into events and records what the stream has said so far."""
 
     __slots__ = (
+        "_cr",
+        "_held",
         "_pending",
         "done",
         "drop_usage_chunk",
@@ -42,7 +44,11 @@ class SSEObserver:
     )
 
     def __init__(self, *, drop_usage_chunk: bool) -> None:
-        self._pending = b""
+        # An unfinished event's pieces, joined only once its end arrives: joining on every
+        # read would copy a slowly trickled event over and over (quadratic up to the cap).
+        self._pending: list[bytes] = []
+        self._held = 0
+        self._cr = False  # the last read ended in "\r": its "\n" may open the next one
         # Set when the gateway asked for usage on the client's behalf: the usage-only
         # chunk is then the gateway's, not the client's.
         self.drop_usage_chunk = drop_usage_chunk
@@ -57,16 +63,32 @@ class SSEObserver:
 
     def feed(self, chunk: bytes) -> bytes:
         """Whole events completed by `chunk`, ready to forward (maybe b"")."""
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
         if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                self._cr, chunk = True, chunk[:-1]
             chunk = chunk.replace(b"\r\n", b"\n")
-        data = self._pending + chunk if self._pending else chunk
+        pending = self._pending
+        if pending:
+            if b"\n\n" not in chunk and not (
+                chunk.startswith(b"\n") and pending[-1].endswith(b"\n")
+            ):
+                self._hold(chunk)  # still no event's end: keep the piece, copy nothing
+                return b""
+            pending.append(chunk)
+            data = b"".join(pending)
+            self._pending, self._held = [], 0
+        else:
+            data = chunk
         end = data.rfind(b"\n\n")
         if end < 0:
-            if len(data) > _MAX_PENDING:
-                raise MalformedStream("an upstream event exceeded 1 MiB")
-            self._pending = data
+            self._hold(data)
             return b""
-        self._pending = data[end + 2 :]
+        rest = data[end + 2 :]
+        if rest:
+            self._hold(rest)
         complete = data[: end + 2]
         out: list[bytes] = []
         for event in complete.split(b"\n\n"):
@@ -77,9 +99,18 @@ class SSEObserver:
                 break
         return b"".join(out)
 
+    def _hold(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._held += len(piece)
+        if self._held > _MAX_PENDING:
+            raise MalformedStream("an upstream event exceeded 1 MiB")
+        self._pending.append(piece)
+
     def flush(self) -> bytes:
         """At end of stream: a final event that lacked its blank line, if any."""
-        rest, self._pending = self._pending.strip(), b""
+        rest = b"".join(self._pending).strip()
+        self._pending, self._held = [], 0
         if rest and self._observe(rest):
             return rest + b"\n\n"
         return b""

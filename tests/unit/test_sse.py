@@ -42,6 +42,27 @@ def test_crlf_events_are_normalised() -> None:
     assert observer.feed(chunk("x").replace(b"\n", b"\r\n")) == chunk("x")
 
 
+def test_crlf_events_read_a_byte_at_a_time_are_normalised() -> None:
+    """ "\r\n\r\n" split over reads, even between "\r" and "\n", still ends an event."""
+    observer = SSEObserver(drop_usage_chunk=False)
+    stream = chunk("hello") + chunk("world", "stop") + DONE
+    crlf = stream.replace(b"\n", b"\r\n")
+    out = b"".join(observer.feed(crlf[i : i + 1]) for i in range(len(crlf)))
+    assert out == stream and observer.done
+
+
+def test_a_trickled_event_is_held_in_pieces_not_copied_on_every_read() -> None:
+    """Joining the pending bytes on every read copied a slowly trickled event over and
+    over: 512 KiB a byte at a time meant some 137 GB of copying. Now nothing is joined
+    until the event's end arrives."""
+    observer = SSEObserver(drop_usage_chunk=False)
+    event = chunk("x" * 512 * 1024)
+    for index in range(0, len(event) - 2, 64):
+        assert observer.feed(event[index : min(index + 64, len(event) - 2)]) == b""
+    assert len(observer._pending) > 1000  # the pieces as they came: none joined yet
+    assert observer.feed(b"\n\n") == event
+
+
 def test_usage_chunk_asked_for_by_the_gateway_is_dropped() -> None:
     observer = SSEObserver(drop_usage_chunk=True)
     out = observer.feed(chunk("a", "stop") + USAGE + DONE)
