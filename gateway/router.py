@@ -490,7 +490,9 @@ class Router:
                 raise _broken(backend, "answered with a body that is not JSON")
         record.record_usage(payload.get("usage"))
         backend.answered(record.backend_s, stream=False, completion_tokens=record.completion_tokens)
-        return Completion(data, content_type)
+        # Checked to be JSON above; the upstream's own label (its parameters, its vendor
+        # type) is not the client's business.
+        return Completion(data, "application/json")
 
     async def _assemble_once(
         self,

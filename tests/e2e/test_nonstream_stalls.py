@@ -43,17 +43,25 @@ class OddUpstream(FakeUpstream):
     that finishes its choice but never sends the usage it was asked for."""
 
     async def _respond(self, writer: asyncio.StreamWriter) -> bool:
-        if self.mode == "html":
+        if self.mode in ("html", "vendor_json"):
             # A whole answer, labelled as a web page: the label is what the client would
-            # trust, so it is checked, not just the body.
+            # trust, so it is checked, not just the body. Or labelled as JSON of the
+            # upstream's own kind, with parameters of its own.
             body = orjson.dumps(
                 {
                     "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
                 }
             )
+            label = (
+                b"text/html"
+                if self.mode == "html"
+                else b"application/vnd.upstream+json; tracking=" + b"t" * 4000
+            )
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n"
+                b"HTTP/1.1 200 OK\r\ncontent-type: "
+                + label
+                + b"\r\n"
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -91,6 +99,7 @@ def workers(logs: Path) -> Iterator[dict[str, Process]]:
 def fakes() -> Iterator[dict[str, FakeUpstream]]:
     started: dict[str, FakeUpstream] = {mode: FakeUpstream(mode) for mode in FAKE_MODES}
     started["html"] = OddUpstream("html")
+    started["vendor_json"] = OddUpstream("vendor_json")
     started["stream_no_usage"] = OddUpstream("stream_no_usage")
     yield started
     for fake in started.values():
@@ -157,7 +166,12 @@ def gateway(
         *(
             route(f"fake-{mode}", backend(f"fake-{mode}", fake.url))
             for mode, fake in fakes.items()
-            if mode != "html"
+            if mode not in ("html", "vendor_json")
+        ),
+        route(
+            "vendor-json",
+            backend("vendor-json", fakes["vendor_json"].url),
+            non_stream="passthrough",
         ),
     ]
     process = start_gateway(logs, gateway_config(models))
@@ -366,6 +380,16 @@ def test_a_stream_that_is_not_whole_is_never_a_200(
         assert content in body["error"]["message"]
         assert body["error"]["type"] == "upstream_error"
         assert wait_for_line(gateway, request_id)["status"] == 502
+
+
+def test_a_json_200_is_labelled_application_json_whatever_the_upstream_wrote(
+    gateway: Gateway,
+) -> None:
+    """The upstream's own label (4 KB of parameters) never reaches the client."""
+    response, _, _ = post(gateway, chat("vendor-json"))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["choices"][0]["message"]["content"] == "hi"
 
 
 @pytest.mark.parametrize(
