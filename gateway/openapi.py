@@ -25,6 +25,32 @@ _JSON = "application/json"
 _NULL = {"type": "null"}
 
 
+def _answer(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """A whole (non-streaming) answer of `kind`, each choice holding `choice`'s fields."""
+    return {
+        "type": "object",
+        "required": ["object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        **choice,
+                        "finish_reason": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "usage": _nullable(_ref("Usage")),
+        },
+    }
+
+
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, _NULL]}
 
@@ -255,50 +281,8 @@ def _response_schemas() -> dict[str, Any]:
             },
         },
         "Usage": usage,
-        "ChatCompletion": {
-            "type": "object",
-            "required": ["object", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "message": {"type": "object"},
-                            "finish_reason": {"type": ["string", "null"]},
-                        },
-                    },
-                },
-                "usage": _nullable(_ref("Usage")),
-            },
-        },
-        "Completion": {
-            "type": "object",
-            "required": ["object", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "text_completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "text": {"type": "string"},
-                            "finish_reason": {"type": ["string", "null"]},
-                        },
-                    },
-                },
-                "usage": _nullable(_ref("Usage")),
-            },
-        },
+        "ChatCompletion": _answer("chat.completion", {"message": {"type": "object"}}),
+        "Completion": _answer("text_completion", {"text": {"type": "string"}}),
         "EmbeddingList": {
             "type": "object",
             "required": ["object", "data"],

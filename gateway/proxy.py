@@ -22,14 +22,13 @@ from gateway.asgi import (
 from gateway.auth import Caller, KeyRing
 from gateway.connections import BODY_TIMED_OUT
 from gateway.errors import (
-    AuthenticationError,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
 )
-from gateway.jwt_auth import TokenVerifier
+from gateway.jwt_auth import TokenVerifier, identify
 from gateway.middleware import send_error
 from gateway.record import RequestRecord
 from gateway.router import Route, Router, StreamInterrupted
@@ -81,17 +80,7 @@ class ProxyEndpoint:
         record: RequestRecord = scope["vgate.record"]
         record.endpoint = self.label
         try:
-            authorization = header(scope, b"authorization")
-            try:
-                caller = self.keys.authenticate(authorization)
-            except AuthenticationError:
-                # Not a key: perhaps a JWT. Only here, so the API-key path pays nothing.
-                token_caller = None
-                if self.tokens is not None:
-                    token_caller = await self.tokens.authenticate(authorization, self.keys)
-                if token_caller is None:
-                    raise
-                caller = token_caller
+            caller = await identify(self.keys, self.tokens, header(scope, b"authorization"))
             record.caller = caller.name
             scope["vgate.caller"] = caller  # for the per-key usage count at the end
             priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
