@@ -28,8 +28,8 @@ from gateway.asgi import ASGIApp, Receive, Scope, Send, header
 from gateway.auth import Caller, KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
 from gateway.connections import ConnectionGuard, ConnectionLimits, connection_limits
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, clip
-from gateway.jwt_auth import TokenVerifier, identify
+from gateway.errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, clip
+from gateway.jwt_auth import TokenVerifier, token_caller
 from gateway.keyfile import KeyFileWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
@@ -335,7 +335,10 @@ def create_app(gateway: Gateway) -> ASGIApp:
         record = request.scope["vgate.record"]
         record.endpoint = "models"
         authorization = header(request.scope, b"authorization")  # raw bytes, as the proxy
-        caller = await identify(gateway.keys, gateway.tokens, authorization)
+        try:
+            caller = gateway.keys.authenticate(authorization)
+        except AuthenticationError as refused:  # perhaps a JWT
+            caller = await token_caller(gateway.keys, gateway.tokens, authorization, refused)
         record.caller = caller.name
         return caller
 

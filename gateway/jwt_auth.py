@@ -402,18 +402,18 @@ def _read_jwks_file(path: Path, algorithms: frozenset[str], source: str) -> Keys
         raise ConfigError(source, "jwt.jwks_file", f"{path}: {exc}") from None
 
 
-async def identify(
-    keys: KeyRing, tokens: TokenVerifier | None, authorization: bytes | None
+async def token_caller(
+    keys: KeyRing,
+    tokens: TokenVerifier | None,
+    authorization: bytes | None,
+    refused: AuthenticationError,
 ) -> Caller:
-    """The caller an `Authorization` header names: an API key first, exactly as without JWT
-    (the API-key path pays nothing), then, only where that fails, a JWT naming a key profile.
-    Raises the API key's `AuthenticationError` when neither is valid."""
-    try:
-        return keys.authenticate(authorization)
-    except AuthenticationError:
-        caller = None
-        if tokens is not None:
-            caller = await tokens.authenticate(authorization, keys)
-        if caller is None:
-            raise
-        return caller
+    """Where the API-key lookup `refused` an `Authorization` header: the caller a JWT in it
+    names, or `refused` raised again. Called only then, so the API-key path pays nothing
+    (not even a coroutine)."""
+    caller = None
+    if tokens is not None:
+        caller = await tokens.authenticate(authorization, keys)
+    if caller is None:
+        raise refused
+    return caller

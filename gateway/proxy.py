@@ -22,13 +22,14 @@ from gateway.asgi import (
 from gateway.auth import Caller, KeyRing
 from gateway.connections import BODY_TIMED_OUT
 from gateway.errors import (
+    AuthenticationError,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
 )
-from gateway.jwt_auth import TokenVerifier, identify
+from gateway.jwt_auth import TokenVerifier, token_caller
 from gateway.middleware import send_error
 from gateway.record import RequestRecord
 from gateway.router import Route, Router, StreamInterrupted
@@ -80,7 +81,11 @@ class ProxyEndpoint:
         record: RequestRecord = scope["vgate.record"]
         record.endpoint = self.label
         try:
-            caller = await identify(self.keys, self.tokens, header(scope, b"authorization"))
+            authorization = header(scope, b"authorization")
+            try:
+                caller = self.keys.authenticate(authorization)
+            except AuthenticationError as refused:  # perhaps a JWT
+                caller = await token_caller(self.keys, self.tokens, authorization, refused)
             record.caller = caller.name
             scope["vgate.caller"] = caller  # for the per-key usage count at the end
             priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
