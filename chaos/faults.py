@@ -1,9 +1,12 @@
 """Fault injection for the simulated vLLM worker: a worker that misbehaves on purpose.
 
 `Faults` says what goes wrong; `FaultInjector` decides, deterministically, which requests it
-goes wrong for. The worker (`chaos.sim`) applies them to POST `/v1/chat/completions`,
-`/v1/completions` and `/v1/embeddings`, and lets tests change them at run time through
-`PUT/GET/DELETE /sim/faults` and read `GET /sim/stats`.
+goes wrong for. The worker (`chaos.sim`; `chaos.sim.injection` acts them) applies them to POST
+`/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`, and lets tests change them at
+run time through `PUT/GET/DELETE /sim/faults` and read `GET /sim/stats`.
+
+They live beside the worker rather than inside it: what a fault is does not depend on who acts
+it, and issue 10 plans injecting faults at the router's adapter seam too.
 
 Which requests fail: the failure faults (`error_status`, `hang`, `reset`, `cut_after_chunks`,
 `stall_after_chunks`, `garbage_after_chunks`, `error_event_first`) hit request n (counting from
