@@ -232,11 +232,6 @@ class KeyRing:
         ring._stat = stat
         return ring
 
-    def check_pins(self, backends: Collection[str]) -> None:
-        """Fail on a key pinned to a backend the config does not have."""
-        for caller in self._keys.by_hash.values():
-            _check_pins(caller.id, caller.pins, backends, self.source)
-
     # -- the hot path ---------------------------------------------------------------------
 
     def authenticate(self, authorization: bytes | None) -> Caller:

@@ -105,7 +105,7 @@ def utf8_size(texts: Iterable[str]) -> int:
 class Guardrails:
     """The global guardrails (from the config) applied with one key's own (from its entry)."""
 
-    __slots__ = ("_patterns", "active", "max_input_bytes", "max_n", "pattern_sources")
+    __slots__ = ("_patterns", "active", "max_input_bytes", "max_n")
 
     def __init__(
         self,
@@ -113,7 +113,6 @@ class Guardrails:
         max_input_bytes: int | None = None,
         max_n: int | None = None,
     ) -> None:
-        self.pattern_sources = tuple(deny_patterns)
         self._patterns = tuple(re.compile(pattern) for pattern in deny_patterns)
         self.max_input_bytes = max_input_bytes
         self.max_n = max_n

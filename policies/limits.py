@@ -54,7 +54,7 @@ UNAVAILABLE = "unavailable"  # fail-closed: the shared store cannot be reached
 
 # The stores' decision, as the Redis script returns it (a list of integers, in this order).
 R_REFUSED, R_WAIT_US, R_REQ_LEFT, R_REQ_RESET_US, R_TOK_LEFT, R_TOK_RESET_US = range(6)
-R_DAY_LEFT, R_DAY, R_NOW_US = 6, 7, 8
+R_DAY_LEFT, R_DAY = 6, 7  # then the Redis script's clock, which nothing reads
 # R_REFUSED values: which limit refused (0: none).
 NOT_REFUSED, BY_CONCURRENCY, BY_REQUESTS, BY_TOKENS, BY_DAY, BY_SIZE = range(6)
 
