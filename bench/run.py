@@ -287,12 +287,20 @@ class Bench:
         return self.procs.server(name, pinned(self.load_core, argv), port=port)
 
     def start_gateway(
-        self, fast: Server, stream: Server, *, policies: bool = True
+        self,
+        fast: Server,
+        stream: Server,
+        *,
+        policies: bool = True,
+        non_stream: str | None = None,
     ) -> tuple[Server, Path]:
         """The gateway with its default policies on (retries, breakers, health checks, stream
         resumption's transcript, vLLM load scraping, decision logging), or with every policy
-        that can be switched off switched off: the difference is what the router adds."""
+        that can be switched off switched off: the difference is what the router adds.
+        `non_stream` sets the routes' mode (default: the plan's, else the config's)."""
         name = "gateway" if policies else "gateway-bare"
+        if non_stream is not None:
+            name += f"-{non_stream}"
         port = free_port()
         config = self.workdir / f"{name}.yaml"
         route_extra: dict[str, Any] = {}
@@ -307,8 +315,9 @@ class Bench:
             backend_extra = {"scrape_metrics": False}
             top_extra = {"load_scrape": {"enabled": False}}
 
-        if self.plan.non_stream is not None:
-            route_extra["non_stream"] = self.plan.non_stream
+        mode = non_stream or self.plan.non_stream
+        if mode is not None:
+            route_extra["non_stream"] = mode
 
         def route(model: str, backend: str, url: str) -> dict[str, Any]:
             return {
@@ -578,6 +587,26 @@ class Bench:
             self.stream_phase("policies-off", bare, bare.url, AUTH_HEADERS, c, observed_bare, bare)
         )
         self.procs.stop(bare.popen)
+
+        # Non-streaming answers are assembled from a stream by default (stall protection);
+        # the same load with the old whole exchange shows what that costs.
+        if plan.non_stream is None:
+            whole, _ = self.start_gateway(fast, stream, non_stream="passthrough")
+            check_completion("gateway-passthrough", whole.url, AUTH_HEADERS)
+            observed_whole = [whole, fast, stream]
+            self.note(
+                self.wrk_phase(
+                    "non-stream",
+                    "passthrough",
+                    whole,
+                    whole.url,
+                    AUTH_HEADERS,
+                    c,
+                    observed_whole,
+                    whole,
+                )
+            )
+            self.procs.stop(whole.popen)
         self.procs.stop(stream.popen)
         if plan.transports:
             self.run_transports(fast)
@@ -609,6 +638,7 @@ class Bench:
             },
             "rows": self.rows(),
             "router_cost": self.router_cost(),
+            "non_stream_modes": self.non_stream_modes(),
             "targets": self.targets(),
             "transports": self.transport_rows,
             "checks": self.checks,
@@ -780,6 +810,25 @@ class Bench:
             )
         return out
 
+    def non_stream_modes(self) -> list[dict[str, Any]]:
+        """Non-streaming through the gateway: assembled from a stream (the default) and
+        passed through whole, at the target concurrency."""
+        c = TARGET_RPS_CONCURRENCY
+        out = []
+        for label, target in (("assemble (default)", "gateway"), ("passthrough", "passthrough")):
+            phase = self.find("non-stream", target, c)
+            if phase is not None:
+                out.append(
+                    {
+                        "non_stream": label,
+                        "concurrency": c,
+                        "rps": phase.rps,
+                        "cpu_us_per_request": phase.cpu_us_per_request,
+                        "p50_ms": phase.p50_ms,
+                    }
+                )
+        return out
+
     def targets(self) -> list[dict[str, Any]]:
         out = []
         rps = self.find("non-stream", "gateway", TARGET_RPS_CONCURRENCY)
@@ -880,6 +929,20 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(
             _grid(["mode", "c", "on req/s", "off req/s", "on us/req", "off us/req", "cost"], rows)
         )
+    if len(report.get("non_stream_modes", [])) > 1:
+        lines.append("")
+        lines.append("Non-streaming answers assembled from a stream (stall protection) or whole:")
+        rows = [
+            [
+                m["non_stream"],
+                str(m["concurrency"]),
+                _f(m["rps"], 0),
+                _f(m["p50_ms"], 2),
+                _f(m["cpu_us_per_request"], 0),
+            ]
+            for m in report["non_stream_modes"]
+        ]
+        lines.append(_grid(["non_stream", "c", "req/s", "p50 ms", "us/req"], rows))
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
         value = "-" if t["value"] is None else f"{t['value']:,.3f}".rstrip("0").rstrip(".")
