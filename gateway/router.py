@@ -527,9 +527,8 @@ class Router:
                     backend,
                     f"answered more than {bounds.max_bytes} bytes (upstream.max_body_bytes)",
                 )
-            if budget.used + len(events) > budget.limit:
+            if not budget.take(len(events)):
                 raise UpstreamBufferFull(budget.limit)
-            budget.used += len(events)
             held += len(events)
 
         try:
@@ -1037,7 +1036,7 @@ async def _rejection(backend: Backend, response: UpstreamResponse) -> AttemptFai
         payload = None  # the status says enough; a body that could not be held is unread
     message = _error_message(payload)
     retryable = status in _RETRYABLE_STATUSES
-    seconds = _seconds(response.retry_after)
+    seconds = retry_after_seconds(response.retry_after)
     retry_after = seconds if retryable else None
     error: GatewayError
     if status in (401, 403, 407):
@@ -1102,11 +1101,6 @@ def _first_event_error(backend: Backend, error: dict[str, Any]) -> AttemptFailed
         retryable=True,
         backend_fault=code != 429,
     )
-
-
-def _seconds(retry_after: str | None) -> int | None:
-    """Delta-seconds or an HTTP-date as whole seconds, at most an hour; None if neither."""
-    return retry_after_seconds(retry_after)
 
 
 def _error_message(payload: Any) -> str | None:
