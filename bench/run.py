@@ -273,7 +273,7 @@ class Bench:
         argv = [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "gateway.cli.main",
             "sim",
             "--port",
             str(port),
@@ -342,7 +342,7 @@ class Bench:
             )
         )
         access_log = self.workdir / f"{name}.access.jsonl"
-        argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+        argv = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(config)]
         gateway = self.procs.server(
             name, pinned(self.gateway_core, argv), port=port, stdout_path=access_log
         )

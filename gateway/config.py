@@ -56,7 +56,7 @@ class ServerConfig(_Frozen):
     max_in_flight: int = Field(1024, ge=1)  # requests worked on at once by this process
     queue_max_waiting: int = Field(256, ge=0)  # beyond max_in_flight, at most this many wait...
     queue_timeout_s: float = Field(1.0, gt=0)  # ...each at most this long, then 503
-    # What one client connection may take before any key is checked (gateway.connections).
+    # What one client connection may take before any key is checked (gateway.edge.connections).
     max_connections: int = Field(1024, ge=1)  # open at once; beyond it: 503 and close
     max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)  # request line + headers
     max_headers: int = Field(100, ge=8, le=10_000)  # header fields; beyond either cap: 431
@@ -344,7 +344,7 @@ def _one_or_many(value: object) -> object:
 
 
 class JwtConfig(_Frozen):
-    """JWT bearer tokens beside API keys (gateway/jwt_auth.py): off unless enabled.
+    """JWT bearer tokens beside API keys (gateway/edge/jwt_auth.py): off unless enabled.
 
     A token is verified against one key source: `jwks_file`, `jwks_url` or the HMAC secret
     in the environment variable `secret_env`. Its `profile_claim` names the key (by id, or
@@ -438,7 +438,7 @@ class WorkerRestartConfig(_Frozen):
 
 class WorkerConfig(_Frozen):
     """A `vllm serve` process that `vgate up` runs and registers as a backend of its route
-    (see gateway/supervisor.py)."""
+    (see gateway/runtime/supervisor.py)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # = backend name
     model: str = Field(min_length=1)  # a model folder (./ ../ / ~: a path) or a hub name

@@ -63,7 +63,7 @@ def spawn(
     log_file = log_path.open("wb")
     out = stdout_path.open("wb") if stdout_path is not None else log_file
     popen = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         stdout=out,
         stderr=log_file,
         cwd=REPO,

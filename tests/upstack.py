@@ -24,7 +24,7 @@ def sim_command() -> list[str]:
     return [
         sys.executable,
         "-m",
-        "gateway.cli",
+        "gateway.cli.main",
         "sim",
         "--host",
         "{host}",
@@ -151,7 +151,7 @@ def launch(log_dir: Path, config: dict[str, Any], env: dict[str, str] | None = N
     access = log_dir / f"up-{port}.access.jsonl"
     with log_path.open("wb") as log, access.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "up", "--config", str(path)],
+            [sys.executable, "-m", "gateway.cli.main", "up", "--config", str(path)],
             stdout=out,
             stderr=log,
             cwd=REPO,

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import uvicorn
 
-from gateway.connections import ConnectionGuard, ConnectionLimits
+from gateway.edge.connections import ConnectionGuard, ConnectionLimits
 from tests.e2e.conftest import new_request_id, wait_for_line
 from tests.servers import (
     DEMO_KEY,

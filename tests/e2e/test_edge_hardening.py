@@ -21,7 +21,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.auth import hash_key
+from gateway.edge.auth import hash_key
 from tests.e2e.conftest import new_request_id, wait_for_line
 from tests.servers import (
     Gateway,

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from gateway.auth import hash_key
+from gateway.edge.auth import hash_key
 from tests.servers import (
     REPO,
     Gateway,
@@ -132,7 +132,7 @@ def assert_nothing_secret(text: str) -> None:
 
 def vgate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import yaml
 
-from gateway.auth import hash_key
+from gateway.edge.auth import hash_key
 from tests.policies.test_limits_multiprocess import drive
 from tests.servers import (
     Gateway,

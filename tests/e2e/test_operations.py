@@ -157,7 +157,7 @@ def test_not_ready_while_a_model_has_no_live_backend(
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -247,7 +247,7 @@ def test_a_key_pinned_to_a_backend_that_does_not_exist_fails_start_up(logs: Path
     config_path.write_text(yaml.safe_dump(config))
     for args in (["check-config", str(config_path)], ["serve", "--config", str(config_path)]):
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *args],
+            [sys.executable, "-m", "gateway.cli.main", *args],
             cwd=REPO,
             capture_output=True,
             text=True,

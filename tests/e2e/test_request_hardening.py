@@ -16,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from gateway.auth import hash_key
+from gateway.edge.auth import hash_key
 from tests.servers import Gateway, Process, backend, gateway_config, start_gateway
 
 PLAIN = "vg-test-plain-0123456789abcdefghij"

@@ -545,7 +545,7 @@ def test_route_explain_replays_a_logged_incident(logs: Path) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "gateway.cli",
+                    "gateway.cli.main",
                     "route",
                     "explain",
                     "--config",

@@ -1,4 +1,4 @@
-"""gateway.assemble: a stream's chunks into the non-streaming answer, field by field."""
+"""gateway.wire.assemble: a stream's chunks into the non-streaming answer, field by field."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.assemble import Assembler, Incomplete, can_assemble, streaming_payload
+from gateway.wire.assemble import Assembler, Incomplete, can_assemble, streaming_payload
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

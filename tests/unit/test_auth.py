@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import KeyRing, hash_key
 from gateway.config import ConfigError
+from gateway.edge.auth import KeyRing, hash_key
+from gateway.edge.proxy import client_fault
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -16,7 +17,6 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from gateway.proxy import client_fault
 from tests.servers import DEMO_KEY, KEYS_FILE
 
 

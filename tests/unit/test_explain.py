@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.app import Gateway
+from gateway.cli.explain import explain, replay
 from gateway.config import GatewayConfig
 from gateway.errors import NoLiveBackend
-from gateway.explain import explain, replay
-from gateway.router import Backend, Decision, Route
+from gateway.router.core import Backend, Decision, Route
+from gateway.runtime.app import Gateway
 from tests.servers import KEYS_FILE
 
 STRATEGIES = ["weighted", "least_inflight", "p2c_latency", "affinity"]

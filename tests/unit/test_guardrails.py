@@ -8,10 +8,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.auth import KeyRing, hash_key
 from gateway.config import ConfigError, GuardrailsConfig
+from gateway.edge.auth import KeyRing, hash_key
 from gateway.errors import InvalidRequest
-from gateway.validation import Endpoint, measure_prompt, parse_request
+from gateway.wire.validation import Endpoint, measure_prompt, parse_request
 from policies.guardrails import (
     DEFAULT_MAX_N,
     Guardrails,

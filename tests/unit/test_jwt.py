@@ -18,16 +18,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.auth import KeyRing, hash_key
 from gateway.config import ConfigError, GatewayConfig, JwtConfig, load_config
-from gateway.errors import AuthenticationError
-from gateway.jwt_auth import (
+from gateway.edge.auth import KeyRing, hash_key
+from gateway.edge.jwt_auth import (
     RemoteKeys,
     TokenVerifier,
     bearer_token,
     looks_like_jwt,
     parse_jwks,
 )
+from gateway.errors import AuthenticationError
 
 ISSUER = "https://idp.example"
 AUDIENCE = "vgate"

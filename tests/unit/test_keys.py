@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.auth import NO_LIMITS, KeyLimits, KeyRing, hash_key, new_secret, read_keys_file
 from gateway.config import ConfigError
+from gateway.edge.auth import NO_LIMITS, KeyLimits, KeyRing, hash_key, new_secret, read_keys_file
+from gateway.edge.keyfile import KeyFileWatcher, add_key
+from gateway.edge.record import RequestRecord
+from gateway.edge.usage import KeyUsage
 from gateway.errors import AuthenticationError
-from gateway.keyfile import KeyFileWatcher, add_key
-from gateway.record import RequestRecord
-from gateway.usage import KeyUsage
 from policies.guardrails import KeyGuardrails
 
 MODELS = {"tiny-llama": "tiny-llama", "default": "tiny-llama", "tiny-embed": "tiny-embed"}
@@ -287,8 +287,8 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 def test_the_admin_key_comes_from_the_config_or_a_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gateway.admin import admin_key_hash
     from gateway.config import AdminConfig
+    from gateway.edge.admin import admin_key_hash
 
     assert admin_key_hash(AdminConfig(), "gw.yaml") is None
     assert admin_key_hash(AdminConfig(key_sha256=hash_key("a")), "gw.yaml") == hash_key("a")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keys_cli
-from gateway.auth import read_keys_file
+from gateway.cli import keys as keys_cli
+from gateway.edge.auth import read_keys_file
 
 
 def test_create_sets_every_key_guardrail(

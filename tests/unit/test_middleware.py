@@ -9,10 +9,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway.accesslog import AccessLog
 from gateway.asgi import ASGIApp, Receive, Scope, Send
-from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestContextMiddleware
+from gateway.edge.accesslog import AccessLog
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.middleware import RequestContextMiddleware
 
 
 async def failing_before_the_response(scope: Scope, receive: Receive, send: Send) -> None:

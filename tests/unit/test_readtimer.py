@@ -1,4 +1,4 @@
-"""gateway.readtimer: one timer for a stream's reads; it cancels only a read that waited
+"""gateway.router.readtimer: one timer for a stream's reads; it cancels only a read that waited
 too long, never what the task does between reads."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.readtimer import ReadTimer
+from gateway.router.readtimer import ReadTimer
 
 
 async def read(timer: ReadTimer, wait: asyncio.Future[bytes] | float) -> bytes | str:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.app import Gateway
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.runtime.app import Gateway
 from tests.servers import KEYS_FILE, RedisServer, free_port, start_redis
 
 MINIMAL = {

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.sse import MalformedStream, SSEObserver, error_event
+from gateway.wire.sse import MalformedStream, SSEObserver, error_event
 
 
 def chunk(content: str, finish: str | None = None) -> bytes:

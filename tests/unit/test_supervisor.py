@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import supervisor as supervisor_module
 from gateway.config import ConfigError, WorkerConfig, load_config
-from gateway.supervisor import (
+from gateway.runtime import supervisor as supervisor_module
+from gateway.runtime.supervisor import (
     Supervisor,
     WorkerStartError,
     command_line,

@@ -9,8 +9,8 @@ import time
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from gateway.config import TracingConfig
-from gateway.record import RequestRecord
-from gateway.tracing import EXPORT_LOG_INTERVAL_S, OncePerInterval, Tracer
+from gateway.edge.record import RequestRecord
+from gateway.edge.tracing import EXPORT_LOG_INTERVAL_S, OncePerInterval, Tracer
 from tests.fake_upstream import ScriptedUpstream
 
 

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.validation import Endpoint, ProxyRequest, measure_prompt, parse_request
+from gateway.wire.validation import Endpoint, ProxyRequest, measure_prompt, parse_request
 
 
 def parse(endpoint: Endpoint, payload: object) -> ProxyRequest:

@@ -1,7 +1,7 @@
 """API keys: who is calling, and what the key allows.
 
 Keys are pre-issued and stored only as SHA-256 hashes, in a YAML keys file (written by
-`vgate keys create`, see `gateway.keyfile`). A request's key is hashed and the digest looked
+`vgate keys create`, see `gateway.edge.keyfile`). A request's key is hashed and the digest looked
 up in a dict: the secret is never compared byte by byte and never kept in memory.
 
 Why the lookup is constant-time with respect to the secret: the only comparison made is of
@@ -176,7 +176,7 @@ class _KeySet:
 
 def _profiles(callers: Iterable[Caller]) -> dict[str, Caller]:
     """The enabled keys by id, and by name where no other key has that name or id: what a
-    JWT's profile claim may name (`gateway.jwt_auth`)."""
+    JWT's profile claim may name (`gateway.edge.jwt_auth`)."""
     by_id = {caller.id: caller for caller in callers}
     names: dict[str, list[Caller]] = {}
     for caller in by_id.values():

@@ -19,8 +19,11 @@ from gateway.asgi import (
     header,
     read_body,
 )
-from gateway.auth import Caller, KeyRing
-from gateway.connections import BODY_TIMED_OUT
+from gateway.edge.auth import Caller, KeyRing
+from gateway.edge.connections import BODY_TIMED_OUT
+from gateway.edge.jwt_auth import TokenVerifier, token_caller
+from gateway.edge.middleware import send_error
+from gateway.edge.record import RequestRecord
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -29,11 +32,8 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from gateway.jwt_auth import TokenVerifier, token_caller
-from gateway.middleware import send_error
-from gateway.record import RequestRecord
-from gateway.router import Route, Router, StreamInterrupted
-from gateway.validation import Endpoint, ProxyRequest, parse_request
+from gateway.router.core import Route, Router, StreamInterrupted
+from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
 from policies.affinity import request_key
 from policies.guardrails import Guardrails

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from gateway.auth import hash_key, new_secret, read_keys_file
 from gateway.config import ConfigError, load_config
-from gateway.keyfile import add_key
+from gateway.edge.auth import hash_key, new_secret, read_keys_file
+from gateway.edge.keyfile import add_key
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.connections import ConnectionGuard
-from gateway.record import RequestRecord
+from gateway.edge.connections import ConnectionGuard
+from gateway.edge.record import RequestRecord
 from policies.admission import Admission
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -205,7 +205,7 @@ class GatewayMetrics:
         self.registry.register(_AdmissionCollector(admission))
 
     def watch_connections(self, guard: ConnectionGuard) -> None:
-        """Client connections open and closed by a bound (gateway.connections), at scrape time."""
+        """Client connections open and closed by a bound (edge.connections), at scrape time."""
         self.registry.register(_ConnectionCollector(guard))
 
     def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:

@@ -31,7 +31,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from gateway.asgi import Scope
 from gateway.config import TracingConfig
-from gateway.record import RequestRecord
+from gateway.edge.record import RequestRecord
 
 logger = logging.getLogger("vgate.tracing")
 

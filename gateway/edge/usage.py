@@ -1,6 +1,6 @@
 """Per-key usage as this process counted it: requests and tokens today (UTC).
 
-The admin API's `process_usage` (see gateway.admin): what this process served; the shared
+The admin API's `process_usage` (see gateway.edge.admin): what this process served; the shared
 figures (through Redis) are the limit store's `limits_usage`. Fed once per proxied request,
 when it ends, from its record. Bounded: one entry per key id, and ids no longer in the keys file
 are dropped on every reload.
@@ -13,8 +13,8 @@ from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.auth import KeyRing
-from gateway.record import RequestRecord
+from gateway.edge.auth import KeyRing
+from gateway.edge.record import RequestRecord
 
 _DAY_S = 86_400
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from gateway.auth import KeyRing, parse_keys
 from gateway.config import ConfigError
+from gateway.edge.auth import KeyRing, parse_keys
 from policies.background import stop_task
 
 logger = logging.getLogger("vgate.keys")

@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import orjson
 
-from gateway.record import RequestRecord
+from gateway.edge.record import RequestRecord
 
 
 class AccessLog:

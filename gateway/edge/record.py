@@ -47,7 +47,7 @@ class RequestRecord:
         self.fallback_from: str | None = None
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
-        self.decisions: list[Any] = []  # the router's backend choices (gateway.router.Decision)
+        self.decisions: list[Any] = []  # the router's backend choices
         # With tracing: (trace id, span id, parent span id or 0, wall-clock start in ns)
         # when sampled, and the W3C traceparent sent upstream.
         self.trace: tuple[int, int, int, int] | None = None

@@ -22,23 +22,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
 
-from gateway.accesslog import AccessLog
-from gateway.admin import admin_key_hash, admin_routes
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header
-from gateway.auth import Caller, KeyRing
 from gateway.config import ConfigError, GatewayConfig, RetryConfig
-from gateway.connections import ConnectionGuard, ConnectionLimits, connection_limits
+from gateway.edge.accesslog import AccessLog
+from gateway.edge.admin import admin_key_hash, admin_routes
+from gateway.edge.auth import Caller, KeyRing
+from gateway.edge.connections import ConnectionGuard, ConnectionLimits, connection_limits
+from gateway.edge.jwt_auth import TokenVerifier, token_caller
+from gateway.edge.keyfile import KeyFileWatcher
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.middleware import RequestContextMiddleware
+from gateway.edge.openapi import openapi_json
+from gateway.edge.proxy import ProxyEndpoint, route_for
+from gateway.edge.tracing import Tracer
+from gateway.edge.usage import KeyUsage
 from gateway.errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, clip
-from gateway.jwt_auth import TokenVerifier, token_caller
-from gateway.keyfile import KeyFileWatcher
-from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestContextMiddleware
-from gateway.openapi import openapi_json
-from gateway.proxy import ProxyEndpoint, route_for
-from gateway.router import AnswerBounds, Backend, Route, Router
-from gateway.tracing import Tracer
-from gateway.usage import KeyUsage
-from gateway.validation import Endpoint
+from gateway.router.core import AnswerBounds, Backend, Route, Router
+from gateway.wire.validation import Endpoint
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker

@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import KeyRing
 from gateway.config import AdminConfig, ConfigError
+from gateway.edge.auth import KeyRing
 from gateway.errors import AuthenticationError, InvalidRequest, NotFound, clip
 from policies.limits import LimitStore, is_unlimited
 
@@ -34,7 +34,7 @@ logger = logging.getLogger("vgate.keys")
 
 
 class UsageSource(Protocol):
-    """This process's own count of a key's requests and tokens (`gateway.usage.KeyUsage`)."""
+    """This process's own count of a key's requests and tokens (`gateway.edge.usage.KeyUsage`)."""
 
     async def usage(self, key_id: str) -> dict[str, Any]: ...
 

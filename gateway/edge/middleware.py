@@ -11,13 +11,13 @@ import os
 import re
 import time
 
-from gateway.accesslog import AccessLog
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
+from gateway.edge.accesslog import AccessLog
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.record import RequestRecord
+from gateway.edge.tracing import Tracer
+from gateway.edge.usage import KeyUsage
 from gateway.errors import MAX_ECHO_CHARS, GatewayError, clip
-from gateway.metrics import GatewayMetrics
-from gateway.record import RequestRecord
-from gateway.tracing import Tracer
-from gateway.usage import KeyUsage
 
 logger = logging.getLogger("vgate")
 

@@ -37,8 +37,8 @@ import orjson
 from jwt import PyJWK
 from jwt.types import Options
 
-from gateway.auth import Caller, KeyRing
 from gateway.config import JWT_HMAC_ALGORITHMS, ConfigError, JwtConfig
+from gateway.edge.auth import Caller, KeyRing
 from gateway.errors import AuthenticationError
 from policies.background import stop_task
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from gateway.app import Gateway, create_app
 from gateway.config import ConfigError, GatewayConfig, ServerConfig
-from gateway.supervisor import Supervisor, WorkerStartError, port_problem
+from gateway.runtime.app import Gateway, create_app
+from gateway.runtime.supervisor import Supervisor, WorkerStartError, port_problem
 
 logger = logging.getLogger("vgate.up")
 

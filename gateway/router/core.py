@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import orjson
 import pybreaker
 
-from gateway.assemble import Assembler, Incomplete, can_assemble, streaming_payload
 from gateway.config import BackendConfig, ModelRoute, Timeouts
+from gateway.edge.record import RequestRecord
 from gateway.errors import (
     ContextTooLong,
     GatewayError,
@@ -28,10 +28,10 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from gateway.readtimer import ReadTimer
-from gateway.record import RequestRecord
-from gateway.sse import DONE_EVENT, ChunkRecorder, SSEObserver, error_event
-from gateway.validation import Endpoint, ProxyRequest
+from gateway.router.readtimer import ReadTimer
+from gateway.wire.assemble import Assembler, Incomplete, can_assemble, streaming_payload
+from gateway.wire.sse import DONE_EVENT, ChunkRecorder, SSEObserver, error_event
+from gateway.wire.validation import Endpoint, ProxyRequest
 from policies.adaptive import AdaptiveLimit, latency_sample
 from policies.admission import Admission
 from policies.affinity import key_hash
@@ -503,7 +503,7 @@ class Router:
         deadline: float,
     ) -> Completion:
         """A non-streaming answer asked for as a stream and put together here (see
-        gateway.assemble): the stream's phase timeouts apply, and an answer that breaks
+        gateway.wire.assemble): the stream's phase timeouts apply, and an answer that breaks
         at any point is an attempt that failed, retried before the client has anything."""
         assembler = Assembler(chat=request.endpoint is Endpoint.CHAT)
         payload = streaming_payload(request.payload)
@@ -711,7 +711,7 @@ class UpstreamStream:
         observer = self.observer
         name = self.backend.name
         # One timer for every read: asyncio.timeout_at around each would cost more than
-        # the event's own handling (gateway.readtimer).
+        # the event's own handling (gateway.router.readtimer).
         self._timer = timer = ReadTimer(self.idle_s, self.deadline)
         try:
             while not observer.done:

@@ -1,7 +1,7 @@
 """The gateway's own OpenAPI 3.1 description, served at `GET /openapi.json`.
 
 Written to match what the edge accepts and answers, not OpenAI's whole API: a request body
-is described by the checks `gateway.validation` and the guardrails make (a body the schema
+is described by the checks `gateway.wire.validation` and the guardrails make (a body the schema
 calls invalid is refused with 4xx, never forwarded), and every other field is allowed
 through, as the gateway passes unknown fields upstream untouched. A body the schema calls
 valid may still be refused by the upstream (its own validation, its context length), which
@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gateway.config import GatewayConfig
-from gateway.validation import MAX_TOKEN_ID, MEDIA_PARTS, ROLES, TEXT_PARTS
+from gateway.wire.validation import MAX_TOKEN_ID, MEDIA_PARTS, ROLES, TEXT_PARTS
 
 _JSON = "application/json"
 _NULL = {"type": "null"}
@@ -86,7 +86,7 @@ _AUTH_ERRORS = {
 
 
 def _text_parts_schema() -> dict[str, Any]:
-    """A content part as `gateway.validation` reads it: text parts' text must be a string,
+    """A content part as `gateway.wire.validation` reads it: text parts' text must be a string,
     any other part passes as it is (media parts, parts of types new to the gateway)."""
     by_key: dict[str, list[str]] = {}
     for kind, key in TEXT_PARTS.items():

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--request-id", help="the request (default: the last one logged)")
 
     keys = verbs.add_parser("keys", help="issue and list API keys (the keys file)")
-    from gateway import keys_cli
+    from gateway.cli import keys as keys_cli
 
     keys_cli.add_arguments(keys)
 
@@ -70,7 +70,7 @@ def _load(path: str | None) -> GatewayConfig:
 
 
 def _check_config(path: str | None) -> int:
-    from gateway.app import Gateway
+    from gateway.runtime.app import Gateway
 
     config = _load(path)
     try:
@@ -84,7 +84,7 @@ def _check_config(path: str | None) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from gateway.explain import explain
+    from gateway.cli.explain import explain
 
     config = _load(args.config)
     if args.log is None:
@@ -113,7 +113,7 @@ def _uvicorn_options(config: GatewayConfig, server: ServerConfig) -> dict[str, A
     """uvicorn's settings, the same for `serve` and `up` (host, port and protocol aside: the
     protocol is the gateway's, `Gateway.connections`). The open-files limit is raised to fit
     `server.max_connections` and the upstream pools."""
-    from gateway.connections import connection_limits, raise_descriptor_limit
+    from gateway.edge.connections import connection_limits, raise_descriptor_limit
 
     upstream = sum(backend.max_connections for m in config.models for backend in m.backends)
     warning = raise_descriptor_limit(connection_limits(server), upstream)
@@ -133,7 +133,7 @@ def _uvicorn_options(config: GatewayConfig, server: ServerConfig) -> dict[str, A
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gateway.up import up
+    from gateway.cli.up import up
 
     config = _load(args.config)
     server = _server_settings(args, config)
@@ -143,7 +143,7 @@ def _up(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import Gateway, create_app
+    from gateway.runtime.app import Gateway, create_app
 
     config = _load(args.config)
     server = _server_settings(args, config)
