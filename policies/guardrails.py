@@ -13,7 +13,7 @@ Four checks, all on the parsed request and nothing else, cheapest first:
   own maximum. Every choice is a whole completion: without this cap `n: 1000` would ask a
   thousand times the `max_tokens` cap of work.
 - **input size** (per key, else the global default): the UTF-8 bytes of the prompt's text,
-  everything the upstream renders into the model's input as `gateway.validation` measures it
+  everything the upstream renders into the model's input as `gateway.wire.validation` measures it
   (message contents of every text shape, names, tool calls and their arguments, reasoning,
   tool definitions; a completion's prompt and suffix; an embedding's input). Token-id
   prompts are not text and are bounded by the body limit alone. Over the cap: 400
@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest
-from gateway.validation import Endpoint, ProxyRequest
+from gateway.wire.validation import Endpoint, ProxyRequest
 
 MAX_PATTERNS = 100
 MAX_PATTERN_CHARS = 1000

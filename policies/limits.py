@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.validation import Endpoint, Prompt, measure_prompt
+from gateway.wire.validation import Endpoint, Prompt, measure_prompt
 
 PERIOD_US = 60_000_000  # the rate limits' period: one minute
 DAY_US = 86_400_000_000
@@ -257,7 +257,7 @@ def estimate_tokens(
 ) -> int:
     """A cheap upper-ish estimate of the tokens a request will use, without a tokenizer.
 
-    The prompt, as `gateway.validation.measure_prompt` measures it for the guardrails too:
+    The prompt, as `gateway.wire.validation.measure_prompt` measures it for the guardrails too:
     its text's characters divided by 4, rounded up (every shape rendered into the prompt:
     message contents, names, tool calls, tool definitions, a completion's prompt and suffix,
     an embedding's input), plus 4 tokens per chat message, 85 per media part and one per
