@@ -28,6 +28,7 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from gateway.router.hooks import RouterHooks
 from gateway.router.readtimer import ReadTimer
 from gateway.wire.assemble import Assembler, Incomplete, can_assemble, streaming_payload
 from gateway.wire.sse import DONE_EVENT, ChunkRecorder, SSEObserver, error_event
@@ -270,10 +271,13 @@ class Router:
     def __init__(
         self,
         routes: Iterable[Route],
+        *,
         admission: Admission | None = None,
         answers: AnswerBounds | None = None,
+        hooks: RouterHooks | None = None,
     ) -> None:
         self.routes = tuple(routes)
+        self.hooks = hooks or RouterHooks()
         self.answers = answers or AnswerBounds()
         self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
         self._by_name: dict[str, Route] = {}
@@ -284,9 +288,6 @@ class Router:
         for route in self.routes:
             route.fallbacks = tuple(by_route_name[name] for name in route.config.fallbacks)
         self._available = ", ".join(sorted(self._by_name))
-        self.on_retry: Callable[[Route, AttemptFailed, float], None] | None = None
-        self.on_fallback: Callable[[Route, Route], None] | None = None
-        self.on_resume: Callable[[Route, str, str], None] | None = None  # route, mode, outcome
 
     @property
     def backends(self) -> list[Backend]:
@@ -372,8 +373,7 @@ class Router:
             previous, current = current, candidates.pop(0)
             record.model = current.name
             record.fallback_from = record.fallback_from or route.name
-            if self.on_fallback is not None:
-                self.on_fallback(previous, current)
+            self.hooks.on_fallback(previous.name, current.name)
 
     async def _on_route(
         self,
@@ -420,8 +420,7 @@ class Router:
 
         def on_retry(failure: AttemptFailed, delay: float) -> None:
             record.waited_s += delay
-            if self.on_retry is not None:
-                self.on_retry(route, failure, delay)
+            self.hooks.on_retry(route.name, delay)
 
         return await route.retry.run(attempt, deadline=deadline, on_retry=on_retry)
 
@@ -928,8 +927,7 @@ class ResumableStream:
         return self._spliced(stream.first)
 
     def _count(self, mode: str, outcome: str) -> None:
-        if self._router.on_resume is not None:
-            self._router.on_resume(self.route, mode, outcome)
+        self._router.hooks.on_resume(self.route.name, mode, outcome)
 
     def close(self) -> None:
         self._stream.close()

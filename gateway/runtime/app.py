@@ -37,7 +37,7 @@ from gateway.edge.proxy import ProxyEndpoint, route_for
 from gateway.edge.tracing import Tracer
 from gateway.edge.usage import KeyUsage
 from gateway.errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, clip
-from gateway.router.core import AnswerBounds, Backend, Route, Router
+from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from gateway.wire.validation import Endpoint
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
@@ -111,16 +111,21 @@ class Gateway:
             max_waiting=server.queue_max_waiting,
             timeout_s=server.queue_timeout_s,
         )
-        router = Router(routes, admission, AnswerBounds(config.upstream.max_body_bytes, budget))
+        hooks = RouterHooks(
+            on_retry=lambda route, delay: metrics.retries.labels(route).inc(),
+            on_fallback=lambda old, new: metrics.fallbacks.labels(old, new).inc(),
+            on_resume=metrics.stream_resumed,
+        )
+        router = Router(
+            routes,
+            admission=admission,
+            answers=AnswerBounds(config.upstream.max_body_bytes, budget),
+            hooks=hooks,
+        )
         metrics.watch_admission(admission)
         connections = ConnectionGuard(connection_limits(server))
         metrics.watch_connections(connections)
         metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
-        router.on_retry = lambda route, failure, delay: metrics.retries.labels(route.name).inc()
-        router.on_fallback = lambda old, new: metrics.fallbacks.labels(old.name, new.name).inc()
-        router.on_resume = lambda route, mode, outcome: metrics.stream_resumed(
-            route.name, mode, outcome
-        )
         access_log = None
         if config.server.access_log:
             access_log = AccessLog(log_stream if log_stream is not None else sys.stdout.buffer)
