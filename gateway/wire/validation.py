@@ -89,9 +89,6 @@ class ProxyRequest:
     model: str
     stream: bool
     client_wants_usage: bool
-    pin: str | None = None  # the backend this request must go to, if any
-    pin_forced: bool = False  # by X-VGate-Pin: that backend and no other, no fallback
-    affinity_key: str | None = None  # for strategy affinity: a user or conversation
     prompt: Prompt = field(default_factory=Prompt)
 
 
