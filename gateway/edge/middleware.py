@@ -110,9 +110,8 @@ class RequestContextMiddleware:
                 self.access_log.write(record, end)
             if tracer is not None:
                 tracer.end(record, end)
-            caller = scope.get("vgate.caller")  # set by the proxy once the key is known
-            if caller is not None and self.usage is not None:
-                self.usage.observe(caller.id, record)
+            if record.key_id is not None and self.usage is not None:
+                self.usage.observe(record.key_id, record)
 
 
 async def send_error(send: Send, error: GatewayError) -> None:
