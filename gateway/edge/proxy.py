@@ -28,14 +28,11 @@ from gateway.errors import (
     AuthenticationError,
     GatewayError,
     InvalidRequest,
-    ModelNotFound,
     PayloadTooLarge,
-    PermissionDenied,
 )
-from gateway.router.core import Route, Router, StreamInterrupted
+from gateway.router import Call, Outcome, Plan, Router, StreamInterrupted
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
-from policies.affinity import request_key
 from policies.guardrails import Guardrails
 from policies.limits import ALLOWED, NO_LIMITS, LimitStore, estimate_tokens
 from policies.limits_local import LocalLimits
@@ -87,8 +84,7 @@ class ProxyEndpoint:
             except AuthenticationError as refused:  # perhaps a JWT
                 caller = await token_caller(self.keys, self.tokens, authorization, refused)
             record.caller = caller.name
-            scope["vgate.caller"] = caller  # for the per-key usage count at the end
-            priority = Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE
+            record.key_id = caller.id  # for the per-key usage count at the end
             try:
                 body = await read_body(scope, receive, self.max_body_bytes)
             except BodyTooLarge as exc:
@@ -102,8 +98,8 @@ class ProxyEndpoint:
                     record.status, record.error = CLIENT_CLOSED_REQUEST, "client_disconnected"
                 return
             request = parse_request(self.endpoint, body)
-            route = route_for(self.router, caller, request.model)
-            record.model = route.name
+            plan = self.router.plan(request, self._call(scope, caller, record))
+            record.model = plan.route.name
             if caller.guardrails is not None or self.guardrails.active:
                 try:
                     self.guardrails.check(request, caller.guardrails)  # may cap max_tokens, n
@@ -111,7 +107,6 @@ class ProxyEndpoint:
                     if caller.limits is not NO_LIMITS:
                         await self._charge_refusal(caller, request)
                     raise
-            _routing_hints(scope, caller, route, request)
             record.stream = request.stream
             verdict = ALLOWED
             if caller.limits is not NO_LIMITS:
@@ -126,40 +121,47 @@ class ProxyEndpoint:
                 verdict = await self.limits.admit(caller.id, caller.limits, estimate)
                 if not verdict.allowed:
                     raise verdict.error()
+            outcome = Outcome()
             # Whether the key gets back what it was charged: only for the gateway's and the
             # upstream's faults. A client's own error (a 4xx) is charged like a success,
             # or a prompt the upstream refuses could be sent without limit.
             failed = True
             try:
-                admission = self.router.admission
                 async with DisconnectWatch(receive) as watch:
-                    if not admission.try_acquire():
-                        queued = time.perf_counter()
-                        await admission.acquire(priority)
-                        record.waited_s = time.perf_counter() - queued
-                    try:
-                        if request.stream:
-                            await self._stream(route, request, record, send, verdict.headers)
-                        else:
-                            await self._complete(route, request, record, send, verdict.headers)
-                    finally:
-                        admission.release()
+                    if request.stream:
+                        failed = await self._stream(plan, outcome, record, send, verdict.headers)
+                    else:
+                        await self._complete(plan, outcome, record, send, verdict.headers)
+                        failed = False
                 if watch.disconnected:
                     record.status = CLIENT_CLOSED_REQUEST
                     record.error = "client_disconnected"
                     failed = False  # what it used is charged; the client chose to leave
-                else:
-                    # Set only by a stream that broke after its first byte: upstream's fault.
-                    failed = record.error is not None
             except GatewayError as error:
                 failed = not client_fault(error)
                 raise
             finally:
+                record.absorb(outcome)
                 if verdict.ticket is not None:
-                    self.limits.settle_nowait(verdict.ticket, _used(record), failed=failed)
+                    self.limits.settle_nowait(verdict.ticket, outcome.tokens, failed=failed)
         except GatewayError as error:
             record.error = error.code or error.type
             await send_error(send, error)
+
+    @staticmethod
+    def _call(scope: Scope, caller: Caller, record: RequestRecord) -> Call:
+        """What the router is told of the request beyond its body."""
+        pin = header(scope, b"x-vgate-pin")
+        return Call(
+            record.request_id,
+            record.traceparent,
+            models=caller.models,
+            pin=None if pin is None else pin.decode("latin-1"),
+            may_pin=caller.may_pin,
+            pins=caller.pins,
+            headers=scope["headers"],
+            priority=Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE,
+        )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:
         """A guardrail's refusal counts as one of the key's requests (none of its tokens:
@@ -179,13 +181,14 @@ class ProxyEndpoint:
 
     async def _complete(
         self,
-        route: Route,
-        request: ProxyRequest,
+        plan: Plan,
+        outcome: Outcome,
         record: RequestRecord,
         send: Send,
         limit_headers: list[tuple[bytes, bytes]],
     ) -> None:
-        completion = await self.router.complete(route, request, record)
+        completion = await self.router.complete(plan, outcome)
+        record.absorb(outcome)  # before the response starts: its Server-Timing reads it
         await send(
             {
                 "type": "http.response.start",
@@ -193,8 +196,8 @@ class ProxyEndpoint:
                 "headers": [
                     (b"content-type", completion.content_type.encode("latin-1")),
                     (b"content-length", str(len(completion.body)).encode()),
-                    (b"x-vgate-model", (record.model or route.name).encode()),
-                    (b"x-vgate-backend", (record.backend or "").encode()),
+                    (b"x-vgate-model", completion.route.encode()),
+                    (b"x-vgate-backend", completion.backend.encode()),
                     *limit_headers,
                 ],
             }
@@ -203,21 +206,23 @@ class ProxyEndpoint:
 
     async def _stream(
         self,
-        route: Route,
-        request: ProxyRequest,
+        plan: Plan,
+        outcome: Outcome,
         record: RequestRecord,
         send: Send,
         limit_headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        stream = await self.router.open_stream(route, request, record)
+    ) -> bool:
+        """Send the stream; whether it broke (the upstream's fault) after it started."""
+        stream = await self.router.open_stream(plan, outcome)
         try:
+            record.absorb(outcome)  # before the response starts: its Server-Timing reads it
             await send(
                 {
                     "type": "http.response.start",
                     "status": 200,
                     "headers": [
                         *_SSE_HEADERS,
-                        (b"x-vgate-model", (record.model or route.name).encode()),
+                        (b"x-vgate-model", stream.route.name.encode()),
                         (b"x-vgate-backend", stream.backend.name.encode()),
                         *limit_headers,
                     ],
@@ -232,12 +237,11 @@ class ProxyEndpoint:
                 # Never a clean-looking end: an error event, and no [DONE].
                 record.error = interrupted.code
                 await send({"type": "http.response.body", "body": interrupted.event()})
-                return
+                return True
             await send({"type": "http.response.body", "body": b""})
+            return False
         finally:
             stream.close()
-            record.record_usage(stream.usage)
-            record.dropped_events = stream.dropped_events
 
 
 def client_fault(error: GatewayError) -> bool:
@@ -249,51 +253,3 @@ def client_fault(error: GatewayError) -> bool:
     given back.
     """
     return 400 <= error.status < 500 and error.status not in (408, 429)
-
-
-def route_for(router: Router, caller: Caller, model: str) -> Route:
-    """The route serving `model`, for this caller: to a key limited to some models, a model
-    it may not use and one that does not exist are the same 404, naming only its own."""
-    if caller.models is None:
-        return router.route_for(model)
-    try:
-        route = router.route_for(model)
-    except ModelNotFound:
-        raise caller.model_not_found(model) from None
-    if route.name not in caller.models:
-        raise caller.model_not_found(model)
-    return route
-
-
-def _used(record: RequestRecord) -> int | None:
-    """The tokens the upstream reported, to reconcile the estimate with (None: unknown)."""
-    if record.prompt_tokens is None and record.completion_tokens is None:
-        return None
-    return (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-
-
-def _routing_hints(scope: Scope, caller: Caller, route: Route, request: ProxyRequest) -> None:
-    """Where the caller asked, or is configured, to be routed: a pin, an affinity key."""
-    pin = header(scope, b"x-vgate-pin")
-    if pin is not None:
-        if not caller.may_pin:
-            raise PermissionDenied(
-                "This API key may not choose a backend: X-VGate-Pin needs the key's may_pin "
-                "right in the keys file.",
-                code="pin_not_allowed",
-            )
-        name = pin.decode("latin-1").strip()
-        if route.backend_named(name) is None:
-            names = ", ".join(backend.name for backend in route.backends)
-            raise InvalidRequest(
-                f"X-VGate-Pin names backend '{name[:64]}', which does not serve model "
-                f"'{route.name}'. Its backends: {names}.",
-                param="X-VGate-Pin",
-                code="invalid_value",
-            )
-        request.pin, request.pin_forced = name, True
-    elif caller.pins:
-        request.pin = next((n for n in caller.pins if route.backend_named(n) is not None), None)
-    if route.config.strategy == "affinity":
-        settings = route.config.affinity
-        request.affinity_key = request_key(settings.header, scope["headers"], request.payload)

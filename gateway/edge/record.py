@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.router import Decision, Outcome
 
 
 class RequestRecord:
@@ -17,6 +20,7 @@ class RequestRecord:
         "endpoint",
         "error",
         "fallback_from",
+        "key_id",
         "method",
         "model",
         "path",
@@ -40,14 +44,15 @@ class RequestRecord:
         self.method = method
         self.path = path
         self.endpoint: str | None = None
-        self.caller: str | None = None
+        self.caller: str | None = None  # the key's (or token's) name
+        self.key_id: str | None = None
         self.model: str | None = None
         self.backend: str | None = None
         self.attempts = 0
         self.fallback_from: str | None = None
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
-        self.decisions: list[Any] = []  # the router's backend choices
+        self.decisions: list[Decision] = []  # the router's backend choices, replayable
         # With tracing: (trace id, span id, parent span id or 0, wall-clock start in ns)
         # when sampled, and the W3C traceparent sent upstream.
         self.trace: tuple[int, int, int, int] | None = None
@@ -66,21 +71,21 @@ class RequestRecord:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
 
-    def add_upstream(self, seconds: float) -> None:
-        self.backend_s = seconds
-        self.upstream_s = seconds if self.upstream_s is None else self.upstream_s + seconds
-
     def own_s(self, until: float) -> float:
         """The gateway's own time from the request's start to `until`."""
         return max(until - self.start - (self.upstream_s or 0.0) - self.waited_s, 0.0)
 
-    def record_usage(self, usage: object) -> None:
-        """Token counts from an upstream's `usage`, if it is the object it should be."""
-        if type(usage) is not dict:
-            return  # absent or malformed: the answer still goes through, uncounted
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            self.prompt_tokens = prompt
-        if isinstance(completion, int):
-            self.completion_tokens = completion
+    def absorb(self, outcome: Outcome) -> None:
+        """What the router did for this request, for the log, the metrics and the trace."""
+        self.model = outcome.route or self.model
+        self.backend = outcome.backend
+        self.attempts = outcome.attempts
+        self.fallback_from = outcome.fallback_from
+        self.resumptions = outcome.resumptions
+        self.dropped_events = outcome.dropped_events
+        self.decisions = outcome.decisions
+        self.upstream_s = outcome.upstream_s
+        self.backend_s = outcome.backend_s
+        self.waited_s = outcome.waited_s
+        self.prompt_tokens = outcome.prompt_tokens
+        self.completion_tokens = outcome.completion_tokens

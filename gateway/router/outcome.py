@@ -1,0 +1,80 @@
+"""What the router did for one request, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.router.route import Decision
+
+
+class Outcome:
+    """What happened to one request in the router, filled in as it goes (so a request that
+    fails still says what it tried); the edge copies it into its log record.
+
+    The router never reads it back to decide anything.
+    """
+
+    __slots__ = (
+        "attempts",
+        "backend",
+        "backend_s",
+        "completion_tokens",
+        "decisions",
+        "dropped_events",
+        "fallback_from",
+        "prompt_tokens",
+        "resumptions",
+        "route",
+        "upstream_s",
+        "waited_s",
+    )
+
+    def __init__(self) -> None:
+        self.route: str | None = None  # the route tried last: the one that answered, if any
+        self.fallback_from: str | None = None  # the route asked for, when another answered
+        self.backend: str | None = None  # the backend of the last attempt
+        self.attempts = 0
+        self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
+        self.dropped_events = 0  # unparseable upstream events not forwarded
+        self.decisions: list[Decision] = []  # every backend choice, replayable
+        # Whose time it was: every attempt's upstream time summed (the last attempt's alone
+        # in backend_s), and the waits the router imposed (admission queue, retry backoff).
+        self.upstream_s: float | None = None
+        self.backend_s = 0.0
+        self.waited_s = 0.0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    def add_upstream(self, seconds: float) -> None:
+        self.backend_s = seconds
+        self.upstream_s = seconds if self.upstream_s is None else self.upstream_s + seconds
+
+    def record_usage(self, usage: object) -> None:
+        """Token counts from an upstream's `usage`, if it is the object it should be."""
+        if type(usage) is not dict:
+            return  # absent or malformed: the answer still goes through, uncounted
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            self.prompt_tokens = prompt
+        if isinstance(completion, int):
+            self.completion_tokens = completion
+
+    @property
+    def tokens(self) -> int | None:
+        """The tokens the upstream reported (None: it reported none)."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole (non-streaming) answer, and where it came from."""
+
+    body: bytes
+    content_type: str
+    route: str  # the route that answered: the one asked for, or a fallback
+    backend: str

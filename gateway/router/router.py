@@ -1,0 +1,293 @@
+"""The router: model name → route → backend → one upstream exchange, under one deadline.
+
+It knows models, backends and failure, and nothing of HTTP framing: it hands the edge
+either a complete body or a stream of whole SSE events, and raises `GatewayError`s. What it
+did (route, backends tried, decisions, usage, time) goes into the request's `Outcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TypeVar
+
+import pybreaker
+
+from gateway.errors import ContextTooLong, GatewayError, ModelNotFound, NoLiveBackend, clip
+from gateway.router import exchange
+from gateway.router.backend import Backend
+from gateway.router.exchange import AnswerBounds
+from gateway.router.hooks import RouterHooks
+from gateway.router.outcome import Completion, Outcome
+from gateway.router.plan import Call, Plan, plan
+from gateway.router.route import Route
+from gateway.router.streams import ClientStream, ResumableStream, ResumeFailed, UpstreamStream
+from gateway.wire.validation import Endpoint, ProxyRequest
+from policies.admission import Admission
+from policies.resume import Transcript, prefill_payload
+from policies.retry import AttemptFailed
+
+T = TypeVar("T")
+# One attempt on one backend of a route, before the request's deadline.
+Attempt = Callable[[Route, Backend, float], Awaitable[T]]
+
+
+class Router:
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        *,
+        admission: Admission | None = None,
+        answers: AnswerBounds | None = None,
+        hooks: RouterHooks | None = None,
+    ) -> None:
+        self.routes = tuple(routes)
+        self.hooks = hooks or RouterHooks()
+        self.answers = answers or AnswerBounds()
+        self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
+        self._by_name: dict[str, Route] = {}
+        for route in self.routes:
+            for name in (route.name, *route.config.aliases):
+                self._by_name[name] = route
+        by_route_name = {route.name: route for route in self.routes}
+        for route in self.routes:
+            route.fallbacks = tuple(by_route_name[name] for name in route.config.fallbacks)
+        self._available = ", ".join(sorted(self._by_name))
+
+    @property
+    def backends(self) -> list[Backend]:
+        return [backend for route in self.routes for backend in route.backends]
+
+    def route_for(self, model: str, allowed: frozenset[str] | None = None) -> Route:
+        """The route serving `model` (a name or an alias), for a caller that may use the
+        routes named in `allowed` (None: all). To a caller limited to some models, one it
+        may not use and one that does not exist are the same 404, naming only its own."""
+        route = self._by_name.get(model)
+        if allowed is None:
+            if route is None:
+                raise ModelNotFound(
+                    f"The model '{clip(model)}' does not exist. "
+                    f"Available models: {self._available}.",
+                    param="model",
+                )
+            return route
+        if route is None or route.name not in allowed:
+            raise ModelNotFound(
+                f"The model '{clip(model)}' does not exist or this API key may not use it. "
+                f"Models this key may use: {', '.join(sorted(allowed)) or 'none'}.",
+                param="model",
+            )
+        return route
+
+    def plan(self, request: ProxyRequest, call: Call) -> Plan:
+        """Where `request` may go for its caller; raises before it costs anything when it
+        may go nowhere (a model it may not use, a pin it may not ask for)."""
+        return plan(request, call, self.route_for(request.model, call.models))
+
+    async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
+        """A whole answer: tried under the route's retry policy, then on its fallbacks."""
+        await self._admit(plan, outcome)
+        answers = self.answers
+
+        async def once(route: Route, backend: Backend, deadline: float) -> Completion:
+            return await exchange.complete(plan, outcome, route, backend, deadline, answers)
+
+        try:
+            return await self._run(plan, outcome, once)
+        finally:
+            self.admission.release()
+
+    async def open_stream(self, plan: Plan, outcome: Outcome) -> ClientStream:
+        """Start a stream and wait for its first event; failures so far are HTTP errors.
+
+        Once it has reached the client, a stream that breaks is resumed on another backend
+        of the route that answered, where the route allows it (see `ResumableStream`).
+        Closing the stream settles its outcome and frees its admission slot.
+        """
+        await self._admit(plan, outcome)
+        resumable = plan.request.payload.get("n") in (None, 1)
+        chat = plan.request.endpoint is Endpoint.CHAT
+
+        async def once(route: Route, backend: Backend, deadline: float) -> UpstreamStream:
+            settings = route.config.resume
+            recorder = None
+            if resumable and settings.enabled:
+                recorder = Transcript(chat=chat, max_chars=settings.max_text_chars)
+            return await exchange.open_stream(plan, outcome, route, backend, deadline, recorder)
+
+        try:
+            upstream = await self._run(plan, outcome, once)
+        except BaseException:
+            self.admission.release()
+            raise
+        transcript = upstream.observer.recorder
+        stream: ClientStream = upstream
+        if isinstance(transcript, Transcript):
+            stream = ResumableStream(self, plan, outcome, upstream, transcript)
+        stream.finish = self._finisher(outcome)
+        return stream
+
+    async def resume(
+        self, plan: Plan, outcome: Outcome, broken: UpstreamStream, transcript: Transcript
+    ) -> tuple[UpstreamStream, str]:
+        """Continue a stream that broke after reaching the client, on another backend of
+        the route that answered, before the request's deadline: with the answer so far as
+        a prefill where the backend can take one ("prefill"), else asked afresh
+        ("regenerate"). Raises `ResumeFailed` when no backend can."""
+        chat = transcript.chat and bool(transcript.text)
+        mode = "regenerate"
+
+        async def once(route: Route, backend: Backend, deadline: float) -> UpstreamStream:
+            nonlocal mode
+            prefill = chat and backend.config.can_prefill
+            mode = "prefill" if prefill else "regenerate"
+            payload = prefill_payload(plan.request.payload, transcript) if prefill else None
+            return await exchange.open_stream(
+                plan, outcome, route, backend, deadline, None, payload
+            )
+
+        try:
+            stream = await self._on_route(
+                broken.route, plan, outcome, once, broken.deadline, avoid=(broken.backend,)
+            )
+        except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
+            raise ResumeFailed(mode, _message_of(exc)) from None
+        return stream, mode
+
+    async def _admit(self, plan: Plan, outcome: Outcome) -> None:
+        """A slot of the process's in-flight limit, queueing by priority when none is free."""
+        admission = self.admission
+        if not admission.try_acquire():
+            queued = time.perf_counter()
+            await admission.acquire(plan.call.priority)
+            outcome.waited_s += time.perf_counter() - queued
+
+    def _finisher(self, outcome: Outcome) -> Callable[[ClientStream], None]:
+        admission = self.admission
+
+        def finish(stream: ClientStream) -> None:
+            outcome.record_usage(stream.usage)
+            outcome.dropped_events = stream.dropped_events
+            admission.release()
+
+        return finish
+
+    async def _run(self, plan: Plan, outcome: Outcome, once: Attempt[T]) -> T:
+        """Attempts on the plan's route under its retry policy, then on its fallbacks.
+
+        One deadline, the first route's `total_s`, covers every attempt and every wait.
+        A fallback is tried when a route has no usable backend or runs out of attempts; a
+        prompt too long for a route goes only to fallbacks with a larger context window.
+        A client error (400, 404...) from an upstream ends the request as it is.
+        """
+        route = plan.route
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + route.timeouts.total_s
+        current = route
+        outcome.route = route.name
+        # X-VGate-Pin reproduces one backend's behaviour: never hidden by a fallback.
+        candidates = [] if plan.pin_forced else list(route.fallbacks)
+        while True:
+            try:
+                return await self._on_route(current, plan, outcome, once, deadline)
+            except NoLiveBackend as error:
+                last: GatewayError = error
+            except _RouteExhausted as exhausted:
+                last = exhausted.failure.error
+            except AttemptFailed as failure:
+                last = failure.error
+                if isinstance(failure.error, ContextTooLong):
+                    window = current.config.context_window or 0
+                    candidates = [c for c in candidates if (c.config.context_window or 0) > window]
+                elif not failure.retryable:
+                    raise failure.error from None
+            if not candidates or loop.time() >= deadline:
+                raise last
+            previous, current = current, candidates.pop(0)
+            outcome.route = current.name
+            outcome.fallback_from = outcome.fallback_from or route.name
+            self.hooks.on_fallback(previous.name, current.name)
+
+    async def _on_route(
+        self,
+        route: Route,
+        plan: Plan,
+        outcome: Outcome,
+        once: Attempt[T],
+        deadline: float,
+        avoid: Collection[Backend] = (),
+    ) -> T:
+        """Attempts on one route's backends, a different one each time while any is left."""
+        loop = asyncio.get_running_loop()
+        tried: list[Backend] = list(avoid)
+        failures: list[AttemptFailed] = []
+        # A pin names a backend of the route asked for; a fallback has its own backends.
+        pin = plan.pin if route is plan.route else None
+        hooks = self.hooks
+
+        async def attempt(number: int) -> T:
+            try:
+                backend = route.choose(
+                    loop.time(), tried, plan.affinity_key, pin, outcome.decisions
+                )
+            except NoLiveBackend:
+                if failures:  # the last real failure says more than "nothing left"
+                    raise _RouteExhausted(failures[-1]) from None
+                raise
+            tried.append(backend)
+            outcome.backend = backend.name
+            outcome.attempts += 1
+            try:
+                return await once(route, backend, deadline)
+            except pybreaker.CircuitBreakerError:
+                # Opened between selection and the attempt: skip it, no fault of its own.
+                raise AttemptFailed(
+                    NoLiveBackend(f"Backend '{backend.name}' is not taking requests."),
+                    backend=backend.name,
+                    retryable=True,
+                    backend_fault=False,
+                ) from None
+            except AttemptFailed as failure:
+                failures.append(failure)
+                if failure.retry_after_s is not None:
+                    _honour_retry_after(route, backend, failure, loop.time())
+                raise
+
+        def on_retry(failure: AttemptFailed, delay: float) -> None:
+            outcome.waited_s += delay
+            hooks.on_retry(route.name, delay)
+
+        return await route.retry.run(attempt, deadline=deadline, on_retry=on_retry)
+
+
+def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:
+    """A Retry-After speaks for the backend that sent it, not for the request.
+
+    When another backend can answer now, this one sits out the (capped) time and the
+    retry goes elsewhere at once; otherwise the retry itself waits that long.
+    """
+    if not any(other.usable(now) for other in route.backends if other is not backend):
+        return
+    assert failure.retry_after_s is not None
+    rest = min(failure.retry_after_s, route.config.retries.retry_after_max_s)
+    backend.ejected_until = max(backend.ejected_until, now + rest)
+    failure.retry_after_s = None
+
+
+class _RouteExhausted(Exception):
+    """A retry found no usable backend left on its route."""
+
+    def __init__(self, failure: AttemptFailed) -> None:
+        super().__init__(failure.error.message)
+        self.failure = failure
+
+
+def _message_of(exc: BaseException) -> str:
+    if isinstance(exc, _RouteExhausted):
+        return exc.failure.error.message
+    if isinstance(exc, AttemptFailed):
+        return exc.error.message
+    if isinstance(exc, GatewayError):
+        return exc.message
+    return str(exc)

@@ -1,0 +1,320 @@
+"""The streams the router hands the edge: whole SSE events, first event already arrived.
+
+`UpstreamStream` is one backend's stream; `ResumableStream` continues a client's stream on
+another backend when its upstream breaks (`Router.resume`). Either raises
+`StreamInterrupted` from `rest()` when the stream cannot be finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import GatewayError
+from gateway.router.backend import Backend
+from gateway.router.outcome import Outcome
+from gateway.router.readtimer import ReadTimer
+from gateway.router.route import Route
+from gateway.wire.sse import DONE_EVENT, SSEObserver, error_event
+from policies.resume import Diverged, Splice, Transcript
+from providers import UpstreamBroken, UpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.router.plan import Plan
+    from gateway.router.router import Router
+
+# What the router does when the client's stream closes: settle its outcome, free its slot.
+Finish = Callable[["ClientStream"], None]
+DIVERGED = "stream_resume_diverged"
+
+
+class StreamInterrupted(GatewayError):
+    """A stream broke after its first byte reached the client."""
+
+    def event(self) -> bytes:
+        return error_event(self.payload())
+
+
+class ResumeFailed(Exception):
+    """No backend could continue a broken stream (`Router.resume`)."""
+
+    def __init__(self, mode: str, reason: str) -> None:
+        super().__init__(reason)
+        self.mode = mode  # what the last try was: "prefill" or "regenerate"
+        self.reason = reason
+
+
+class UpstreamStream:
+    """An upstream event stream whose first event has arrived."""
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.observer.usage
+
+    @property
+    def dropped_events(self) -> int:
+        return self.observer.malformed
+
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_timer",
+        "backend",
+        "deadline",
+        "finish",
+        "first",
+        "idle_s",
+        "observer",
+        "response",
+        "route",
+    )
+
+    def __init__(
+        self,
+        route: Route,
+        backend: Backend,
+        observer: SSEObserver,
+        *,
+        deadline: float,
+        idle_s: float,
+    ) -> None:
+        # The stream counts against its backend's in-flight limit until it is closed.
+        backend.in_flight += 1
+        self._closed = False
+        self.route = route  # the route that answered: the one asked for, or a fallback
+        self.backend = backend
+        self.finish: Finish | None = None  # the router's, for the stream the client reads
+        self.observer = observer
+        self.deadline = deadline
+        self.idle_s = idle_s
+        self.response: UpstreamResponse | None = None
+        self.first = b""
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._timer: ReadTimer | None = None
+
+    async def first_events(self) -> bytes:
+        while True:
+            events = await self._next()
+            if events is None:
+                raise UpstreamBroken("the stream ended before its first event")
+            if events or self.observer.error is not None:
+                return events
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Events after the first, each batch as soon as it is whole; ends after [DONE].
+
+        Raises `StreamInterrupted` when the upstream breaks, stalls past `idle_s`, runs
+        past `total_s`, or ends before it finished.
+        """
+        observer = self.observer
+        name = self.backend.name
+        # One timer for every read: asyncio.timeout_at around each would cost more than
+        # the event's own handling (gateway.router.readtimer).
+        self._timer = timer = ReadTimer(self.idle_s, self.deadline)
+        try:
+            while not observer.done:
+                timer.start()
+                try:
+                    events = await self._next()
+                except asyncio.CancelledError:
+                    if not timer.expired():
+                        raise
+                    if observer.finished:
+                        break  # the answer is whole; only its [DONE] is late
+                    if timer.idle_expired:
+                        reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
+                    else:
+                        reason = "ran past the request's total time (timeouts.total_s)"
+                    raise StreamInterrupted(
+                        f"Backend '{name}' {reason}; the stream was cut off.",
+                        code="upstream_timeout",
+                    ) from None
+                except UpstreamBroken as exc:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' broke off the stream: {exc}",
+                        code="upstream_stream_broken",
+                    ) from None
+                finally:
+                    timer.stop()
+                if events is None:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' ended the stream before the answer finished.",
+                        code="upstream_stream_incomplete",
+                    )
+                if observer.error is not None:
+                    if events:
+                        yield events  # what came before the error is part of the answer
+                    raise StreamInterrupted(
+                        f"Backend '{name}' reported an error mid-stream: "
+                        f"{observer.error.get('message', 'no message')}",
+                        code="upstream_stream_error",
+                    )
+                if events:
+                    yield events
+        finally:
+            timer.close()
+        if not observer.done:
+            # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
+            observer.done = True
+            yield DONE_EVENT
+
+    async def _next(self) -> bytes | None:
+        """Whole events from the next read (maybe b""), or None at end of stream."""
+        if self._chunks is None:
+            assert self.response is not None
+            self._chunks = self.response.chunks()
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            tail = self.observer.flush()
+            return tail or None
+        return self.observer.feed(chunk)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.backend.in_flight -= 1
+        if self._timer is not None:
+            self._timer.close()  # a consumer that left without closing `rest()` too
+        if self.response is not None:
+            self.response.close()
+        if self.finish is not None:
+            self.finish(self)
+
+
+class ResumableStream:
+    """A client's stream, continued on another backend of its route when its upstream breaks.
+
+    Resumption happens only after the stream reached the client (before that, a failure is
+    the retry policy's). It is bounded by the route's `resume.attempts`, the request's
+    deadline and the route's retry budget, and it never hides the original failure: when
+    it cannot go on, the client's error event names what broke and why resuming failed.
+    """
+
+    __slots__ = (
+        "_dropped",
+        "_router",
+        "_splice",
+        "_stream",
+        "backend",
+        "finish",
+        "first",
+        "outcome",
+        "plan",
+        "resumptions",
+        "route",
+        "transcript",
+    )
+
+    def __init__(
+        self,
+        router: Router,
+        plan: Plan,
+        outcome: Outcome,
+        stream: UpstreamStream,
+        transcript: Transcript,
+    ) -> None:
+        self._router = router
+        self.plan = plan
+        self.outcome = outcome
+        self.route = stream.route  # resumed on the route that answered
+        self._stream = stream
+        self._splice: Splice | None = None
+        self._dropped = 0
+        self.transcript = transcript
+        self.backend = stream.backend  # the one whose name the response headers carry
+        self.first = stream.first
+        self.resumptions = 0
+        self.finish: Finish | None = None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        usage = self._stream.observer.usage
+        return usage if self._splice is None else self._splice.adjust_usage(usage)
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped + self._stream.observer.malformed
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Events after the first, across resumptions; raises `StreamInterrupted` as
+        `UpstreamStream.rest` does when the stream cannot be continued."""
+        while True:
+            try:
+                async for events in self._stream.rest():
+                    if self._splice is not None:
+                        events = self._spliced(events)
+                    if events:
+                        yield events
+                return
+            except StreamInterrupted as interrupted:
+                if interrupted.code == DIVERGED:
+                    raise
+                first = await self._resume(interrupted)
+            if first:
+                yield first
+
+    def _spliced(self, events: bytes) -> bytes:
+        assert self._splice is not None
+        try:
+            return self._splice.rewrite(events)
+        except Diverged as diverged:
+            self._count("prefill" if self._splice.prefill else "regenerate", "diverged")
+            raise StreamInterrupted(
+                f"The stream broke and was resumed on backend '{self._stream.backend.name}', "
+                f"but {diverged}; it was cut off rather than spliced.",
+                code=DIVERGED,
+            ) from None
+
+    async def _resume(self, interrupted: StreamInterrupted) -> bytes:
+        """Continue on another backend and return its first events for the client, or
+        raise `interrupted`, saying why not."""
+        route = self.route
+        settings = route.config.resume
+        transcript = self.transcript
+        why_not = None
+        if not transcript.resumable:
+            why_not = "its answer cannot be replayed (tool calls, several choices or too long)"
+        elif self.resumptions >= settings.attempts:
+            why_not = f"it was already resumed {self.resumptions} times (resume.attempts)"
+        elif not route.retry.budget.can_spend():
+            why_not = "the route's retry budget is spent"
+        if why_not is not None:
+            raise StreamInterrupted(
+                f"{interrupted.message} It was not resumed: {why_not}.", code=interrupted.code
+            ) from None
+        route.retry.budget.spend()
+        self.resumptions += 1
+        self.outcome.resumptions += 1
+        failed = self._stream
+        self._dropped += failed.observer.malformed
+        failed.close()
+        try:
+            stream, mode = await self._router.resume(self.plan, self.outcome, failed, transcript)
+        except ResumeFailed as exc:
+            self._count(exc.mode, "failed")
+            raise StreamInterrupted(
+                f"{interrupted.message} Resuming it failed: {exc.reason}", code=interrupted.code
+            ) from None
+        self._stream = stream
+        self._splice = Splice(transcript, prefill=mode == "prefill")
+        self._count(mode, "resumed")
+        return self._spliced(stream.first)
+
+    def _count(self, mode: str, outcome: str) -> None:
+        self._router.hooks.on_resume(self.route.name, mode, outcome)
+
+    def close(self) -> None:
+        self._stream.close()
+        finish, self.finish = self.finish, None
+        if finish is not None:
+            finish(self)
+
+
+ClientStream = UpstreamStream | ResumableStream
