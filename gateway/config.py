@@ -26,9 +26,15 @@ from pydantic import (
     model_validator,
 )
 
-from policies.guardrails import DEFAULT_MAX_N, MAX_PATTERNS, check_pattern
-
 ENV_PREFIX = "VGATE_"
+
+
+# Guardrails' deny patterns: how many, how long, and what each must be.
+MAX_PATTERNS = 100
+MAX_PATTERN_CHARS = 1000
+# The global cap on `n` (and `best_of`) unless the config says otherwise: room for sampling
+# several answers to pick from, not for one request to occupy a worker's every sequence slot.
+DEFAULT_MAX_N = 16
 
 
 class ConfigError(Exception):
@@ -244,6 +250,21 @@ class AdminConfig(_Frozen):
         if self.key_sha256 is not None and self.key_sha256_env is not None:
             raise ValueError("give key_sha256 or key_sha256_env, not both")
         return self
+
+
+def check_pattern(pattern: str) -> str | None:
+    """Why `pattern` cannot be a deny pattern, or None when it can."""
+    if not pattern:
+        return "must not be empty"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        return f"not a valid regular expression: {exc}"
+    if compiled.search("") is not None:
+        return "matches the empty string, so it would refuse every request"
+    return None
 
 
 def _deny_pattern(pattern: str) -> str:

@@ -49,11 +49,6 @@ from dataclasses import dataclass
 from gateway.errors import InvalidRequest
 from gateway.wire.validation import Endpoint, ProxyRequest
 
-MAX_PATTERNS = 100
-MAX_PATTERN_CHARS = 1000
-# The global cap on `n` (and `best_of`) unless the config says otherwise: room for sampling
-# several answers to pick from, not for one request to occupy a worker's every sequence slot.
-DEFAULT_MAX_N = 16
 _EMBEDDINGS = Endpoint.EMBEDDINGS
 
 _TEXT_FIELD = {
@@ -77,21 +72,6 @@ class KeyGuardrails:
     max_tokens: int | None = None  # the most a request may ask for per completion
     max_input_bytes: int | None = None  # overrides the global default, either way
     max_n: int | None = None  # choices per request (`n`, `best_of`); overrides the global cap
-
-
-def check_pattern(pattern: str) -> str | None:
-    """Why `pattern` cannot be a deny pattern, or None when it can."""
-    if not pattern:
-        return "must not be empty"
-    if len(pattern) > MAX_PATTERN_CHARS:
-        return f"longer than {MAX_PATTERN_CHARS} characters"
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        return f"not a valid regular expression: {exc}"
-    if compiled.search("") is not None:
-        return "matches the empty string, so it would refuse every request"
-    return None
 
 
 def utf8_size(texts: Iterable[str]) -> int:

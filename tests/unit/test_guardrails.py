@@ -8,15 +8,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, GuardrailsConfig
+from gateway.config import DEFAULT_MAX_N, ConfigError, GuardrailsConfig, check_pattern
 from gateway.edge.auth import KeyRing, hash_key
 from gateway.errors import InvalidRequest
 from gateway.wire.validation import Endpoint, measure_prompt, parse_request
 from policies.guardrails import (
-    DEFAULT_MAX_N,
     Guardrails,
     KeyGuardrails,
-    check_pattern,
     utf8_size,
 )
 from policies.limits import estimate_tokens
