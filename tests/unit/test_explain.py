@@ -12,7 +12,7 @@ import pytest
 from gateway.cli.explain import explain, replay
 from gateway.config import GatewayConfig
 from gateway.errors import NoLiveBackend
-from gateway.router.core import Backend, Decision, Route
+from gateway.router import Backend, Decision, Route
 from gateway.runtime.app import Gateway
 from tests.servers import KEYS_FILE
 
