@@ -82,6 +82,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Every test, the real-vLLM ones (tests/vllm, a few minutes) included: they fail, rather than
 # skip, without their venv, which `vllm` installs first.
