@@ -7,10 +7,11 @@ from providers.base import (
     UpstreamResponse,
 )
 from providers.openai import MissingCredential
-from providers.registry import create_adapter
+from providers.registry import AdapterFactory, create_adapter
 
 __all__ = [
     "Adapter",
+    "AdapterFactory",
     "MissingCredential",
     "UpstreamBroken",
     "UpstreamConnectError",
