@@ -1,0 +1,111 @@
+"""Build the router from configuration: a route per model, a backend per backend entry.
+
+The adapters come from the factory passed in (`providers.AdapterFactory`): the real
+ones by default, a fake in tests, a fault-injecting wrapper in chaos. What the router
+reports as it works goes to `hooks` and `on_breaker_change`; counting it is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.config import (
+    BackendConfig,
+    ConfigError,
+    GatewayConfig,
+    RetryConfig,
+    ServerConfig,
+)
+from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
+from policies.adaptive import AdaptiveLimit
+from policies.admission import Admission
+from policies.breaker import BackendBreaker
+from policies.retry import RetryBudget, RetryPolicy
+from providers import AdapterFactory, MissingCredential, create_adapter
+from providers.http1 import ByteBudget
+
+BreakerListener = Callable[[str, str, str], None]  # backend, old state, new state
+
+
+def build_router(
+    config: GatewayConfig,
+    *,
+    adapters: AdapterFactory = create_adapter,
+    hooks: RouterHooks | None = None,
+    on_breaker_change: BreakerListener | None = None,
+) -> Router:
+    """The router `config` describes; a backend the factory cannot build (a credential
+    missing) or an impossible adaptive limit is a ConfigError naming its field."""
+    # One bound on the upstream answers held in memory, shared by every backend.
+    budget = ByteBudget(config.upstream.max_buffered_bytes)
+    routes = [
+        Route(
+            model,
+            [
+                _backend(
+                    config, m, b, adapters=adapters, budget=budget, on_change=on_breaker_change
+                )
+                for b in range(len(model.backends))
+            ],
+            _retry_policy(model.retries),
+        )
+        for m, model in enumerate(config.models)
+    ]
+    return Router(
+        routes,
+        admission=_admission(config.server),
+        answers=AnswerBounds(config.upstream.max_body_bytes, budget),
+        hooks=hooks,
+    )
+
+
+def _backend(
+    config: GatewayConfig,
+    model_index: int,
+    backend_index: int,
+    *,
+    adapters: AdapterFactory,
+    budget: ByteBudget,
+    on_change: BreakerListener | None,
+) -> Backend:
+    route = config.models[model_index]
+    backend = route.backends[backend_index]
+    field = f"models[{model_index}].backends[{backend_index}]"
+    try:
+        adapter = adapters(backend, route.timeouts, config.upstream, budget)
+    except MissingCredential as exc:
+        raise ConfigError(config.source, f"{field}.api_key_env", str(exc)) from None
+    breaker = BackendBreaker(backend.name, route.breaker, route=route.name, on_change=on_change)
+    limiter = _limiter(backend, config.source, f"{field}.adaptive_concurrency")
+    return Backend(backend, adapter, backend.model or route.name, breaker, limiter=limiter)
+
+
+def _limiter(backend: BackendConfig, source: str, field: str) -> AdaptiveLimit | None:
+    """With adaptive_concurrency: a limit that follows latency, below the backend's own."""
+    adaptive = backend.adaptive_concurrency
+    if not adaptive.enabled:
+        return None
+    ceiling = backend.max_in_flight or backend.max_connections
+    if adaptive.min_limit > ceiling:
+        raise ConfigError(source, f"{field}.min_limit", f"exceeds the backend's limit of {ceiling}")
+    return AdaptiveLimit(
+        max_limit=ceiling,
+        min_limit=adaptive.min_limit,
+        initial_limit=adaptive.initial_limit or min(20, ceiling),
+        tolerance=adaptive.tolerance,
+        long_window=adaptive.long_window,
+    )
+
+
+def _retry_policy(config: RetryConfig) -> RetryPolicy:
+    budget = RetryBudget(config.budget_ratio, config.budget_window_s, config.budget_min_per_s)
+    return RetryPolicy(config, budget)
+
+
+def _admission(server: ServerConfig) -> Admission:
+    """The gateway-wide bound on requests upstream at once, and the queue before it."""
+    return Admission(
+        limit=server.max_in_flight,
+        max_waiting=server.queue_max_waiting,
+        timeout_s=server.queue_timeout_s,
+    )
