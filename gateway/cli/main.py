@@ -70,7 +70,7 @@ def _load(path: str | None) -> GatewayConfig:
 
 
 def _check_config(path: str | None) -> int:
-    from gateway.runtime.app import Gateway
+    from gateway.runtime.gateway import Gateway
 
     config = _load(path)
     try:
@@ -143,7 +143,8 @@ def _up(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.runtime.app import Gateway, create_app
+    from gateway.runtime.app import create_app
+    from gateway.runtime.gateway import Gateway
 
     config = _load(args.config)
     server = _server_settings(args, config)

@@ -29,7 +29,8 @@ from types import FrameType
 from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, ServerConfig
-from gateway.runtime.app import Gateway, create_app
+from gateway.runtime.app import create_app
+from gateway.runtime.gateway import Gateway
 from gateway.runtime.supervisor import Supervisor, WorkerStartError, port_problem
 
 logger = logging.getLogger("vgate.up")

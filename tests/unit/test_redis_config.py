@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.runtime.app import Gateway
+from gateway.runtime.gateway import Gateway
 from tests.servers import KEYS_FILE, RedisServer, free_port, start_redis
 
 MINIMAL = {

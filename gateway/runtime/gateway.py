@@ -1,0 +1,284 @@
+"""The gateway's components, built from one configuration, started in order, closed in reverse.
+
+Building (`Gateway.from_config`) connects to nothing and starts nothing, so it is also how
+`vgate check-config` validates what the schema cannot (keys file, credentials). `start()`
+takes these steps, each pushing its own close onto one `AsyncExitStack`:
+
+1. what runs from being built has its close pushed first, to be closed last: with
+   `redis.url` the client and the limit store on it (the store first, so settles still
+   queued go out before the client goes), and the tracer's export thread;
+2. with `redis.url`, the breaker sync, which reads the shared breakers before serving;
+3. every backend's adapter (its connection pool);
+4. one round of health checks, so that /ready and routing know from the first request,
+   then the health loop;
+5. the load scraper, the keys file watcher, the JWT verifier (a JWKS URL's first fetch).
+
+A step that raises unwinds the steps before it, in reverse, and the error propagates:
+nothing started is left running. `aclose()` unwinds them all the same way, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from redis.asyncio import Redis
+
+from gateway.config import GatewayConfig, GuardrailsConfig, LoadScrapeConfig, RedisConfig
+from gateway.edge.accesslog import AccessLog
+from gateway.edge.admin import admin_key_hash
+from gateway.edge.auth import KeyRing
+from gateway.edge.connections import ConnectionGuard, connection_limits
+from gateway.edge.jwt_auth import TokenVerifier
+from gateway.edge.keyfile import KeyFileWatcher
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.tracing import Tracer
+from gateway.edge.usage import KeyUsage
+from gateway.router import Backend, Router, RouterHooks
+from gateway.router.build import build_router
+from policies.breaker_sync import BreakerSync
+from policies.guardrails import Guardrails
+from policies.health import HealthChecker, Probe
+from policies.limits import LimitStore
+from policies.limits_redis import create_limits
+from policies.load import LoadScraper, ScrapeTarget
+from policies.redis_state import RedisHealth, create_client
+from providers import AdapterFactory, create_adapter
+
+
+class Component(Protocol):
+    """What runs in the background or holds connections between start and aclose."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(kw_only=True)
+class Gateway:
+    """The runtime pieces built from one configuration."""
+
+    config: GatewayConfig
+    keys: KeyRing
+    router: Router
+    metrics: GatewayMetrics
+    access_log: AccessLog | None
+    health: HealthChecker
+    loads: LoadScraper | None  # vLLM's own running/waiting, scraped as a load signal
+    tracer: Tracer | None  # with tracing.enabled: request spans over OTLP
+    redis: Redis | None  # with redis.url: one pooled client, from start to aclose
+    breaker_sync: BreakerSync | None  # with redis.url: breakers shared by every process
+    limits: LimitStore  # per key: rpm, tpm, day, in flight
+    guardrails: Guardrails
+    usage: KeyUsage  # per key, today: what /admin/keys/{id} reports
+    admin_key_sha256: str | None  # None: no admin API
+    key_watcher: KeyFileWatcher  # reloads the keys file when it changes
+    # What one client connection may take; uvicorn's protocol for this gateway's server.
+    connections: ConnectionGuard
+    tokens: TokenVerifier | None  # with jwt.enabled: bearer JWTs beside API keys
+    _started: AsyncExitStack | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: GatewayConfig,
+        *,
+        adapters: AdapterFactory = create_adapter,
+        log_stream: BinaryIO | None = None,
+    ) -> Gateway:
+        """Build every component; connects to nothing. A ConfigError names what is wrong.
+
+        `adapters` makes each backend's adapter (`providers.AdapterFactory`): tests pass
+        a fake, chaos a wrapper around the real one. `log_stream` takes the access log
+        (stdout without one).
+        """
+        keys = _key_ring(config)
+        admin_key = admin_key_hash(config.admin, config.source)
+        tokens = (
+            TokenVerifier.from_config(config.jwt, config.source) if config.jwt.enabled else None
+        )
+        metrics = _metrics(config)
+        router = build_router(
+            config,
+            adapters=adapters,
+            hooks=_router_hooks(metrics),
+            on_breaker_change=metrics.breaker_changed,
+        )
+        connections = ConnectionGuard(connection_limits(config.server))
+        _watch(metrics, router, connections)
+        usage = KeyUsage(keys)
+        keys.on_reload = lambda ring: usage.retain(ring.ids())
+        # The client connects on first use: building it here neither blocks nor fails.
+        redis = create_client(config.redis) if config.redis.url is not None else None
+        return cls(
+            config=config,
+            keys=keys,
+            router=router,
+            metrics=metrics,
+            access_log=_access_log(config, log_stream),
+            health=_health_checker(router, metrics),
+            loads=_load_scraper(config.load_scrape, router),
+            tracer=Tracer(config.tracing) if config.tracing.enabled else None,
+            redis=redis,
+            breaker_sync=_breaker_sync(config.redis, redis, router, metrics),
+            limits=create_limits(
+                config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
+            ),
+            guardrails=_guardrails(config.guardrails),
+            usage=usage,
+            admin_key_sha256=admin_key,
+            key_watcher=KeyFileWatcher(keys, config.keys.reload_interval_s),
+            connections=connections,
+            tokens=tokens,
+        )
+
+    async def start(self) -> None:
+        """Start every component in order (see the module's note). If a step raises, the
+        steps before it are closed in reverse and the error propagates."""
+        if self._started is not None:
+            raise RuntimeError("the gateway is already started")
+        async with AsyncExitStack() as stack:
+            self._close_last(stack)
+            await _start(stack, self.breaker_sync)
+            for backend in self.router.backends:
+                await _start(stack, backend.adapter)
+            await self.health.check_all()
+            await _start(stack, self.health)
+            await _start(stack, self.loads)
+            await _start(stack, self.key_watcher)
+            await _start(stack, self.tokens)
+            self._started = stack.pop_all()
+
+    async def aclose(self) -> None:
+        """Close what `start` started, in reverse; closing twice closes nothing more."""
+        started, self._started = self._started, None
+        if started is not None:
+            await started.aclose()
+
+    def _close_last(self, stack: AsyncExitStack) -> None:
+        """What runs from being built (the Redis client's pool, the limit store on it, the
+        tracer's export thread) is closed after everything started on top of it."""
+        if self.redis is not None:
+            stack.push_async_callback(self.redis.aclose)
+        # Before the client: settles still queued go out first, within their deadline.
+        stack.push_async_callback(self.limits.aclose)
+        if self.tracer is not None:
+            # Flushing blocks for up to the export timeout: off the event loop.
+            stack.push_async_callback(asyncio.to_thread, self.tracer.shutdown)
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Whether every model has a backend passing its health checks, and which do."""
+        models: dict[str, object] = {}
+        ready = True
+        for route in self.router.routes:
+            up = [b.name for b in route.backends if b.health.healthy]
+            down = [b.name for b in route.backends if not b.health.healthy]
+            ready = ready and bool(up)
+            models[route.name] = {"live": up, "down": down}
+        return ready, models
+
+
+async def _start(stack: AsyncExitStack, component: Component | None) -> None:
+    """Start `component` (if there is one) and have `stack` close it."""
+    if component is None:
+        return
+    await component.start()
+    stack.push_async_callback(component.aclose)
+
+
+def _key_ring(config: GatewayConfig) -> KeyRing:
+    return KeyRing.load(
+        config.keys.file,
+        backends={backend.name for model in config.models for backend in model.backends},
+        models={name: m.name for m in config.models for name in (m.name, *m.aliases)},
+    )
+
+
+def _metrics(config: GatewayConfig) -> GatewayMetrics:
+    return GatewayMetrics(
+        [model.name for model in config.models],
+        [backend.name for model in config.models for backend in model.backends],
+    )
+
+
+def _router_hooks(metrics: GatewayMetrics) -> RouterHooks:
+    return RouterHooks(
+        on_retry=lambda route, delay: metrics.retries.labels(route).inc(),
+        on_fallback=lambda old, new: metrics.fallbacks.labels(old, new).inc(),
+        on_resume=metrics.stream_resumed,
+    )
+
+
+def _watch(metrics: GatewayMetrics, router: Router, connections: ConnectionGuard) -> None:
+    """Gauges read at scrape time from the components themselves."""
+    metrics.watch_admission(router.admission)
+    metrics.watch_connections(connections)
+    metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
+
+
+def _access_log(config: GatewayConfig, stream: BinaryIO | None) -> AccessLog | None:
+    if not config.server.access_log:
+        return None
+    return AccessLog(stream if stream is not None else sys.stdout.buffer)
+
+
+def _health_checker(router: Router, metrics: GatewayMetrics) -> HealthChecker:
+    probes = [
+        Probe(backend.name, route.config.health, backend.adapter.health, backend.health)
+        for route in router.routes
+        for backend in route.backends
+    ]
+    return HealthChecker(probes, on_change=metrics.health_changed)
+
+
+def _load_scraper(scrape: LoadScrapeConfig, router: Router) -> LoadScraper | None:
+    targets = [
+        ScrapeTarget(
+            backend.name, backend.adapter.metrics, backend.upstream, _in_flight_of(backend)
+        )
+        for backend in router.backends
+        if backend.config.scrapes_metrics
+    ]
+    if not scrape.enabled or not targets:
+        return None
+    return LoadScraper(
+        targets,
+        interval_s=scrape.interval_s,
+        timeout_s=scrape.timeout_s,
+        stale_after=scrape.stale_after,
+        max_concurrency=scrape.max_concurrency,
+        absent_retry_s=scrape.absent_retry_s,
+    )
+
+
+def _breaker_sync(
+    settings: RedisConfig, redis: Redis | None, router: Router, metrics: GatewayMetrics
+) -> BreakerSync | None:
+    """With a Redis client: the breakers marked shared, in step with every other process
+    (built here, it connects only when started, and never blocks a request)."""
+    if redis is None:
+        return None
+    return BreakerSync(
+        redis,
+        [b.breaker for b in router.backends if b.breaker.config.shared],
+        key_prefix=settings.key_prefix,
+        timeout_s=settings.socket_timeout_s,
+        health=RedisHealth("breaker", metrics.redis_changed),
+        on_applied=metrics.breaker_applied,
+    )
+
+
+def _guardrails(rails: GuardrailsConfig) -> Guardrails:
+    return Guardrails(rails.deny_patterns, rails.max_input_bytes, rails.max_n)
+
+
+def _in_flight_of(backend: Backend) -> Callable[[], int]:
+    return lambda: backend.in_flight
+
+
+def _limit_of(backend: Backend) -> Callable[[], int]:
+    return lambda: backend.concurrency_limit
