@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import ClassVar
 
 from gateway.config import BackendConfig, UpstreamConfig
-from providers.base import UpstreamBroken, UpstreamConnectError
+from gateway.errors import TransportError
 from providers.http1 import ByteBudget, ConnectionPool, Response
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection the server is
@@ -40,8 +40,8 @@ class HTTPUpstreamResponse:
         self.content_type = response.header(b"content-type") or ""
         self.retry_after = response.header(b"retry-after")
 
-    # The lean client's errors are already UpstreamBroken / UpstreamConnectError, and
-    # UpstreamBufferFull (a 503) when the process holds as much as it may.
+    # The lean client's errors are the gateway's own already (`gateway.errors`): a
+    # TransportError, or UpstreamBufferFull when the process holds as much as it may.
 
     async def read(self, limit: int) -> bytes:
         if limit < self._cap:  # the router's own, smaller limit (an error body)
@@ -131,14 +131,14 @@ class OpenAICompatibleAdapter:
                 response = await self._send(b"GET", self.health_path, b"", "health-check")
                 await response.read(MAX_HEALTH_BODY)
                 return response.status == 200
-        except (UpstreamConnectError, UpstreamBroken, TimeoutError):
+        except (TransportError, TimeoutError):
             return False
 
     async def metrics(self) -> bytes | None:
         """The upstream's Prometheus text, or None where it serves none (OpenAI: 404).
 
-        Failures raise (`UpstreamConnectError`, `UpstreamBroken`, also for a body over
-        MAX_METRICS_BODY); the caller bounds the time (policies.load.LoadScraper).
+        Failures raise a `TransportError` (also for a body over MAX_METRICS_BODY); the
+        caller bounds the time (policies.load.LoadScraper).
         """
         response = await self._send(b"GET", "/metrics", b"", "metrics-scrape")
         body = await response.read(MAX_METRICS_BODY)

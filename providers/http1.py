@@ -31,20 +31,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from providers.base import UpstreamBroken, UpstreamBufferFull, UpstreamConnectError
+from gateway.errors import UpstreamBroken, UpstreamBufferFull, UpstreamConnectError
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the socket pauses
 # An LLM API's head is under 2 KiB (OpenAI's, the largest, about 1.5 KiB in 30 fields).
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 DEFAULT_MAX_HEADERS = 256
-
-
-class ConnectFailed(UpstreamConnectError):
-    """No connection: refused, unresolvable, or not accepted within the connect timeout."""
-
-
-class ConnectionBroken(UpstreamBroken):
-    """The connection failed or the upstream spoke broken HTTP after the request was sent."""
 
 
 class ByteBudget:
@@ -123,7 +115,7 @@ class _Connection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                self._fail(ConnectionBroken(f"malformed HTTP response: {exc}"))
+                self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
                 self.abort()
                 return
             if self.buffered == buffered:
@@ -136,7 +128,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ConnectionBroken(f"malformed HTTP response: {exc}"))
+            self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
             self.abort()
             return False
         if self.buffered == buffered:
@@ -153,7 +145,7 @@ class _Connection(asyncio.Protocol):
             if room <= 0:
                 what = "head" if not self.status else "trailers or chunk-size lines"
                 self._fail(
-                    ConnectionBroken(
+                    UpstreamBroken(
                         f"the upstream's {what} passed {self.max_head_bytes} bytes "
                         "(upstream.max_header_bytes)"
                     )
@@ -172,13 +164,13 @@ class _Connection(asyncio.Protocol):
         if self.status and not self.complete and self._ends_at_close():
             self.on_message_complete()
         elif not self.complete:
-            self._fail(ConnectionBroken("the upstream closed the connection"))
+            self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         if self.complete:  # more bytes after the answer, in the same read
-            self._fail(ConnectionBroken("the upstream sent more than its answer"))
+            self._fail(UpstreamBroken("the upstream sent more than its answer"))
             raise _OutOfStep
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -187,7 +179,7 @@ class _Connection(asyncio.Protocol):
         self.header_count += 1
         if self.header_count > self.max_headers:
             self._fail(
-                ConnectionBroken(
+                UpstreamBroken(
                     f"the upstream sent over {self.max_headers} header fields "
                     "(upstream.max_headers)"
                 )
@@ -199,7 +191,7 @@ class _Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
-                self._fail(ConnectionBroken("the upstream switched protocols (101)"))
+                self._fail(UpstreamBroken("the upstream switched protocols (101)"))
                 raise _OutOfStep
             # 100 Continue, 103 Early Hints...: an interim answer; the real one follows.
             self.headers.clear()
@@ -289,7 +281,7 @@ class Response:
         return None if value is None else value.decode("latin-1")
 
     async def read(self, limit: int, budget: ByteBudget | None = None, setting: str = "") -> bytes:
-        """The whole body; `ConnectionBroken` if it breaks off or exceeds `limit` bytes
+        """The whole body; `UpstreamBroken` if it breaks off or exceeds `limit` bytes
         (`setting` names where the limit comes from), `UpstreamBufferFull` if holding it
         would pass `budget`, which it counts against until the response is closed."""
         connection = self._connection
@@ -302,7 +294,7 @@ class Response:
                 if size > limit:
                     self.close()
                     where = f" ({setting})" if setting else ""
-                    raise ConnectionBroken(f"response body is over {limit} bytes{where}")
+                    raise UpstreamBroken(f"response body is over {limit} bytes{where}")
                 if budget is not None:
                     if budget.used + len(part) > budget.limit:
                         self.close()
@@ -409,7 +401,7 @@ class ConnectionPool:
         try:
             connection.begin()
             if connection.closed:  # spoke before it was asked, or went away: never used
-                raise ConnectionBroken("the upstream closed the connection")
+                raise UpstreamBroken("the upstream closed the connection")
             head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
                 method,
                 self.base_path,
@@ -457,12 +449,12 @@ class ConnectionPool:
                     server_hostname=self.host if self._ssl else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(
+            raise UpstreamConnectError(
                 f"no connection to {self.host}:{self.port} within {self._connect_timeout_s:g}s",
                 timed_out=True,
             ) from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(
+            raise UpstreamConnectError(
                 f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
         return protocol

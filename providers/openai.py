@@ -8,12 +8,9 @@ from __future__ import annotations
 import os
 
 from gateway.config import BackendConfig, UpstreamConfig
+from gateway.errors import MissingCredential
 from providers._http import OpenAICompatibleAdapter
 from providers.http1 import ByteBudget
-
-
-class MissingCredential(Exception):
-    """The environment variable that should hold a backend's API key is unset or empty."""
 
 
 class OpenAIAdapter(OpenAICompatibleAdapter):

@@ -12,14 +12,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from providers.base import UpstreamBroken
+from gateway.errors import GatewayError, MalformedStream
 
-DONE_EVENT = b"data: [DONE]\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"  # the stream's last event, as OpenAI ends one
 _MAX_PENDING = 1024 * 1024  # one event larger than this is not an LLM stream chunk
-
-
-class MalformedStream(UpstreamBroken):
-    """The upstream's event stream is not one: handled like a connection that broke."""
 
 
 class ChunkRecorder(Protocol):
@@ -36,7 +32,6 @@ class SSEObserver:
         "done",
         "drop_usage_chunk",
         "error",
-        "events",
         "finished",
         "malformed",
         "recorder",
@@ -55,7 +50,6 @@ class SSEObserver:
         self.done = False
         self.finished = False
         self.error: dict[str, Any] | None = None
-        self.events = 0
         self.malformed = 0  # data events dropped because they were not JSON objects
         self.usage: dict[str, Any] | None = None
         # Sees every chunk forwarded, for stream resumption (policies.resume.Transcript).
@@ -117,7 +111,6 @@ class SSEObserver:
 
     def _observe(self, event: bytes) -> bool:
         """Record what `event` says; False when it must not be forwarded."""
-        self.events += 1
         if event.startswith(b"data: ") and b"\n" not in event:
             data = event[6:]
         elif b"data:" in event:
@@ -157,5 +150,17 @@ class SSEObserver:
         return True
 
 
-def error_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+def data_event(data: bytes) -> bytes:
+    """One event carrying `data` (a JSON document on one line), as it goes on the wire."""
+    return b"data: " + data + b"\n\n"
+
+
+def error_event(error: GatewayError) -> bytes:
+    """A started stream's last word when it cannot be finished: the error's body, the
+    same bytes a status answer would carry, as an event (and no [DONE] after it)."""
+    return data_event(error.body())
+
+
+def is_done(event: bytes) -> bool:
+    """Whether a whole event (its blank line stripped) is the stream's [DONE]."""
+    return event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from providers.base import UpstreamBufferFull
-from providers.http1 import ByteBudget, ConnectFailed, ConnectionBroken, ConnectionPool
+from gateway.errors import UpstreamBroken, UpstreamBufferFull, UpstreamConnectError
+from providers.http1 import ByteBudget, ConnectionPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -166,7 +166,7 @@ def test_large_body_is_read_whole_despite_flow_control(run) -> None:
         server = Server(fixed(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big)))
         client = pool(await server.start())
         assert await (await client.request(b"POST", b"/", b"", b"")).read(len(big)) == big
-        with pytest.raises(ConnectionBroken, match="over"):
+        with pytest.raises(UpstreamBroken, match="over"):
             await (await client.request(b"POST", b"/", b"", b"")).read(1024)
         await client.aclose()
 
@@ -179,7 +179,7 @@ def test_cut_off_body_is_broken(run) -> None:
         client = pool(await server.start())
         response = await client.request(b"POST", b"/", b"", b"")
         received = b""
-        with pytest.raises(ConnectionBroken, match="closed"):
+        with pytest.raises(UpstreamBroken, match="closed"):
             async for piece in response.chunks():
                 received += piece
         assert received == b"only this"
@@ -192,7 +192,7 @@ def test_malformed_response_is_broken(run) -> None:
     async def main() -> None:
         server = Server(fixed(b"NOT HTTP AT ALL\r\n\r\n"))
         client = pool(await server.start())
-        with pytest.raises(ConnectionBroken, match="malformed"):
+        with pytest.raises(UpstreamBroken, match="malformed"):
             await client.request(b"POST", b"/", b"", b"")
         await client.aclose()
 
@@ -206,7 +206,7 @@ def test_refused_connection_fails_to_connect(run) -> None:
         await server.stop()
         server.server.close()
         await server.server.wait_closed()
-        with pytest.raises(ConnectFailed) as caught:
+        with pytest.raises(UpstreamConnectError) as caught:
             await pool(url).request(b"POST", b"/", b"", b"")
         assert not caught.value.timed_out
 
@@ -337,7 +337,7 @@ def test_connect_timeout(run) -> None:
 
     async def main() -> None:
         client = pool(f"http://127.0.0.1:{port}", connect_timeout_s=0.2)
-        with pytest.raises(ConnectFailed) as caught:
+        with pytest.raises(UpstreamConnectError) as caught:
             await client.request(b"POST", b"/", b"", b"")
         assert caught.value.timed_out
 
@@ -416,7 +416,7 @@ def test_switching_protocols_is_broken(run) -> None:
             )
         )
         client = pool(await server.start())
-        with pytest.raises(ConnectionBroken, match=r"switched protocols \(101\)"):
+        with pytest.raises(UpstreamBroken, match=r"switched protocols \(101\)"):
             await client.request(b"GET", b"/", b"", b"")
         await client.aclose()
 
@@ -544,7 +544,7 @@ def test_an_oversized_head_fails_before_it_is_kept(run) -> None:
 
         server = Server(respond)
         client = pool(await server.start())
-        with pytest.raises(ConnectionBroken, match=r"head passed 65536 bytes"):
+        with pytest.raises(UpstreamBroken, match=r"head passed 65536 bytes"):
             await client.request(b"POST", b"/", b"", b"")
         await asyncio.wait_for(finished.wait(), 30)
         assert sent < total  # the client hung up; it never took in the rest
@@ -561,7 +561,7 @@ def test_header_fields_are_counted(run) -> None:
         url = await server.start()
         client = pool(url, max_headers=41)  # the 40 and content-length
         assert await (await client.request(b"POST", b"/", b"", b"")).read(10) == b"{}"
-        with pytest.raises(ConnectionBroken, match="over 40 header fields"):
+        with pytest.raises(UpstreamBroken, match="over 40 header fields"):
             await pool(url, max_headers=40).request(b"POST", b"/", b"", b"")
         await client.aclose()
 
@@ -587,7 +587,7 @@ def test_trailers_neither_replace_the_head_nor_grow_without_bound(run) -> None:
         server = Server(fixed(CHUNKED + b"2\r\n{}\r\n0\r\n" + endless))
         client = pool(await server.start())
         response = await client.request(b"POST", b"/", b"", b"")
-        with pytest.raises(ConnectionBroken, match="trailers or chunk-size lines passed"):
+        with pytest.raises(UpstreamBroken, match="trailers or chunk-size lines passed"):
             await response.read(10)
         await client.aclose()
 
@@ -600,18 +600,18 @@ def test_chunk_size_lines_are_bounded(run) -> None:
         server = Server(fixed(CHUNKED + b"2\r\n{}\r\n" + extension))
         client = pool(await server.start())
         response = await client.request(b"POST", b"/", b"", b"")
-        with pytest.raises(ConnectionBroken, match="chunk-size lines passed"):
+        with pytest.raises(UpstreamBroken, match="chunk-size lines passed"):
             await response.read(100)
         zeros = b"0" * (1024 * 1024) + b"1\r\nx\r\n0\r\n\r\n"  # a size line without end
         server = Server(fixed(CHUNKED + b"2\r\n{}\r\n" + zeros))
         client = pool(await server.start())
         response = await client.request(b"POST", b"/", b"", b"")
-        with pytest.raises(ConnectionBroken, match="chunk-size lines passed"):
+        with pytest.raises(UpstreamBroken, match="chunk-size lines passed"):
             await response.read(100)
         # A size beyond 64 bits is llhttp's to refuse.
         server = Server(fixed(CHUNKED + b"1" * 40 + b"\r\nx\r\n0\r\n\r\n"))
         client = pool(await server.start())
-        with pytest.raises(ConnectionBroken, match="malformed"):
+        with pytest.raises(UpstreamBroken, match="malformed"):
             await (await client.request(b"POST", b"/", b"", b"")).read(100)
         await client.aclose()
 
@@ -636,7 +636,7 @@ def test_bodies_read_whole_count_against_a_shared_budget(run) -> None:
         assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
         assert budget.used == 2500  # nothing kept by the failed read
         third = await client.request(b"POST", b"/", b"", b"")
-        with pytest.raises(ConnectionBroken, match=r"over 1000 bytes \(upstream.max_body_bytes\)"):
+        with pytest.raises(UpstreamBroken, match=r"over 1000 bytes \(upstream.max_body_bytes\)"):
             await third.read(1000, budget, "upstream.max_body_bytes")
         assert budget.used == 2500
         await client.aclose()

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.wire.sse import MalformedStream, SSEObserver, error_event
+from gateway.errors import MalformedStream, UpstreamError
+from gateway.wire.sse import DONE_EVENT, SSEObserver, error_event, is_done
 
 
 def chunk(content: str, finish: str | None = None) -> bytes:
@@ -34,7 +35,7 @@ def test_events_split_across_reads_are_held_until_whole() -> None:
             assert piece.endswith(b"\n\n")
         out += piece
     assert out == stream
-    assert observer.events == 3
+    assert observer.done and observer.finished
 
 
 def test_crlf_events_are_normalised() -> None:
@@ -108,5 +109,20 @@ def test_oversized_event_is_refused() -> None:
     raise AssertionError("a 1 MiB event without an end was accepted")
 
 
-def test_error_event_shape() -> None:
-    assert error_event({"error": {"message": "m"}}) == b'data: {"error":{"message":"m"}}\n\n'
+def test_an_error_event_carries_the_same_body_as_an_error_answer() -> None:
+    error = UpstreamError("m", code="upstream_stream_broken")
+    assert error_event(error) == b"data: " + error.body() + b"\n\n"
+    assert orjson.loads(error_event(error)[6:]) == {
+        "error": {
+            "message": "m",
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_stream_broken",
+        }
+    }
+
+
+def test_done_is_recognised_with_or_without_the_space() -> None:
+    assert DONE_EVENT == DONE
+    assert is_done(DONE.rstrip()) and is_done(b"data:[DONE]")
+    assert not is_done(b'data: {"done": "[DONE]"}') and not is_done(b": [DONE]")
