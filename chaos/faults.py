@@ -54,7 +54,7 @@ __all__ = [
 class Faults:
     error_status: int | None = None  # answer this status (400..599) instead of working
     error_rate: float = 0.0  # fraction of requests that fail (0..1); 0 = all, if any fault set
-    retry_after_s: float | None = None  # Retry-After (seconds, rounded up) on injected errors
+    retry_after_s: float | None = None  # Retry-After on injected errors (rounded up, >= 1)
     latency_ms: float = 0.0  # extra delay before answering (before headers), on every request
     hang: bool = False  # accept the request and never answer (until the client goes away)
     reset: bool = False  # close the connection without any response

@@ -32,7 +32,9 @@ from chaos.sim.protocol import (
 )
 from chaos.sim.render import Renderer, models_body
 from chaos.sim.settings import SimSettings
-from gateway.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, read_body
+from gateway.asgi import Receive, Scope, Send, header, read_body
+from gateway.errors import BodyTooLarge, ClientDisconnected
+from gateway.wire.headers import bearer_token
 
 __all__ = ["SimWorker"]
 
@@ -121,11 +123,8 @@ class SimWorker:
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._api_key is not None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token, self._api_key)
-        return False
+        token = bearer_token(header(scope, b"authorization"))
+        return token is not None and hmac.compare_digest(token, self._api_key)
 
     # ---- the plain routes (with faults set, `FaultedEndpoints` counts requests itself) ------
 

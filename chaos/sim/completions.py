@@ -13,7 +13,6 @@ import asyncio
 from chaos.sim.engine import Engine, Job
 from chaos.sim.parsing import RequestParser
 from chaos.sim.protocol import (
-    DONE,
     SSE_HEADERS,
     HTTPError,
     read_json,
@@ -22,6 +21,7 @@ from chaos.sim.protocol import (
 )
 from chaos.sim.render import Renderer, chat_role_chunk, token_chunk, usage_chunk
 from gateway.asgi import DisconnectWatch, Receive, Scope, Send
+from gateway.wire.sse import DONE_EVENT
 
 __all__ = ["Completions"]
 
@@ -115,7 +115,7 @@ class Completions:
                     await send_event(send, token_chunk(head, job, seq, text, stop))
             if job.include_usage:
                 await send_event(send, usage_chunk(head, job))
-            await send({"type": "http.response.body", "body": DONE})
+            await send({"type": "http.response.body", "body": DONE_EVENT})
         except asyncio.CancelledError:
             if not finished:
                 stats.finished["abort"] += 1

@@ -10,7 +10,6 @@ stream, an error event, a cut, a stall or garbage; anything else goes on to the 
 from __future__ import annotations
 
 import asyncio
-import math
 from http import HTTPStatus
 from typing import Any
 
@@ -21,7 +20,6 @@ from chaos.sim.completions import Completions
 from chaos.sim.embeddings import Embeddings
 from chaos.sim.engine import Engine, Job, ModelStats
 from chaos.sim.protocol import (
-    DONE,
     MAX_BODY_BYTES,
     SSE_HEADERS,
     HTTPError,
@@ -31,16 +29,10 @@ from chaos.sim.protocol import (
     send_event,
     until_disconnected,
 )
-from gateway.asgi import (
-    BodyTooLarge,
-    ClientDisconnected,
-    DisconnectWatch,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    read_body,
-)
+from gateway.asgi import DisconnectWatch, Message, Receive, Scope, Send, read_body
+from gateway.errors import BodyTooLarge, ClientDisconnected
+from gateway.wire.headers import retry_after
+from gateway.wire.sse import DONE_EVENT
 
 __all__ = ["FaultedEndpoints"]
 
@@ -189,7 +181,7 @@ async def _error_event(send: Send, job: Job, faults: Faults) -> None:
     status = faults.error_status or 503
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     await send_event(send, _injected_content(status))
-    await send({"type": "http.response.body", "body": DONE})
+    await send({"type": "http.response.body", "body": DONE_EVENT})
     job.stats.finished["error"] += len(job.sequences)
 
 
@@ -214,5 +206,5 @@ def _injected_error(faults: Faults) -> HTTPError:
     status = faults.error_status or 503
     headers = []
     if faults.retry_after_s is not None:
-        headers.append((b"retry-after", b"%d" % math.ceil(faults.retry_after_s)))
+        headers.append((b"retry-after", retry_after(faults.retry_after_s).encode()))
     return HTTPError(status, _injected_content(status), headers)

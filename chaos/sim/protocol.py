@@ -15,10 +15,11 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import BodyTooLarge, Message, Receive, Scope, Send, read_body
+from gateway.asgi import Message, Receive, Scope, Send, read_body
+from gateway.errors import BodyTooLarge
+from gateway.wire.sse import data_event
 
 __all__ = [
-    "DONE",
     "JSON",
     "MAX_BODY_BYTES",
     "NOT_FOUND",
@@ -43,7 +44,6 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 JSON = b"application/json"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
-DONE = b"data: [DONE]\n\n"
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -102,7 +102,7 @@ async def send_event(send: Send, content: Any) -> None:
     await send(
         {
             "type": "http.response.body",
-            "body": b"data: " + orjson.dumps(content) + b"\n\n",
+            "body": data_event(orjson.dumps(content)),
             "more_body": True,
         }
     )
