@@ -1,12 +1,12 @@
-"""Adapters: each knows one upstream API. They forward and report; they never decide."""
+"""Adapters: each knows one upstream API. They forward and report; they never decide.
 
-from providers.base import (
-    Adapter,
-    UpstreamBroken,
-    UpstreamConnectError,
-    UpstreamResponse,
-)
-from providers.openai import MissingCredential
+How an exchange fails (`UpstreamConnectError`, `UpstreamBroken`) and a missing credential
+(`MissingCredential`) are in the one exception tree, gateway/errors.py; they are named
+here too for the adapters' callers.
+"""
+
+from gateway.errors import MissingCredential, UpstreamBroken, UpstreamConnectError
+from providers.base import Adapter, UpstreamResponse
 from providers.registry import AdapterFactory, create_adapter
 
 __all__ = [

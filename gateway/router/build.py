@@ -16,12 +16,13 @@ from gateway.config import (
     RetryConfig,
     ServerConfig,
 )
+from gateway.errors import MissingCredential
 from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker
 from policies.retry import RetryBudget, RetryPolicy
-from providers import AdapterFactory, MissingCredential, create_adapter
+from providers import AdapterFactory, create_adapter
 from providers.http1 import ByteBudget
 
 BreakerListener = Callable[[str, str, str], None]  # backend, old state, new state

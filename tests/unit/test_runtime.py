@@ -16,8 +16,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.config import BackendConfig, ConfigError, GatewayConfig, Timeouts, UpstreamConfig
+from gateway.errors import MissingCredential
 from gateway.runtime.gateway import Gateway
-from providers import Adapter, MissingCredential, UpstreamResponse
+from providers import Adapter, UpstreamResponse
 from providers.http1 import ByteBudget
 from tests.servers import KEYS_FILE, RedisServer, start_redis
 
