@@ -215,8 +215,8 @@ class NoLiveBackend(ServiceUnavailable):
 
 
 class BreakerOpen(NoLiveBackend):
-    """`backend`'s circuit breaker refused an attempt (it opened after the backend was
-    chosen, or its probes are all taken). Not the backend's fault: another may be tried."""
+    """`backend`'s circuit breaker refused an attempt: it opened between the backend's
+    choice and the attempt. No fault of the backend's own: another may be tried."""
 
     def __init__(self, backend: str) -> None:
         super().__init__(f"Backend '{backend}' is not taking requests.")

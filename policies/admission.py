@@ -14,18 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import IntEnum
 
-from gateway.errors import GatewayError
+from gateway.errors import Overloaded
+from gateway.wire.headers import retry_after
 
 
 class Priority(IntEnum):
     INTERACTIVE = 0
     BATCH = 1
-
-
-class Overloaded(GatewayError):
-    status = 503
-    type = "service_unavailable"
-    default_code = "overloaded"
 
 
 class Admission:
@@ -96,5 +91,5 @@ class Admission:
     def _overloaded(self, why: str) -> Overloaded:
         return Overloaded(
             f"The gateway is overloaded: {why}. Retry shortly.",
-            headers={"Retry-After": str(max(1, round(self.timeout_s)))},
+            headers={"Retry-After": retry_after(self.timeout_s)},
         )

@@ -24,6 +24,7 @@ from typing import Literal
 import pybreaker
 
 from gateway.config import BreakerConfig
+from gateway.errors import BreakerOpen
 from policies.retry import AttemptFailed
 from policies.window import SlidingPair
 
@@ -103,8 +104,8 @@ class BackendBreaker:
     def attempt(self) -> AbstractContextManager[None]:
         """Record the enclosed attempt; an `AttemptFailed` with `backend_fault` counts against it.
 
-        Raises `pybreaker.CircuitBreakerError` without running the block if the breaker
-        refuses the call.
+        Raises `BreakerOpen` without running the block if the breaker refuses the call
+        (pybreaker's own error never leaves this module).
         """
         breaker = self._breaker
         if breaker.current_state == CLOSED and breaker.fail_counter == 0:
@@ -118,14 +119,20 @@ class BackendBreaker:
         if probing:
             self._probes += 1
         failed: bool | None = None  # None: the block did not run, or failed by no fault of its own
+        entered = False
         try:
             with breaker.calling():
+                entered = True
                 try:
                     yield
                 except AttemptFailed as failure:
                     failed = True if failure.backend_fault else None
                     raise
                 failed = False
+        except pybreaker.CircuitBreakerError:
+            if entered:
+                raise
+            raise BreakerOpen(self.name) from None
         finally:
             if probing:
                 self._probes -= 1
@@ -134,7 +141,9 @@ class BackendBreaker:
                 self._count(failed=failed)
 
     def _report_failure(self, failure: AttemptFailed) -> None:
-        with suppress(AttemptFailed):
+        # Another attempt may have opened the breaker meanwhile: then it refuses the call
+        # (CircuitBreakerError) and there is nothing left for this failure to open.
+        with suppress(AttemptFailed, pybreaker.CircuitBreakerError):
             self._breaker.call(_reraise, failure)
         self._count(failed=True)
 

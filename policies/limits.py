@@ -37,7 +37,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    LimitExceeded,
+    LimitsUnavailable,
+    QuotaExceeded,
+    TokenLimitExceeded,
+)
+from gateway.wire.headers import retry_after
 from gateway.wire.validation import Endpoint, Prompt, measure_prompt
 
 PERIOD_US = 60_000_000  # the rate limits' period: one minute
@@ -152,37 +160,25 @@ class Verdict:
     ticket: Ticket | None = None  # allowed: settle it when the response ends
     limit: str | None = None  # refused: which limit (REQUESTS, TOKENS, ...); bounded
 
-    @property
-    def error_type(self) -> str:
-        """OpenAI's error `type` for this refusal."""
-        if self.status == 403:
-            return "insufficient_quota"
-        if self.status == 503:
-            return "service_unavailable"
-        return TOKENS if self.limit == TOKENS else "requests"
-
-    def error(self) -> LimitExceeded:
+    def error(self) -> GatewayError:
         """The refusal as the gateway's error, headers included (raise it at the edge)."""
-        error = LimitExceeded(
+        refusal = _REFUSALS[self.limit or REQUESTS]
+        return refusal(
             self.message,
             code=self.code,
             headers={name.decode(): value.decode() for name, value in self.headers},
         )
-        error.status = self.status or 429
-        error.type = self.error_type
-        return error
 
 
 ALLOWED = Verdict(True)  # for a key without limits: nothing charged, nothing to settle
-
-
-class LimitExceeded(GatewayError):
-    """A request refused by a key's limits (429), its quota (403) or, failing closed, because
-    the limits cannot be checked (503)."""
-
-    status = 429
-    type = "requests"
-    default_code = "rate_limit_exceeded"
+# Which error tells a client about each limit's refusal (the class says status and type).
+_REFUSALS: dict[str, type[GatewayError]] = {
+    REQUESTS: LimitExceeded,
+    CONCURRENCY: LimitExceeded,
+    TOKENS: TokenLimitExceeded,
+    TOKENS_PER_DAY: QuotaExceeded,
+    UNAVAILABLE: LimitsUnavailable,
+}
 
 
 class LimitStore(Protocol):
@@ -301,7 +297,7 @@ def _count(value: Any) -> int | None:
     return None
 
 
-# The wire format: OpenAI's x-ratelimit-* headers and Retry-After.
+# The wire format: OpenAI's x-ratelimit-* headers, and Retry-After on a refusal.
 
 
 def format_duration(seconds: float) -> str:
@@ -322,11 +318,6 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{text}"
     return text
-
-
-def retry_after_value(seconds: float) -> str:
-    """Retry-After: whole seconds, rounded up, at least 1."""
-    return str(max(1, math.ceil(round(seconds, 6))))
 
 
 _LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
@@ -363,7 +354,7 @@ def ratelimit_headers(
             (_RESET_TOKENS, format_duration(tokens_reset_s).encode()),
         ]
     if retry_after_s is not None:
-        headers.append((_RETRY_AFTER, retry_after_value(retry_after_s).encode()))
+        headers.append((_RETRY_AFTER, retry_after(retry_after_s).encode()))
     return headers
 
 
@@ -375,7 +366,7 @@ def unavailable(retry_after_s: float) -> Verdict:
         "rate_limits_unavailable",
         "Rate limits cannot be checked right now; please retry shortly.",
         retry_after_s,
-        [(_RETRY_AFTER, retry_after_value(retry_after_s).encode())],
+        [(_RETRY_AFTER, retry_after(retry_after_s).encode())],
         None,
         UNAVAILABLE,
     )

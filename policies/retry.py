@@ -39,6 +39,8 @@ class AttemptFailed(Exception):
     `error` is what the client is told if nothing else works; `retryable` says whether
     another attempt is worth it; `backend_fault` whether the backend is to blame (its
     circuit breaker counts those; a 429 or a client's 400 are not the backend's fault).
+    A signal between the router and its policies, outside `gateway.errors`' tree: what a
+    client may be told is `error`.
     """
 
     def __init__(

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from policies.admission import Admission, Overloaded, Priority
+from gateway.errors import Overloaded
+from policies.admission import Admission, Priority
 
 
 async def test_slots_up_to_the_limit_are_immediate() -> None:

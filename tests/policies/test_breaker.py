@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import time
 
+import pybreaker
 import pytest
-from pybreaker import CircuitBreakerError
 
 from gateway.config import BreakerConfig
-from gateway.errors import InvalidRequest, UpstreamError
+from gateway.errors import BreakerOpen, InvalidRequest, NoLiveBackend, UpstreamError
 from policies.breaker import BackendBreaker
 from policies.retry import AttemptFailed
 
@@ -45,12 +45,26 @@ def test_consecutive_failures_open_then_a_probe_closes() -> None:
     for _ in range(3):
         fail(breaker)
     assert breaker.state == "open" and not breaker.allows()
-    with pytest.raises(CircuitBreakerError), breaker.attempt():
-        pass
+    ran = False
+    with pytest.raises(BreakerOpen) as refused, breaker.attempt():
+        ran = True
+    assert not ran and refused.value.backend == "b"
+    assert isinstance(refused.value, NoLiveBackend) and refused.value.status == 503
+    assert not isinstance(refused.value, pybreaker.CircuitBreakerError)
     wait_until_cooled(breaker)
     succeed(breaker)  # the probe
     assert breaker.state == "closed" and breaker.allows()
     assert ("closed", "open") in changes and ("half-open", "closed") in changes
+
+
+def test_a_failure_that_ends_after_another_opened_the_breaker_stays_its_own() -> None:
+    breaker = BackendBreaker("b", config(consecutive_failures=1, open_s=60))
+    failure = AttemptFailed(UpstreamError("late"), backend="b", retryable=True, backend_fault=True)
+    with pytest.raises(AttemptFailed) as caught, breaker.attempt():  # closed: unguarded
+        fail(breaker)  # meanwhile another attempt fails and opens it
+        raise failure
+    assert caught.value is failure  # not the breaker refusing to hear of it
+    assert breaker.state == "open"
 
 
 def test_failed_probe_reopens() -> None:

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, LimitsConfig, load_config
+from gateway.errors import LimitExceeded, LimitsUnavailable, QuotaExceeded, TokenLimitExceeded
+from gateway.wire.headers import retry_after
 from policies.limits import (
     ALLOWED,
     CONCURRENCY,
@@ -21,12 +23,10 @@ from policies.limits import (
     TOKENS,
     TOKENS_PER_DAY,
     KeyLimits,
-    LimitExceeded,
     Verdict,
     estimate_tokens,
     format_duration,
     ratelimit_headers,
-    retry_after_value,
     unavailable,
 )
 from policies.limits_local import LocalLimits
@@ -77,7 +77,7 @@ async def test_rpm_admits_exactly_the_limit_then_429_with_retry_after(
     refused = await store.admit("k", limits, 0)
     assert not refused.allowed and refused.status == 429
     assert refused.code == "rate_limit_exceeded" and refused.limit == REQUESTS
-    assert refused.error_type == "requests"
+    assert refused.error().type == "requests"
     assert refused.retry_after_s == pytest.approx(12.0)  # one request every 60/5 s
     assert headers(refused)["retry-after"] == "12"
     assert refused.ticket is None
@@ -148,7 +148,7 @@ async def test_tpm_charges_the_estimate_and_is_exact(store: LocalLimits, clock: 
     assert await admit_many(store, limits, 20, tokens=100) == 10
     refused = await store.admit("k", limits, 100)
     assert refused.status == 429 and refused.limit == TOKENS
-    assert refused.error_type == "tokens"
+    assert refused.error().type == "tokens"
     assert refused.retry_after_s == pytest.approx(6.0)  # 100 tokens at 1000 per minute
     clock.advance(6.0)
     assert await admit_many(store, limits, 5, tokens=100) == 1
@@ -269,7 +269,7 @@ async def test_day_quota_is_403_insufficient_quota_and_resets_at_utc_midnight(
     assert await admit_many(store, limits, 20, tokens=100) == 10
     refused = await store.admit("k", limits, 100)
     assert refused.status == 403 and refused.code == "insufficient_quota"
-    assert refused.limit == TOKENS_PER_DAY and refused.error_type == "insufficient_quota"
+    assert refused.limit == TOKENS_PER_DAY and refused.error().type == "insufficient_quota"
     assert "retry-after" not in headers(refused)
     midnight = (T0 * 1_000_000 // DAY_US + 1) * DAY_US / 1_000_000
     assert refused.retry_after_s == pytest.approx(midnight - T0)
@@ -441,10 +441,33 @@ async def test_a_refusal_as_the_gateways_error(store: LocalLimits) -> None:
     assert error.headers["retry-after"] == "60"
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
     closed = unavailable(0.2).error()
+    assert isinstance(closed, LimitsUnavailable)
     assert closed.status == 503 and closed.code == "rate_limits_unavailable"
+    assert closed.payload()["error"]["type"] == "service_unavailable"
     assert closed.headers == {"retry-after": "1"}
     quota = Verdict(False, 403, "insufficient_quota", "no", None, [], None, TOKENS_PER_DAY)
+    assert isinstance(quota.error(), QuotaExceeded)
     assert quota.error().payload()["error"]["type"] == "insufficient_quota"
+
+
+@pytest.mark.parametrize(
+    ("limits", "tokens", "refusal"),
+    [
+        (KeyLimits(rpm=1), 0, LimitExceeded),
+        (KeyLimits(max_concurrent=1), 0, LimitExceeded),
+        (KeyLimits(tpm=100), 60, TokenLimitExceeded),
+        (KeyLimits(tokens_per_day=100), 60, QuotaExceeded),
+    ],
+)
+async def test_each_refusal_is_told_by_its_own_class_with_the_verdicts_status(
+    store: LocalLimits, limits: KeyLimits, tokens: int, refusal: type[LimitExceeded]
+) -> None:
+    assert (await store.admit("k", limits, tokens)).allowed
+    refused = await store.admit("k", limits, tokens)
+    error = refused.error()
+    assert type(error) is refusal
+    assert error.status == refused.status and error.code == refused.code
+    assert error.message == refused.message
 
 
 @pytest.mark.parametrize(
@@ -472,7 +495,7 @@ def test_durations_are_written_as_openai_does(seconds: float, text: str) -> None
     ("seconds", "value"), [(0, "1"), (0.001, "1"), (1, "1"), (1.0001, "2"), (59.2, "60")]
 )
 def test_retry_after_is_whole_seconds_rounded_up_at_least_one(seconds: float, value: str) -> None:
-    assert retry_after_value(seconds) == value
+    assert retry_after(seconds) == value
 
 
 def test_headers_only_for_the_limits_a_key_has() -> None:
