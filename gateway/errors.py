@@ -55,6 +55,7 @@ now, `gateway.config.ConfigError` (the configuration's, beside its schema).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -86,13 +87,13 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
-        self.headers = headers or {}
+        self.headers = dict(headers) if headers else {}
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -177,7 +178,7 @@ class UpstreamRejected(GatewayError):
 
     type = "invalid_request_error"
 
-    def __init__(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+    def __init__(self, status: int, payload: dict[str, Any], headers: Mapping[str, str]) -> None:
         error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
         assert isinstance(error, dict)
         super().__init__(
@@ -259,7 +260,9 @@ class StatusError(GatewayError):
     """An HTTP error the web framework raised with a status the gateway has no class for
     (Starlette's `HTTPException`): its status and wording kept."""
 
-    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message, headers=headers)
         self.status = status
         self.type = "invalid_request_error" if status < 500 else "server_error"

@@ -5,8 +5,9 @@ the same the Redis script does, so the two stores decide alike. States live in a
 bounded by `max_keys`; a state that has nothing to remember (buckets drained, no request in
 flight, nothing used today) is dropped as the map is walked, a couple of entries per request,
 so idle keys expire without a timer. Beyond `max_keys` active keys the least recently used
-is dropped even if it still remembers something (counted in `evicted_active`): keys come
-from the keys file, so this takes a keys file larger than the cap.
+is dropped even if it still remembers something (counted in `evicted_active`, exported as
+`vgate_limits_evicted_active_total`): keys come from the keys file, so this takes a keys
+file larger than the cap.
 """
 
 from __future__ import annotations

@@ -431,7 +431,8 @@ class FailoverLimits:
         self._idle.set()
         self._in_batch = 0
         self._settler: asyncio.Task[None] | None = None
-        # Counted for metrics (read at scrape time): requests decided without Redis...
+        # Counted for metrics (gateway.edge.metrics reads them at scrape time): requests
+        # decided without Redis...
         self.degraded_admits = 0  # ...by this process's own limits (fail-open)
         self.unavailable_refusals = 0  # ...refused with 503 (fail-closed)
         self.dropped_settles = 0  # settles not even tried: max_pending_settles were pending

@@ -25,9 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.asgi import header
 from gateway.config import AdminConfig, ConfigError
 from gateway.edge.auth import KeyRing
 from gateway.errors import AuthenticationError, InvalidRequest, NotFound, clip
+from gateway.wire.headers import bearer_token
 from policies.limits import LimitStore, is_unlimited
 
 logger = logging.getLogger("vgate.keys")
@@ -65,16 +67,16 @@ def admin_routes(
 
     def authorize(request: Request) -> None:
         request.scope["vgate.record"].endpoint = "admin"
-        header = request.headers.get("authorization")
-        if header is None:
+        authorization = header(request.scope, b"authorization")
+        if authorization is None:
             raise AuthenticationError(
                 "Missing admin key: send it as 'Authorization: Bearer <admin key>'.",
                 code="missing_api_key",
             )
-        scheme, _, secret = header.partition(" ")
-        digest = hashlib.sha256(secret.strip().encode()).hexdigest().encode("ascii")
+        secret = bearer_token(authorization)
+        digest = hashlib.sha256(secret or b"").hexdigest().encode("ascii")
         # One configured hash: compare_digest keeps the comparison's time independent of it.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+        if secret is None or not hmac.compare_digest(digest, expected):
             raise AuthenticationError("Incorrect admin key provided.", code="invalid_api_key")
         request.scope["vgate.record"].caller = "admin"
 

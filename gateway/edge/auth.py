@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.config import ConfigError, field_path, read_yaml
 from gateway.errors import AuthenticationError, ModelNotFound, clip
+from gateway.wire.headers import bearer_token
 from policies.guardrails import KeyGuardrails
 from policies.limits import NO_LIMITS, KeyLimits
 
@@ -240,9 +241,8 @@ class KeyRing:
             raise AuthenticationError(
                 "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        scheme, _, secret = authorization.partition(b" ")
-        secret = secret.strip()
-        if scheme.lower() != b"bearer" or not secret:
+        secret = bearer_token(authorization)
+        if secret is None:
             raise AuthenticationError(
                 "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key"
             )

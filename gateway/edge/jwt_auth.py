@@ -40,6 +40,7 @@ from jwt.types import Options
 from gateway.config import JWT_HMAC_ALGORITHMS, ConfigError, JwtConfig
 from gateway.edge.auth import Caller, KeyRing
 from gateway.errors import AuthenticationError
+from gateway.wire.headers import bearer_token
 from policies.background import stop_task
 
 logger = logging.getLogger("vgate.jwt")
@@ -57,14 +58,6 @@ Fetch = Callable[[str, float], bytes]
 def looks_like_jwt(secret: bytes) -> bool:
     """A compact JWS: a base64url JSON header (`{"` encodes as `eyJ`) and three parts."""
     return secret.startswith(b"eyJ") and secret.count(b".") == 2
-
-
-def bearer_token(authorization: bytes | None) -> bytes | None:
-    if authorization is None:
-        return None
-    scheme, _, token = authorization.partition(b" ")
-    token = token.strip()
-    return token if scheme.lower() == b"bearer" and token else None
 
 
 def _invalid(message: str, code: str = "invalid_token") -> AuthenticationError:
@@ -167,7 +160,6 @@ class RemoteKeys:
         self.fetched_at: float | None = None
         self.on_change: Callable[[], None] | None = None  # the key set fetched differs
         self._document = b""
-        self.fetches = 0  # attempts, for tests and the log
         self._attempted_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
@@ -210,7 +202,6 @@ class RemoteKeys:
             await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
 
     async def _fetch(self) -> None:
-        self.fetches += 1
         try:
             document, keys = await asyncio.wait_for(
                 asyncio.to_thread(self._fetch_and_parse), self.timeout_s + 1

@@ -17,6 +17,9 @@ from prometheus_client.registry import Collector
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
+from policies.limits import LimitStore
+from policies.limits_local import LocalLimits
+from policies.limits_redis import FailoverLimits
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -208,6 +211,14 @@ class GatewayMetrics:
         """Client connections open and closed by a bound (edge.connections), at scrape time."""
         self.registry.register(_ConnectionCollector(guard))
 
+    def watch_limits(self, store: LimitStore) -> None:
+        """The per-key limit store's own counters, read at scrape time: this process's
+        (`LocalLimits`), and with Redis what was decided without it (`FailoverLimits`)."""
+        if isinstance(store, FailoverLimits):
+            self.registry.register(_LimitStoreCollector(store.local, store))
+        elif isinstance(store, LocalLimits):
+            self.registry.register(_LimitStoreCollector(store, None))
+
     def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:
         """Each backend's concurrency limit in force, read at scrape time (per backend name)."""
         known = [(name, limit) for name, limit in limits if name in self._backends]
@@ -255,6 +266,46 @@ class _AdmissionCollector(Collector):
         shed.add_metric(["queue_full"], admission.shed_full)
         shed.add_metric(["queue_timeout"], admission.shed_timeout)
         yield shed
+
+
+class _LimitStoreCollector(Collector):
+    def __init__(self, local: LocalLimits, shared: FailoverLimits | None) -> None:
+        self._local = local
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "vgate_limits_evicted_active",
+            "Keys' limit states this process dropped while they still counted something "
+            "(more keys active at once than limits.local_max_keys).",
+            self._local.evicted_active,
+        )
+        shared = self._shared
+        if shared is None:
+            return
+        without = CounterMetricFamily(
+            "vgate_limits_without_redis",
+            "Requests decided while Redis did not answer, by limits.redis_failure: open (by "
+            "this process's own limits) or closed (refused with 503).",
+            labels=["mode"],
+        )
+        without.add_metric(["open"], shared.degraded_admits)
+        without.add_metric(["closed"], shared.unavailable_refusals)
+        yield without
+        lost = CounterMetricFamily(
+            "vgate_limits_settles_lost",
+            "Settles that never reached Redis (their slots are freed when their leases "
+            "end), by reason: dropped (too many pending) or failed (past their deadline).",
+            labels=["reason"],
+        )
+        lost.add_metric(["dropped"], shared.dropped_settles)
+        lost.add_metric(["failed"], shared.lost_settles)
+        yield lost
+        yield GaugeMetricFamily(
+            "vgate_limits_settles_pending",
+            "Settles queued or in flight to Redis.",
+            shared.pending_settles,
+        )
 
 
 class _LimitCollector(Collector):

@@ -20,14 +20,9 @@ from jwt.algorithms import RSAAlgorithm
 
 from gateway.config import ConfigError, GatewayConfig, JwtConfig, load_config
 from gateway.edge.auth import KeyRing, hash_key
-from gateway.edge.jwt_auth import (
-    RemoteKeys,
-    TokenVerifier,
-    bearer_token,
-    looks_like_jwt,
-    parse_jwks,
-)
+from gateway.edge.jwt_auth import RemoteKeys, TokenVerifier, looks_like_jwt, parse_jwks
 from gateway.errors import AuthenticationError
+from gateway.wire.headers import bearer_token
 
 ISSUER = "https://idp.example"
 AUDIENCE = "vgate"

@@ -1,0 +1,52 @@
+"""What /metrics renders of counters other components keep: read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import RedisConfig
+from gateway.edge.metrics import GatewayMetrics
+from policies.limits import KeyLimits
+from policies.limits_local import LocalLimits
+from policies.limits_redis import FailoverLimits, RedisLimits
+from policies.redis_state import create_client
+
+
+def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.render().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_a_local_limit_store_exports_the_active_states_it_dropped() -> None:
+    metrics = GatewayMetrics(models=["m"], backends=["b"])
+    store = LocalLimits(max_keys=1)
+    metrics.watch_limits(store)
+    for key in ("a", "b", "c"):  # each still counts its request when the next one comes
+        assert (await store.admit(key, KeyLimits(rpm=10), 0)).allowed
+    seen = samples(metrics)
+    assert seen[("vgate_limits_evicted_active_total", ())] == 2
+    assert ("vgate_limits_without_redis_total", (("mode", "open"),)) not in seen
+
+
+async def test_a_shared_limit_store_exports_what_it_decided_without_redis() -> None:
+    metrics = GatewayMetrics(models=["m"], backends=["b"])
+    client = create_client(RedisConfig(url="redis://127.0.0.1:1/0", socket_timeout_s=1.0))
+    shared = RedisLimits(client, timeout_s=1.0)
+    store = FailoverLimits(shared, LocalLimits(), mode="closed", settle_deadline_s=0.1)
+    metrics.watch_limits(store)
+    try:
+        refused = await store.admit("k", KeyLimits(rpm=10), 0)  # nothing listens on port 1
+        assert not refused.allowed and refused.status == 503
+        seen = samples(metrics)
+        assert seen[("vgate_limits_without_redis_total", (("mode", "closed"),))] == 1
+        assert seen[("vgate_limits_without_redis_total", (("mode", "open"),))] == 0
+        assert seen[("vgate_limits_settles_lost_total", (("reason", "dropped"),))] == 0
+        assert ("vgate_limits_settles_pending", ()) in seen
+        assert seen[("vgate_limits_evicted_active_total", ())] == 0
+    finally:
+        await store.aclose()
+        await client.aclose()
