@@ -73,7 +73,7 @@ class OpenAICompatibleAdapter:
         self._max_connections = backend.max_connections
         self._connect_timeout_s = connect_timeout_s
         self._limits = upstream = upstream or UpstreamConfig()
-        # Shared by every adapter of the process (gateway.runtime.app); its own when built alone.
+        # Shared by every adapter of the process (gateway.router.build); its own when built alone.
         self._budget = budget or ByteBudget(upstream.max_buffered_bytes)
         # The header block is encoded once; only the request id changes per request.
         headers = b"Content-Type: application/json\r\n"

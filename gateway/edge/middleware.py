@@ -115,6 +115,8 @@ class RequestContextMiddleware:
 
 
 async def send_error(send: Send, error: GatewayError) -> None:
+    """`error` as the whole answer: its status, its `body()` as JSON, its own headers.
+    (Starlette's handler, gateway.edge.dispatch, answers with the same three.)"""
     body = error.body()
     headers = [
         (b"content-type", b"application/json"),
