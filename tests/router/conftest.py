@@ -90,17 +90,16 @@ async def complete(
 class Streamed:
     """A stream as its client received it."""
 
-    body: bytes  # every event, the error event included if it was interrupted
+    body: bytes  # every event up to its end, or to where it was interrupted
     route: str  # as the response's headers name them, fixed when the stream opened
     backend: str
     interrupted: StreamInterrupted | None
 
     @property
     def chunks(self) -> list[dict[str, Any]]:
-        """The data events, parsed; [DONE] and the error event left out."""
+        """The data events, parsed; [DONE] left out."""
         events = [e for e in self.body.split(b"\n\n") if e.startswith(b"data: {")]
-        parsed = [orjson.loads(e[6:]) for e in events]
-        return [p for p in parsed if "error" not in p]
+        return [orjson.loads(e[6:]) for e in events]
 
     @property
     def text(self) -> str:
@@ -125,8 +124,7 @@ async def stream(
             async for events in opened.rest():
                 body.append(events)
         except StreamInterrupted as exc:
-            interrupted = exc
-            body.append(exc.event())
+            interrupted = exc  # the edge would send it as an error event, and no [DONE]
         return Streamed(b"".join(body), opened.route.name, opened.backend.name, interrupted)
     finally:
         opened.close()
