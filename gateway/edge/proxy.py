@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.asgi import (
-    BodyTooLarge,
-    ClientDisconnected,
-    DisconnectWatch,
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-)
+from gateway.asgi import DisconnectWatch, Receive, Scope, Send, header, read_body
 from gateway.edge.auth import Caller, KeyRing
 from gateway.edge.connections import BODY_TIMED_OUT
 from gateway.edge.jwt_auth import TokenVerifier, token_caller
@@ -26,6 +17,8 @@ from gateway.edge.middleware import send_error
 from gateway.edge.record import RequestRecord
 from gateway.errors import (
     AuthenticationError,
+    BodyTooLarge,
+    ClientDisconnected,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,

@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import pybreaker
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    BreakerOpen,
+    GatewayError,
+    UpstreamBroken,
+    UpstreamBufferFull,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.router.backend import Backend
 from gateway.router.outcome import Completion, Outcome
 from gateway.router.plan import Plan
 from gateway.router.route import Route
 from gateway.router.streams import StreamInterrupted, UpstreamStream
 from gateway.wire.assemble import Assembler, Incomplete, can_assemble, streaming_payload
+from gateway.wire.headers import retry_after_seconds
 from gateway.wire.sse import ChunkRecorder, SSEObserver
 from gateway.wire.upstream import (
     MAX_ERROR_BODY_BYTES,
@@ -33,8 +41,7 @@ from gateway.wire.upstream import (
 )
 from gateway.wire.validation import Endpoint, ProxyRequest
 from policies.retry import AttemptFailed
-from providers import UpstreamBroken, UpstreamConnectError, UpstreamResponse
-from providers.base import UpstreamBufferFull, retry_after_seconds
+from providers import UpstreamResponse
 from providers.http1 import ByteBudget
 
 # A backend that refused a connection sits out this long; nothing was sent to it, so
@@ -291,7 +298,7 @@ def blame(backend: Backend, failure: AttemptFailed) -> None:
     try:
         with backend.breaker.attempt():
             raise failure
-    except (AttemptFailed, pybreaker.CircuitBreakerError):
+    except (AttemptFailed, BreakerOpen):
         pass
 
 

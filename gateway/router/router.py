@@ -12,9 +12,14 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TypeVar
 
-import pybreaker
-
-from gateway.errors import ContextTooLong, GatewayError, ModelNotFound, NoLiveBackend, clip
+from gateway.errors import (
+    BreakerOpen,
+    ContextTooLong,
+    GatewayError,
+    ModelNotFound,
+    NoLiveBackend,
+    clip,
+)
 from gateway.router import exchange
 from gateway.router.backend import Backend
 from gateway.router.exchange import AnswerBounds
@@ -240,13 +245,10 @@ class Router:
             outcome.attempts += 1
             try:
                 return await once(route, backend, deadline)
-            except pybreaker.CircuitBreakerError:
+            except BreakerOpen as refused:
                 # Opened between selection and the attempt: skip it, no fault of its own.
                 raise AttemptFailed(
-                    NoLiveBackend(f"Backend '{backend.name}' is not taking requests."),
-                    backend=backend.name,
-                    retryable=True,
-                    backend_fault=False,
+                    refused, backend=backend.name, retryable=True, backend_fault=False
                 ) from None
             except AttemptFailed as failure:
                 failures.append(failure)

@@ -11,14 +11,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamBroken
 from gateway.router.backend import Backend
 from gateway.router.outcome import Outcome
 from gateway.router.readtimer import ReadTimer
 from gateway.router.route import Route
 from gateway.wire.sse import DONE_EVENT, SSEObserver, error_event
 from policies.resume import Diverged, Splice, Transcript
-from providers import UpstreamBroken, UpstreamResponse
+from providers import UpstreamResponse
 
 if TYPE_CHECKING:
     from gateway.router.plan import Plan
@@ -33,7 +33,7 @@ class StreamInterrupted(GatewayError):
     """A stream broke after its first byte reached the client."""
 
     def event(self) -> bytes:
-        return error_event(self.payload())
+        return error_event(self)
 
 
 class ResumeFailed(Exception):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import WorkerConfig
-from providers.base import UpstreamBroken, UpstreamConnectError
+from gateway.errors import UpstreamBroken, UpstreamConnectError
 from providers.http1 import ConnectionPool
 
 logger = logging.getLogger("vgate.supervisor")
