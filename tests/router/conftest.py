@@ -60,6 +60,11 @@ def route(name: str, *backends: str | BackendConfig, **fields: Any) -> ModelRout
     return ModelRoute(name=name, backends=listed, **settings)
 
 
+def gateway_config(*routes: ModelRoute, server: ServerConfig | None = None) -> GatewayConfig:
+    keys = KeysConfig(file=Path("unread-keys.yaml"))  # the router reads no keys
+    return GatewayConfig(models=routes, server=server or ServerConfig(), keys=keys)
+
+
 def make_router(
     fakes: FakeAdapters,
     *routes: ModelRoute,
@@ -67,9 +72,7 @@ def make_router(
     hooks: RouterHooks | None = None,
 ) -> Router:
     """The router these routes make, every backend's adapter the fake of its name."""
-    keys = KeysConfig(file=Path("unread-keys.yaml"))  # the router reads no keys
-    config = GatewayConfig(models=routes, server=server or ServerConfig(), keys=keys)
-    return build_router(config, adapters=fakes, hooks=hooks)
+    return build_router(gateway_config(*routes, server=server), adapters=fakes, hooks=hooks)
 
 
 def chat(model: str = "m", *, stream: bool = False, **fields: Any) -> ProxyRequest:

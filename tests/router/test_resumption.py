@@ -68,7 +68,9 @@ async def test_a_broken_stream_is_continued_from_a_prefill(fakes: FakeAdapters) 
     router = resuming_router(fakes, resumptions)
     outcome = Outcome()
     request = chat(stream=True, max_tokens=60, stream_options={"include_usage": True})
+    sent_by_client = orjson.loads(orjson.dumps(request.payload))
     streamed = await stream(router, request, outcome)
+    assert request.payload == sent_by_client  # the prefill is a copy
     assert streamed.interrupted is None and streamed.done
     assert streamed.text == "Rivers run to the sea"
     chunks = streamed.chunks
