@@ -27,7 +27,8 @@ from typing import Any
 
 import orjson
 
-DONE_EVENT = b"data: [DONE]\n\n"
+from gateway.wire.sse import DONE_EVENT, is_done
+
 # Deltas whose content cannot be replayed as plain assistant text.
 _UNREPLAYABLE_DELTA_KEYS = ("tool_calls", "function_call", "reasoning_content", "reasoning")
 
@@ -147,7 +148,7 @@ class Splice:
         for event in events.split(b"\n\n"):
             if not event:
                 continue
-            if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+            if is_done(event):
                 if self._pending:
                     raise Diverged("the new answer ended before it reached the delivered text")
                 out.append(DONE_EVENT)
