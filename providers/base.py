@@ -1,6 +1,7 @@
 """What every adapter offers the router: the seam between it and one upstream API.
 
-How an exchange can fail is `gateway.errors.TransportError` (and `UpstreamBufferFull`).
+An exchange that fails raises a `gateway.errors.TransportError` (`UpstreamConnectError`,
+`UpstreamBroken`), or `UpstreamBufferFull` where the process holds all it may.
 """
 
 from __future__ import annotations
@@ -8,9 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-# Transitional, for the router and providers/__init__.py until they import these from
-# gateway.errors and gateway.wire.headers, where they live now (issue 10); then drop.
-from gateway.errors import UpstreamBroken, UpstreamBufferFull, UpstreamConnectError  # noqa: F401
+# Transitional, for tests/e2e/test_upstream_hardening.py until it imports them from
+# gateway.wire.headers, where they live now (issue 10); then drop.
 from gateway.wire.headers import RETRY_AFTER_MAX_S, retry_after_seconds  # noqa: F401
 
 
