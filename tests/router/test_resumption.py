@@ -224,3 +224,25 @@ async def test_a_completions_stream_is_resumed_by_regenerating(
     # A prefill continues a chat's assistant message: a completion has none.
     assert resumptions == [("m", "regenerate", "resumed")]
     assert fakes["w2"].requests[0].body["prompt"] == "rivers"
+
+
+async def test_an_unparseable_event_is_dropped_and_counted_not_resumed(
+    fakes: FakeAdapters,
+) -> None:
+    fakes["w1"].add(
+        Events(
+            [
+                chat_chunk(role=True),
+                chat_chunk("Rivers "),
+                b"data: {garbage\n\n",
+                *answer("run").items[1:],
+            ]
+        )
+    )
+    router = make_router(fakes, route("m", "w1", "w2"))
+    outcome = Outcome()
+    streamed = await stream(router, chat(stream=True), outcome)
+    assert streamed.text == "Rivers run" and streamed.done
+    assert b"garbage" not in streamed.body  # it would break the client's parser
+    assert (outcome.dropped_events, outcome.resumptions) == (1, 0)
+    assert not fakes["w2"].requests
