@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.errors import ConfigError
+
 ENV_PREFIX = "VGATE_"
 
 
@@ -35,17 +37,6 @@ MAX_PATTERN_CHARS = 1000
 # The global cap on `n` (and `best_of`) unless the config says otherwise: room for sampling
 # several answers to pick from, not for one request to occupy a worker's every sequence slot.
 DEFAULT_MAX_N = 16
-
-
-class ConfigError(Exception):
-    """A configuration problem: which file, which field, and why."""
-
-    def __init__(self, source: str, field: str, reason: str) -> None:
-        self.source = source
-        self.field = field
-        self.reason = reason
-        where = f"{source}: {field}" if field else source
-        super().__init__(f"{where}: {reason}")
 
 
 class _Frozen(BaseModel):

@@ -23,8 +23,8 @@
     │   │   └── LimitsUnavailable     the keys' limits cannot be checked (failing closed)
     │   ├── UpstreamTimeout           504 timeout
     │   ├── StatusError               a status the web framework chose (status given)
-    │   └── (StreamInterrupted)       a stream broke after its first byte (the router's,
-    │                                 to move here): told as an error event, not a status
+    │   └── StreamInterrupted         a stream broke after its first byte: told as an
+    │                                 error event, since its status (200) is already sent
     ├── TransportError                the upstream exchange failed below HTTP: the router
     │   │                             words it as an UpstreamError or UpstreamTimeout
     │   ├── UpstreamConnectError      nothing reached the upstream (`timed_out` says why)
@@ -33,7 +33,8 @@
     │       └── MalformedStream       the upstream's event stream is not one
     ├── ClientDisconnected            the client left before its whole request arrived
     ├── BodyTooLarge                  a request body passed the limit it was read under
-    └── MissingCredential             a backend's API key is not in the environment (start-up)
+    ├── MissingCredential             a backend's API key is not in the environment (start-up)
+    └── ConfigError                   the configuration is wrong: its file, field and reason
 
 A `GatewayError`'s status, type and default code are its class's. Only the two classes
 whose status comes from outside take it in their constructor (`UpstreamRejected`,
@@ -49,8 +50,7 @@ TLS and httptools' parse errors become `TransportError`s (`providers.http1`).
 Outside the tree, on purpose: control-flow signals that never reach a client as themselves
 (`policies.retry.AttemptFailed`, which carries the `GatewayError` to tell if no attempt
 succeeds; `policies.resume.Diverged`; `gateway.wire.assemble.Incomplete`), the simulated
-worker's vLLM-shaped errors (`chaos.sim.protocol.HTTPError`: another server's), and, for
-now, `gateway.config.ConfigError` (the configuration's, beside its schema).
+worker's vLLM-shaped errors (`chaos.sim.protocol.HTTPError`: another server's).
 """
 
 from __future__ import annotations
@@ -268,6 +268,11 @@ class StatusError(GatewayError):
         self.type = "invalid_request_error" if status < 500 else "server_error"
 
 
+class StreamInterrupted(GatewayError):
+    """A stream broke after its first byte reached the client: its 200 is sent, so the
+    client is told with an error event (`gateway.wire.sse.error_event`) and no [DONE]."""
+
+
 # -- The upstream exchange, below HTTP ----------------------------------------------------
 
 
@@ -315,3 +320,17 @@ class BodyTooLarge(Exception):
 class MissingCredential(Exception):
     """The environment variable that should hold a backend's API key is unset or empty.
     The runtime reports it as a configuration error naming the field."""
+
+
+# -- What start-up is told ---------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration problem: which file, which field, and why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        self.source = source
+        self.field = field
+        self.reason = reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")

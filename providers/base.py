@@ -9,10 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-# Transitional, for tests/e2e/test_upstream_hardening.py until it imports them from
-# gateway.wire.headers, where they live now (issue 10); then drop.
-from gateway.wire.headers import RETRY_AFTER_MAX_S, retry_after_seconds  # noqa: F401
-
 
 class UpstreamResponse(Protocol):
     status: int

@@ -26,9 +26,10 @@ import orjson
 
 from gateway.config import BackendConfig, Timeouts, UpstreamConfig
 from gateway.errors import UpstreamBroken, UpstreamConnectError
+from gateway.wire.sse import DONE_EVENT
 from providers.http1 import ByteBudget
 
-DONE = b"data: [DONE]\n\n"
+DONE = DONE_EVENT  # the stream's last event, as scripts write it
 
 
 @dataclass(frozen=True, slots=True)

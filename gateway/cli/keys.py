@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 
-from gateway.config import ConfigError, load_config
+from gateway.config import load_config
 from gateway.edge.auth import hash_key, new_secret, read_keys_file
 from gateway.edge.keyfile import add_key
+from gateway.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

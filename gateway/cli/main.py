@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import ConfigError, GatewayConfig, ServerConfig, load_config
+from gateway.config import GatewayConfig, ServerConfig, load_config
+from gateway.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

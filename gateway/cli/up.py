@@ -28,7 +28,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from gateway.config import ConfigError, GatewayConfig, ServerConfig
+from gateway.config import GatewayConfig, ServerConfig
+from gateway.errors import ConfigError
 from gateway.runtime.app import create_app
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.supervisor import Supervisor, WorkerStartError, port_problem

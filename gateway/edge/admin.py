@@ -26,9 +26,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.asgi import header
-from gateway.config import AdminConfig, ConfigError
+from gateway.config import AdminConfig
 from gateway.edge.auth import KeyRing
-from gateway.errors import AuthenticationError, InvalidRequest, NotFound, clip
+from gateway.errors import AuthenticationError, ConfigError, InvalidRequest, NotFound, clip
 from gateway.wire.headers import bearer_token
 from policies.limits import LimitStore, is_unlimited
 

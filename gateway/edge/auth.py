@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.config import ConfigError, field_path, read_yaml
-from gateway.errors import AuthenticationError, ModelNotFound, clip
+from gateway.config import field_path, read_yaml
+from gateway.errors import AuthenticationError, ConfigError
 from gateway.wire.headers import bearer_token
 from policies.guardrails import KeyGuardrails
 from policies.limits import NO_LIMITS, KeyLimits
@@ -53,17 +53,6 @@ class Caller:
     models: frozenset[str] | None = None
     limits: KeyLimits = NO_LIMITS
     guardrails: KeyGuardrails | None = None  # None: only the global guardrails apply
-
-    def model_not_found(self, model: str) -> ModelNotFound:
-        """For a key limited to some models: one answer for a model that does not exist and
-        for one the key may not use, naming only the key's own models, so that the key learns
-        nothing about the others (not even whether they exist)."""
-        assert self.models is not None
-        return ModelNotFound(
-            f"The model '{clip(model)}' does not exist or this API key may not use it. "
-            f"Models this key may use: {', '.join(sorted(self.models)) or 'none'}.",
-            param="model",
-        )
 
 
 class _Limits(BaseModel):

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.edge.proxy import ProxyEndpoint
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, clip
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, StatusError, clip
 
 
 class Edge:
@@ -43,26 +43,24 @@ class Edge:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: GatewayError
+    headers = dict(exc.headers or {})  # 405's Allow
     if exc.status_code == 404:
-        error = NotFound(f"Unknown path {clip(request.scope['path'])}.")
+        error = NotFound(f"Unknown path {clip(request.scope['path'])}.", headers=headers)
     elif exc.status_code == 405:
         error = MethodNotAllowed(
-            f"Method {clip(request.method, 20)} is not allowed on {clip(request.scope['path'])}."
+            f"Method {clip(request.method, 20)} is not allowed on {clip(request.scope['path'])}.",
+            headers=headers,
         )
     else:
-        error = GatewayError(exc.detail)
-        error.status = exc.status_code
-    return await gateway_error(request, error, extra_headers=exc.headers)
+        error = StatusError(exc.status_code, exc.detail, headers=headers)
+    return await gateway_error(request, error)
 
 
-async def gateway_error(
-    request: Request, exc: Exception, extra_headers: Mapping[str, str] | None = None
-) -> Response:
+async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     record = request.scope.get("vgate.record")
     if record is not None:
         record.error = exc.code or exc.type
-    headers = {**exc.headers, **(extra_headers or {})}
     return Response(
-        exc.body(), status_code=exc.status, headers=headers, media_type="application/json"
+        exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json"
     )

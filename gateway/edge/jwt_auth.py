@@ -37,9 +37,9 @@ import orjson
 from jwt import PyJWK
 from jwt.types import Options
 
-from gateway.config import JWT_HMAC_ALGORITHMS, ConfigError, JwtConfig
+from gateway.config import JWT_HMAC_ALGORITHMS, JwtConfig
 from gateway.edge.auth import Caller, KeyRing
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, ConfigError
 from gateway.wire.headers import bearer_token
 from policies.background import stop_task
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from gateway.config import ConfigError
 from gateway.edge.auth import KeyRing, parse_keys
+from gateway.errors import ConfigError
 from policies.background import stop_task
 
 logger = logging.getLogger("vgate.keys")

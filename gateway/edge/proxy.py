@@ -22,8 +22,10 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
+    StreamInterrupted,
 )
-from gateway.router import Call, Outcome, Plan, Router, StreamInterrupted
+from gateway.router import Call, Outcome, Plan, Router
+from gateway.wire.sse import error_event
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
 from policies.guardrails import Guardrails
@@ -229,7 +231,7 @@ class ProxyEndpoint:
             except StreamInterrupted as interrupted:
                 # Never a clean-looking end: an error event, and no [DONE].
                 record.error = interrupted.code
-                await send({"type": "http.response.body", "body": interrupted.event()})
+                await send({"type": "http.response.body", "body": error_event(interrupted)})
                 return True
             await send({"type": "http.response.body", "body": b""})
             return False

@@ -13,7 +13,7 @@ from gateway.router.outcome import Completion, Outcome
 from gateway.router.plan import Call, Plan
 from gateway.router.route import Decision, Route
 from gateway.router.router import Router
-from gateway.router.streams import ClientStream, StreamInterrupted
+from gateway.router.streams import ClientStream
 
 __all__ = [
     "AnswerBounds",
@@ -27,5 +27,4 @@ __all__ = [
     "Route",
     "Router",
     "RouterHooks",
-    "StreamInterrupted",
 ]

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.config import (
-    BackendConfig,
-    ConfigError,
-    GatewayConfig,
-    RetryConfig,
-    ServerConfig,
-)
-from gateway.errors import MissingCredential
+from gateway.config import BackendConfig, GatewayConfig, RetryConfig, ServerConfig
+from gateway.errors import ConfigError, MissingCredential
 from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission

@@ -17,6 +17,7 @@ import orjson
 from gateway.errors import (
     BreakerOpen,
     GatewayError,
+    StreamInterrupted,
     UpstreamBroken,
     UpstreamBufferFull,
     UpstreamConnectError,
@@ -27,7 +28,7 @@ from gateway.router.backend import Backend
 from gateway.router.outcome import Completion, Outcome
 from gateway.router.plan import Plan
 from gateway.router.route import Route
-from gateway.router.streams import StreamInterrupted, UpstreamStream
+from gateway.router.streams import UpstreamStream
 from gateway.wire.assemble import Assembler, Incomplete, can_assemble, streaming_payload
 from gateway.wire.headers import retry_after_seconds
 from gateway.wire.sse import ChunkRecorder, SSEObserver

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from gateway.config import ModelRoute, Timeouts
 from gateway.errors import NoLiveBackend
 from gateway.router.backend import Backend
+from gateway.wire.headers import retry_after
 from policies.affinity import key_hash
 from policies.retry import RetryPolicy
 from policies.selection import Selector, create_selector
@@ -67,7 +67,7 @@ class Route:
                     f"Backend '{pin.name}', which this request is pinned to, is not taking "
                     "requests: failing its health checks, refusing connections, at its "
                     "in-flight limit, or behind an open circuit breaker.",
-                    headers={"Retry-After": str(self._retry_in(now))},
+                    headers={"Retry-After": retry_after(self._retry_in(now))},
                 )
             if decisions is not None:
                 decisions.append(Decision(self, state, key, pin.name, loads, pin.name, "pin"))
@@ -94,14 +94,14 @@ class Route:
                 f"No live backend for model '{self.name}': every backend is failing its "
                 "health checks, refusing connections, at its in-flight limit, or behind an "
                 "open circuit breaker.",
-                headers={"Retry-After": str(self._retry_in(now))},
+                headers={"Retry-After": retry_after(self._retry_in(now))},
             )
         return backends[index]
 
-    def _retry_in(self, now: float) -> int:
+    def _retry_in(self, now: float) -> float:
+        """When a backend of the route may take requests again, as far as is known."""
         waits = [max(b.ejected_until - now, 0.0) for b in self.backends if b.ejected_until > now]
-        waits.append(self.config.breaker.open_s if not waits else min(waits))
-        return max(1, math.ceil(min(waits)))
+        return min(waits) if waits else self.config.breaker.open_s
 
 
 @dataclass(slots=True)

@@ -11,12 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import GatewayError, UpstreamBroken
+from gateway.errors import StreamInterrupted, UpstreamBroken
 from gateway.router.backend import Backend
 from gateway.router.outcome import Outcome
 from gateway.router.readtimer import ReadTimer
 from gateway.router.route import Route
-from gateway.wire.sse import DONE_EVENT, SSEObserver, error_event
+from gateway.wire.sse import DONE_EVENT, SSEObserver
 from policies.resume import Diverged, Splice, Transcript
 from providers import UpstreamResponse
 
@@ -27,13 +27,6 @@ if TYPE_CHECKING:
 # What the router does when the client's stream closes: settle its outcome, free its slot.
 Finish = Callable[["ClientStream"], None]
 DIVERGED = "stream_resume_diverged"
-
-
-class StreamInterrupted(GatewayError):
-    """A stream broke after its first byte reached the client."""
-
-    def event(self) -> bytes:
-        return error_event(self)
 
 
 class ResumeFailed(Exception):

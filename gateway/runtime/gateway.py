@@ -114,6 +114,10 @@ class Gateway:
         keys.on_reload = lambda ring: usage.retain(ring.ids())
         # The client connects on first use: building it here neither blocks nor fails.
         redis = create_client(config.redis) if config.redis.url is not None else None
+        limits = create_limits(
+            config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
+        )
+        metrics.watch_limits(limits)
         return cls(
             config=config,
             keys=keys,
@@ -125,9 +129,7 @@ class Gateway:
             tracer=Tracer(config.tracing) if config.tracing.enabled else None,
             redis=redis,
             breaker_sync=_breaker_sync(config.redis, redis, router, metrics),
-            limits=create_limits(
-                config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
-            ),
+            limits=limits,
             guardrails=_guardrails(config.guardrails),
             usage=usage,
             admin_key_sha256=admin_key,

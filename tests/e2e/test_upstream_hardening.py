@@ -23,8 +23,8 @@ import orjson
 import pytest
 
 from gateway.config import BackendConfig, UpstreamConfig
-from providers import UpstreamBroken
-from providers.base import RETRY_AFTER_MAX_S, retry_after_seconds
+from gateway.errors import UpstreamBroken
+from gateway.wire.headers import RETRY_AFTER_MAX_S, retry_after_seconds
 from providers.http1 import ByteBudget
 from providers.vllm import VLLMAdapter
 from tests.fake_upstream import (

@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import ConfigError, LimitsConfig, load_config
-from gateway.errors import LimitExceeded, LimitsUnavailable, QuotaExceeded, TokenLimitExceeded
+from gateway.config import LimitsConfig, load_config
+from gateway.errors import (
+    ConfigError,
+    LimitExceeded,
+    LimitsUnavailable,
+    QuotaExceeded,
+    TokenLimitExceeded,
+)
 from gateway.wire.headers import retry_after
 from policies.limits import (
     ALLOWED,

@@ -24,7 +24,8 @@ from gateway.config import (
     ServerConfig,
     Timeouts,
 )
-from gateway.router import Call, Completion, Outcome, Router, RouterHooks, StreamInterrupted
+from gateway.errors import StreamInterrupted
+from gateway.router import Call, Completion, Outcome, Router, RouterHooks
 from gateway.router.build import build_router
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from providers.fake import FakeAdapters

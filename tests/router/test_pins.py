@@ -89,6 +89,10 @@ async def test_a_caller_limited_to_some_models_cannot_tell_others_from_missing_o
         messages.append(caught.value.message.replace(model, "X"))
     assert messages[0] == messages[1]  # the same words for both
     assert "allowed" in messages[0] and "secret" not in messages[0]
+    assert messages[0].endswith("Models this key may use: allowed.")
+    with pytest.raises(ModelNotFound) as long_name:
+        router.plan(chat("secret-model" + "x" * 500), call)
+    assert len(long_name.value.message) < 250  # the name asked for is clipped, as everywhere
     # An alias of a model it may use is that model.
     assert (await complete(router, chat("nickname"), Outcome(), call)).route == "allowed"
     assert not fakes["s1"].requests

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import ConfigError, default_config_path, load_config
+from gateway.config import default_config_path, load_config
+from gateway.errors import ConfigError
 
 MINIMAL = {
     "keys": {"file": "keys.yaml"},

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.config import DEFAULT_MAX_N, ConfigError, GuardrailsConfig, check_pattern
+from gateway.config import DEFAULT_MAX_N, GuardrailsConfig, check_pattern
 from gateway.edge.auth import KeyRing, hash_key
-from gateway.errors import InvalidRequest
+from gateway.errors import ConfigError, InvalidRequest
 from gateway.wire.validation import Endpoint, measure_prompt, parse_request
 from policies.guardrails import (
     Guardrails,

@@ -18,10 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.config import ConfigError, GatewayConfig, JwtConfig, load_config
+from gateway.config import GatewayConfig, JwtConfig, load_config
 from gateway.edge.auth import KeyRing, hash_key
 from gateway.edge.jwt_auth import RemoteKeys, TokenVerifier, looks_like_jwt, parse_jwks
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, ConfigError
 from gateway.wire.headers import bearer_token
 
 ISSUER = "https://idp.example"

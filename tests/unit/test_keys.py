@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import ConfigError
 from gateway.edge.auth import NO_LIMITS, KeyLimits, KeyRing, hash_key, new_secret, read_keys_file
 from gateway.edge.keyfile import KeyFileWatcher, add_key
 from gateway.edge.record import RequestRecord
 from gateway.edge.usage import KeyUsage
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, ConfigError
 from policies.guardrails import KeyGuardrails
 
 MODELS = {"tiny-llama": "tiny-llama", "default": "tiny-llama", "tiny-embed": "tiny-embed"}

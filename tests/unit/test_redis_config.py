@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
 from gateway.runtime.gateway import Gateway
 from tests.servers import KEYS_FILE, RedisServer, free_port, start_redis
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.config import BackendConfig, ConfigError, GatewayConfig, Timeouts, UpstreamConfig
-from gateway.errors import MissingCredential
+from gateway.config import BackendConfig, GatewayConfig, Timeouts, UpstreamConfig
+from gateway.errors import ConfigError, MissingCredential
 from gateway.runtime.gateway import Gateway
 from providers import Adapter, UpstreamResponse
 from providers.http1 import ByteBudget

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import ConfigError, WorkerConfig, load_config
+from gateway.config import WorkerConfig, load_config
+from gateway.errors import ConfigError
 from gateway.runtime import supervisor as supervisor_module
 from gateway.runtime.supervisor import (
     Supervisor,
