@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from enum import IntEnum
 
+from gateway.config import AdaptiveConcurrencyConfig
+
 WARMUP_SAMPLES = 10
 
 
@@ -76,6 +78,17 @@ class AdaptiveLimit:
         "max_limit",
         "min_limit",
     )
+
+    @classmethod
+    def from_config(cls, settings: AdaptiveConcurrencyConfig, ceiling: int) -> AdaptiveLimit:
+        """Within the backend's own limit, `ceiling`."""
+        return cls(
+            max_limit=ceiling,
+            min_limit=settings.min_limit,
+            initial_limit=settings.initial_limit or min(20, ceiling),
+            tolerance=settings.tolerance,
+            long_window=settings.long_window,
+        )
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import IntEnum
 
+from gateway.config import ServerConfig
 from gateway.errors import Overloaded
 from gateway.wire.headers import retry_after
 
@@ -24,6 +25,15 @@ class Priority(IntEnum):
 
 
 class Admission:
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> Admission:
+        """The gateway-wide bound on requests upstream at once, and the queue before it."""
+        return cls(
+            limit=server.max_in_flight,
+            max_waiting=server.queue_max_waiting,
+            timeout_s=server.queue_timeout_s,
+        )
+
     def __init__(self, *, limit: int, max_waiting: int, timeout_s: float) -> None:
         self.limit = limit
         self.max_waiting = max_waiting

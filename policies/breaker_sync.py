@@ -42,6 +42,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from gateway.config import RedisConfig
 from policies.breaker import CLOSED, BackendBreaker
 from policies.redis_state import REDIS_ERRORS, RedisHealth, describe
 
@@ -77,6 +78,25 @@ def default_origin() -> str:
 
 class BreakerSync:
     """Keeps the given breakers' state in step with every other process using `redis`."""
+
+    @classmethod
+    def from_config(
+        cls,
+        redis: Redis,
+        breakers: Iterable[BackendBreaker],
+        settings: RedisConfig,
+        *,
+        health: RedisHealth | None = None,
+        on_applied: Callable[[str, str], None] | None = None,
+    ) -> BreakerSync:
+        return cls(
+            redis,
+            breakers,
+            key_prefix=settings.key_prefix,
+            timeout_s=settings.socket_timeout_s,
+            health=health,
+            on_applied=on_applied,
+        )
 
     def __init__(
         self,

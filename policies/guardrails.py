@@ -46,6 +46,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from gateway.config import GuardrailsConfig
 from gateway.errors import InvalidRequest
 from gateway.wire.validation import Endpoint, ProxyRequest
 
@@ -86,6 +87,10 @@ class Guardrails:
     """The global guardrails (from the config) applied with one key's own (from its entry)."""
 
     __slots__ = ("_patterns", "active", "max_input_bytes", "max_n")
+
+    @classmethod
+    def from_config(cls, rails: GuardrailsConfig) -> Guardrails:
+        return cls(rails.deny_patterns, rails.max_input_bytes, rails.max_n)
 
     def __init__(
         self,

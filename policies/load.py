@@ -32,6 +32,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from gateway.config import LoadScrapeConfig
 from policies.background import stop_task
 
 logger = logging.getLogger("vgate.load")
@@ -136,6 +137,17 @@ class LoadScraper:
     gauges) is tried again only after `absent_retry_s`. A failing scrape leaves the last
     report in place until it is `stale_after` intervals old.
     """
+
+    @classmethod
+    def from_config(cls, targets: Sequence[ScrapeTarget], scrape: LoadScrapeConfig) -> LoadScraper:
+        return cls(
+            targets,
+            interval_s=scrape.interval_s,
+            timeout_s=scrape.timeout_s,
+            stale_after=scrape.stale_after,
+            max_concurrency=scrape.max_concurrency,
+            absent_retry_s=scrape.absent_retry_s,
+        )
 
     def __init__(
         self,

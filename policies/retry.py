@@ -88,6 +88,12 @@ class RetryBudget:
 
 
 class RetryPolicy:
+    @classmethod
+    def from_config(cls, config: RetryConfig) -> RetryPolicy:
+        """The route's policy with a budget of its own."""
+        budget = RetryBudget(config.budget_ratio, config.budget_window_s, config.budget_min_per_s)
+        return cls(config, budget)
+
     def __init__(self, config: RetryConfig, budget: RetryBudget) -> None:
         self.config = config
         self.budget = budget

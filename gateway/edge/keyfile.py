@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from gateway.config import KeysConfig
 from gateway.edge.auth import KeyRing, parse_keys
 from gateway.errors import ConfigError
 from policies.background import stop_task
@@ -160,6 +161,10 @@ def _replace(path: Path, text: str, mode: int) -> None:
 
 class KeyFileWatcher:
     """Reloads `keys` whenever its file changes on disk, checking every `interval_s`."""
+
+    @classmethod
+    def from_config(cls, keys: KeyRing, settings: KeysConfig) -> KeyFileWatcher:
+        return cls(keys, settings.reload_interval_s)
 
     def __init__(self, keys: KeyRing, interval_s: float) -> None:
         self.keys = keys

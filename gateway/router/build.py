@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.config import BackendConfig, GatewayConfig, RetryConfig, ServerConfig
+from gateway.config import BackendConfig, GatewayConfig
 from gateway.errors import ConfigError, MissingCredential
 from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker
-from policies.retry import RetryBudget, RetryPolicy
+from policies.retry import RetryPolicy
 from providers import AdapterFactory, create_adapter
 from providers.http1 import ByteBudget
 
@@ -42,13 +42,13 @@ def build_router(
                 )
                 for b in range(len(model.backends))
             ],
-            _retry_policy(model.retries),
+            RetryPolicy.from_config(model.retries),
         )
         for m, model in enumerate(config.models)
     ]
     return Router(
         routes,
-        admission=_admission(config.server),
+        admission=Admission.from_config(config.server),
         answers=AnswerBounds(config.upstream.max_body_bytes, budget),
         hooks=hooks,
     )
@@ -83,24 +83,4 @@ def _limiter(backend: BackendConfig, source: str, field: str) -> AdaptiveLimit |
     ceiling = backend.max_in_flight or backend.max_connections
     if adaptive.min_limit > ceiling:
         raise ConfigError(source, f"{field}.min_limit", f"exceeds the backend's limit of {ceiling}")
-    return AdaptiveLimit(
-        max_limit=ceiling,
-        min_limit=adaptive.min_limit,
-        initial_limit=adaptive.initial_limit or min(20, ceiling),
-        tolerance=adaptive.tolerance,
-        long_window=adaptive.long_window,
-    )
-
-
-def _retry_policy(config: RetryConfig) -> RetryPolicy:
-    budget = RetryBudget(config.budget_ratio, config.budget_window_s, config.budget_min_per_s)
-    return RetryPolicy(config, budget)
-
-
-def _admission(server: ServerConfig) -> Admission:
-    """The gateway-wide bound on requests upstream at once, and the queue before it."""
-    return Admission(
-        limit=server.max_in_flight,
-        max_waiting=server.queue_max_waiting,
-        timeout_s=server.queue_timeout_s,
-    )
+    return AdaptiveLimit.from_config(adaptive, ceiling)

@@ -28,7 +28,7 @@ from typing import BinaryIO, Protocol
 
 from redis.asyncio import Redis
 
-from gateway.config import GatewayConfig, GuardrailsConfig, LoadScrapeConfig, RedisConfig
+from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig
 from gateway.edge.accesslog import AccessLog
 from gateway.edge.admin import admin_key_hash
 from gateway.edge.auth import KeyRing
@@ -130,10 +130,10 @@ class Gateway:
             redis=redis,
             breaker_sync=_breaker_sync(config.redis, redis, router, metrics),
             limits=limits,
-            guardrails=_guardrails(config.guardrails),
+            guardrails=Guardrails.from_config(config.guardrails),
             usage=usage,
             admin_key_sha256=admin_key,
-            key_watcher=KeyFileWatcher(keys, config.keys.reload_interval_s),
+            key_watcher=KeyFileWatcher.from_config(keys, config.keys),
             connections=connections,
             tokens=tokens,
         )
@@ -247,14 +247,7 @@ def _load_scraper(scrape: LoadScrapeConfig, router: Router) -> LoadScraper | Non
     ]
     if not scrape.enabled or not targets:
         return None
-    return LoadScraper(
-        targets,
-        interval_s=scrape.interval_s,
-        timeout_s=scrape.timeout_s,
-        stale_after=scrape.stale_after,
-        max_concurrency=scrape.max_concurrency,
-        absent_retry_s=scrape.absent_retry_s,
-    )
+    return LoadScraper.from_config(targets, scrape)
 
 
 def _breaker_sync(
@@ -264,18 +257,13 @@ def _breaker_sync(
     (built here, it connects only when started, and never blocks a request)."""
     if redis is None:
         return None
-    return BreakerSync(
+    return BreakerSync.from_config(
         redis,
         [b.breaker for b in router.backends if b.breaker.config.shared],
-        key_prefix=settings.key_prefix,
-        timeout_s=settings.socket_timeout_s,
+        settings,
         health=RedisHealth("breaker", metrics.redis_changed),
         on_applied=metrics.breaker_applied,
     )
-
-
-def _guardrails(rails: GuardrailsConfig) -> Guardrails:
-    return Guardrails(rails.deny_patterns, rails.max_input_bytes, rails.max_n)
 
 
 def _in_flight_of(backend: Backend) -> Callable[[], int]:
