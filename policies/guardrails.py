@@ -42,6 +42,7 @@ quantifiers; the input size cap (or the body limit) bounds the text they run on.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -104,13 +105,16 @@ class Guardrails:
         # Whether any request needs looking at regardless of its key: the hot path's test.
         self.active = bool(self._patterns) or max_input_bytes is not None or max_n is not None
 
-    def check(self, request: ProxyRequest, key: KeyGuardrails | None) -> None:
-        """Raise `InvalidRequest` if `request` breaks a guardrail; may set the token cap."""
+    def check(self, request: ProxyRequest, key: KeyGuardrails | None) -> ProxyRequest:
+        """`request` as the gateway sends it on: the same, or, for a key with a token cap
+        whose request names no limit, a copy asking for the cap. Raises `InvalidRequest`
+        if it breaks a guardrail. The client's own payload is never changed."""
+        checked = request
         limit = self.max_input_bytes
         max_n = self.max_n
         if key is not None:
             if key.max_tokens is not None and request.endpoint is not _EMBEDDINGS:
-                _cap_tokens(request, key.max_tokens)
+                checked = _cap_tokens(request, key.max_tokens)
             if key.max_input_bytes is not None:
                 limit = key.max_input_bytes
             if key.max_n is not None:
@@ -118,7 +122,7 @@ class Guardrails:
         if max_n is not None and request.endpoint is not _EMBEDDINGS:
             _cap_choices(request, max_n, key is not None and key.max_n is not None)
         if limit is None and not self._patterns:
-            return
+            return checked
         prompt = request.prompt
         if prompt.opaque is not None:
             raise InvalidRequest(
@@ -156,6 +160,7 @@ class Guardrails:
                     param=field,
                     code="content_policy_violation",
                 )
+        return checked
 
     def denied(self, texts: Sequence[str]) -> int | None:
         """The index (in the config) of the first deny pattern found in `texts`, or None.
@@ -187,7 +192,7 @@ def _cap_choices(request: ProxyRequest, cap: int, keys_own: bool) -> None:
             )
 
 
-def _cap_tokens(request: ProxyRequest, cap: int) -> None:
+def _cap_tokens(request: ProxyRequest, cap: int) -> ProxyRequest:
     payload = request.payload
     asked = False
     for param in ("max_tokens", "max_completion_tokens"):
@@ -202,5 +207,7 @@ def _cap_tokens(request: ProxyRequest, cap: int) -> None:
                 param=param,
                 code="max_tokens_exceeded",
             )
-    if not asked:
-        payload[_DEFAULT_LIMIT_PARAM[request.endpoint]] = cap
+    if asked:
+        return request
+    capped = {**payload, _DEFAULT_LIMIT_PARAM[request.endpoint]: cap}
+    return dataclasses.replace(request, payload=capped)

@@ -7,6 +7,7 @@ and a client that leaves cancels the upstream request at once (`DisconnectWatch`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from gateway.asgi import DisconnectWatch, Receive, Scope, Send, header, read_body
@@ -97,7 +98,10 @@ class ProxyEndpoint:
             record.model = plan.route.name
             if caller.guardrails is not None or self.guardrails.active:
                 try:
-                    self.guardrails.check(request, caller.guardrails)  # may cap max_tokens, n
+                    checked = self.guardrails.check(request, caller.guardrails)
+                    if checked is not request:  # a token cap the request did not name
+                        request = checked
+                        plan = dataclasses.replace(plan, request=checked)
                 except InvalidRequest:
                     if caller.limits is not NO_LIMITS:
                         await self._charge_refusal(caller, request)

@@ -55,15 +55,16 @@ def test_max_tokens_over_the_cap_is_refused_naming_the_param() -> None:
 def test_a_request_naming_no_limit_gets_the_cap() -> None:
     key = KeyGuardrails(max_tokens=64)
     request = chat()
-    Guardrails().check(request, key)
-    assert request.payload["max_completion_tokens"] == 64
-    assert "max_tokens" not in request.payload
+    capped = Guardrails().check(request, key)
+    assert capped.payload["max_completion_tokens"] == 64
+    assert "max_tokens" not in capped.payload
+    assert "max_completion_tokens" not in request.payload  # the client's own is unchanged
     completion = parse_request(Endpoint.COMPLETIONS, b'{"model": "m", "prompt": "hi"}')
-    Guardrails().check(completion, key)
-    assert completion.payload["max_tokens"] == 64
+    assert Guardrails().check(completion, key).payload["max_tokens"] == 64
     embedding = parse_request(Endpoint.EMBEDDINGS, b'{"model": "m", "input": "hi"}')
-    Guardrails().check(embedding, key)
-    assert "max_tokens" not in embedding.payload
+    assert Guardrails().check(embedding, key) is embedding
+    named = chat(max_tokens=10)
+    assert Guardrails().check(named, key) is named  # within the cap: nothing to rewrite
 
 
 def test_input_size_counts_utf8_bytes_of_the_text_only() -> None:
