@@ -70,11 +70,15 @@ class Timeouts(_Frozen):
     first_token_s: float = Field(30.0, gt=0)
     idle_s: float = Field(30.0, gt=0)
     total_s: float = Field(300.0, gt=0)
+    # Of total_s, what a route with fallbacks leaves them: its own attempts must have their
+    # answer (a stream: its first token) by total_s minus this. None: the first fallback's
+    # first_token_s, at most half of total_s.
+    fallback_reserve_s: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _total_is_the_ceiling(self) -> Timeouts:
-        for name in ("connect_s", "first_token_s", "idle_s"):
-            if getattr(self, name) > self.total_s:
+        for name in ("connect_s", "first_token_s", "idle_s", "fallback_reserve_s"):
+            if (getattr(self, name) or 0.0) > self.total_s:
                 raise ValueError(f"{name} ({getattr(self, name)}) exceeds total_s ({self.total_s})")
         return self
 
