@@ -70,7 +70,7 @@ class Outcome:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see gateway.router.plan.Call
 class Completion:
     """A whole (non-streaming) answer, and where it came from."""
 
