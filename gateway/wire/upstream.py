@@ -21,8 +21,21 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _OVERLOADED_STATUSES = frozenset({429, 503})
 _CREDENTIAL_STATUSES = frozenset({401, 403, 407})
+# A prompt too long for the model, as each upstream says it. OpenAI names it by its code.
+_CONTEXT_CODES = frozenset({"context_length_exceeded"})
+# llama.cpp's server by its error type (its code is the status).
+_CONTEXT_TYPES = frozenset({"exceed_context_size_error"})
+# vLLM answers `{"type": "BadRequestError", "code": 400, "param": ...}`. Newer versions
+# (VLLMValidationError) name in `param` what did not fit: the prompt's tokens, or its text
+# before tokenizing. A prompt plus max_tokens over the model's length is "max_tokens", which
+# max_tokens' other checks use too, so there the message decides; so it does where param is
+# null (older vLLM, and errors raised without one).
+_VLLM_ERROR_TYPE = "BadRequestError"
+_VLLM_CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
+_VLLM_UNDECIDED_PARAMS = frozenset({"max_tokens", "max_completion_tokens"})
+# The last resort: the message's words (OpenAI's, vLLM's, Anthropic's, TGI's, llama.cpp's).
 _CONTEXT_TOO_LONG = re.compile(
-    r"context length|context window|too many tokens|prompt is too long", re.I
+    r"context length|context window|context size|too many tokens|prompt is too long", re.I
 )
 # OpenAI's codes for an answer its moderation refused; vLLM has none.
 _CONTENT_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
@@ -78,7 +91,8 @@ def rejection(backend: str, status: int, body: bytes | None, retry_after_s: int 
         }
         # The client gets the parsed whole seconds, never the upstream's own bytes.
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
-        rejected = ContextTooLong if status == 400 and _too_long(message) else UpstreamRejected
+        too_long = status == 400 and _context_too_long(normalised)
+        rejected = ContextTooLong if too_long else UpstreamRejected
         return Verdict(
             rejected(status, {"error": normalised}, headers),
             retryable=retryable,
@@ -100,9 +114,12 @@ def stream_error(backend: str, error: dict[str, Any]) -> Verdict:
     """An error event where a stream's first event should be (vLLM's way to refuse late)."""
     code = error.get("code")
     message = str(error.get("message") or "no message")
-    if isinstance(code, int) and 400 <= code < 500 and code not in (*_CREDENTIAL_STATUSES, 429):
-        rejected = ContextTooLong if _too_long(message) else UpstreamRejected
-        return Verdict(rejected(code, {"error": error}, {}), retryable=False, backend_fault=False)
+    # vLLM's code is the status it would have answered; OpenAI's names the reason.
+    named = isinstance(code, str) and code in _CONTEXT_CODES
+    status = code if isinstance(code, int) else 400 if named else None
+    if status is not None and 400 <= status < 500 and status not in (*_CREDENTIAL_STATUSES, 429):
+        rejected = ContextTooLong if _context_too_long(error) else UpstreamRejected
+        return Verdict(rejected(status, {"error": error}, {}), retryable=False, backend_fault=False)
     return Verdict(
         UpstreamError(f"Backend '{backend}' failed its stream at once: {message}"),
         retryable=True,
@@ -139,5 +156,18 @@ def _json(body: bytes | None) -> Any:
         return None
 
 
-def _too_long(message: str | None) -> bool:
-    return bool(message) and _CONTEXT_TOO_LONG.search(message or "") is not None
+def _context_too_long(error: dict[str, Any]) -> bool:
+    """Whether an OpenAI-shaped error object says the prompt does not fit the model: by
+    its code, then by vLLM's shape, and by its message's words only where neither says."""
+    code, kind, param = error.get("code"), error.get("type"), error.get("param")
+    if isinstance(code, str) and code:
+        return code in _CONTEXT_CODES  # OpenAI's codes name the one reason
+    if isinstance(kind, str) and kind in _CONTEXT_TYPES:
+        return True
+    if kind == _VLLM_ERROR_TYPE and isinstance(param, str):
+        if param in _VLLM_CONTEXT_PARAMS:
+            return True
+        if param not in _VLLM_UNDECIDED_PARAMS:
+            return False  # vLLM named another parameter as the one at fault
+    message = error.get("message")
+    return isinstance(message, str) and _CONTEXT_TOO_LONG.search(message[:500]) is not None
