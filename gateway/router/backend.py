@@ -14,7 +14,7 @@ from providers import Adapter
 LATENCY_EWMA_ALPHA = 0.3  # weight of the newest sample
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one object per backend: compared and hashed by identity
 class Backend:
     config: BackendConfig
     adapter: Adapter

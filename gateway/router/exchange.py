@@ -51,6 +51,22 @@ CONNECT_FAILURE_EJECT_S = 2.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
+@dataclass(slots=True)
+class Window:
+    """An attempt's time, in event-loop time: its answer (a stream's first token) by
+    `answer_by`, a stream's last event by `end_by`, the request's one deadline. They differ
+    while the route has fallbacks, which keep the rest (`timeouts.fallback_reserve_s`)."""
+
+    answer_by: float
+    end_by: float
+
+    def phase(self) -> str:
+        """The config that set `answer_by`, for a timeout's message."""
+        if self.answer_by < self.end_by:
+            return "total_s less the fallback_reserve_s kept for the route's fallbacks"
+        return "total_s"
+
+
 @dataclass(frozen=True, slots=True)
 class AnswerBounds:
     """What an answer the gateway assembles from a stream may hold (`upstream:` config):
@@ -66,7 +82,7 @@ async def complete(
     outcome: Outcome,
     route: Route,
     backend: Backend,
-    deadline: float,
+    window: Window,
     answers: AnswerBounds,
 ) -> Completion:
     """A non-streaming answer: passed through whole, or assembled from a stream."""
@@ -76,7 +92,7 @@ async def complete(
         and request.endpoint is not Endpoint.EMBEDDINGS
         and can_assemble(request.payload)
     ):
-        return await _assemble(plan, outcome, route, backend, deadline, answers)
+        return await _assemble(plan, outcome, route, backend, window, answers)
     loop = asyncio.get_running_loop()
     body = upstream_body(request, backend, ask_usage=False)
     asked = loop.time()
@@ -85,7 +101,7 @@ async def complete(
     backend.in_flight += 1
     with backend.breaker.attempt():
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(window.answer_by):
                 response = await backend.adapter.post(
                     request.endpoint.value, body, plan.call.request_id, plan.call.traceparent
                 )
@@ -101,11 +117,11 @@ async def complete(
         except TimeoutError:
             backend.overloaded()
             # The deadline is the first route's, so a fallback's own total_s is not it.
-            left = deadline - asked
+            left = window.answer_by - asked
             raise AttemptFailed(
                 UpstreamTimeout(
                     f"Backend '{backend.name}' did not answer within the {left:.3g}s left "
-                    f"of the request's total time (timeouts.total_s)."
+                    f"of the request's total time (timeouts.{window.phase()})."
                 ),
                 backend=backend.name,
                 retryable=False,
@@ -138,7 +154,7 @@ async def _assemble(
     outcome: Outcome,
     route: Route,
     backend: Backend,
-    deadline: float,
+    window: Window,
     bounds: AnswerBounds,
 ) -> Completion:
     """A non-streaming answer asked for as a stream and put together here (see
@@ -147,7 +163,7 @@ async def _assemble(
     request = plan.request
     assembler = Assembler(chat=request.endpoint is Endpoint.CHAT)
     payload = streaming_payload(request.payload)
-    stream = await open_stream(plan, outcome, route, backend, deadline, assembler, payload)
+    stream = await open_stream(plan, outcome, route, backend, window, assembler, payload)
     first_at = time.perf_counter()
     observer = stream.observer
     budget = bounds.budget
@@ -201,7 +217,7 @@ async def open_stream(
     outcome: Outcome,
     route: Route,
     backend: Backend,
-    deadline: float,
+    window: Window,
     recorder: ChunkRecorder | None = None,
     payload: dict[str, Any] | None = None,
 ) -> UpstreamStream:
@@ -217,8 +233,10 @@ async def open_stream(
     observer = SSEObserver(drop_usage_chunk=not request.client_wants_usage)
     observer.recorder = recorder
     now = loop.time()
-    stream = UpstreamStream(route, backend, observer, deadline=deadline, idle_s=timeouts.idle_s)
-    first_token_deadline = min(now + timeouts.first_token_s, deadline)
+    stream = UpstreamStream(
+        route, backend, observer, deadline=window.end_by, idle_s=timeouts.idle_s
+    )
+    first_token_deadline = min(now + timeouts.first_token_s, window.answer_by)
     sent = time.perf_counter()
     with backend.breaker.attempt():
         try:
@@ -238,8 +256,8 @@ async def open_stream(
         except TimeoutError:
             stream.close()
             backend.overloaded()
-            in_time = first_token_deadline < deadline
-            phase = "first_token_s" if in_time else "total_s"
+            in_time = first_token_deadline < window.answer_by
+            phase = "first_token_s" if in_time else window.phase()
             raise AttemptFailed(
                 UpstreamTimeout(
                     f"Backend '{backend.name}' sent no first token within "

@@ -53,15 +53,24 @@ class Route:
         key: str | None = None,
         pin: Backend | None = None,
         decisions: list[Decision] | None = None,
+        exclude: Collection[Backend] = (),
     ) -> Backend:
         """The next backend by the route's strategy among the usable ones, preferring any
-        not in `avoid`; `key` is the request's affinity key, if any. A pinned request goes
-        to its backend or nowhere. With `decisions`, the decision's inputs are appended to
-        it, enough to replay it (`vgate route explain`)."""
+        not in `avoid` and never one in `exclude`; `key` is the request's affinity key, if
+        any. A pinned request goes to its backend or nowhere. With `decisions`, the
+        decision's inputs are appended to it, enough to replay it (`vgate route explain`)."""
         if decisions is not None:
             state = self.selector.state()
-            loads = [(b.load, b.latency_ewma_s, b.usable(now), b in avoid) for b in self.backends]
+            loads = [
+                (b.load, b.latency_ewma_s, b.usable(now) and b not in exclude, b in avoid)
+                for b in self.backends
+            ]
         if pin is not None:
+            if pin in exclude:
+                raise NoLiveBackend(
+                    f"Backend '{pin.name}', which this request is pinned to, already timed "
+                    "out on it."
+                )
             if not pin.usable(now):
                 raise NoLiveBackend(
                     f"Backend '{pin.name}', which this request is pinned to, is not taking "
@@ -73,7 +82,7 @@ class Route:
                 decisions.append(Decision(self, state, key, pin.name, loads, pin.name, "pin"))
             return pin
         backends = self.backends
-        usable = [backend.usable(now) for backend in backends]
+        usable = [backend.usable(now) and backend not in exclude for backend in backends]
         index = None
         if avoid:
             index = self.selector.pick(

@@ -18,11 +18,12 @@ from gateway.errors import (
     GatewayError,
     ModelNotFound,
     NoLiveBackend,
+    UpstreamTimeout,
     clip,
 )
 from gateway.router import exchange
 from gateway.router.backend import Backend
-from gateway.router.exchange import AnswerBounds
+from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
 from gateway.router.outcome import Completion, Outcome
 from gateway.router.plan import Call, Plan, plan
@@ -34,8 +35,8 @@ from policies.resume import Transcript, prefill_payload
 from policies.retry import AttemptFailed
 
 T = TypeVar("T")
-# One attempt on one backend of a route, before the request's deadline.
-Attempt = Callable[[Route, Backend, float], Awaitable[T]]
+# One attempt on one backend of a route, within the request's time.
+Attempt = Callable[[Route, Backend, Window], Awaitable[T]]
 
 
 class Router:
@@ -95,8 +96,8 @@ class Router:
         await self._admit(plan, outcome)
         answers = self.answers
 
-        async def once(route: Route, backend: Backend, deadline: float) -> Completion:
-            return await exchange.complete(plan, outcome, route, backend, deadline, answers)
+        async def once(route: Route, backend: Backend, window: Window) -> Completion:
+            return await exchange.complete(plan, outcome, route, backend, window, answers)
 
         try:
             return await self._run(plan, outcome, once)
@@ -114,12 +115,12 @@ class Router:
         resumable = plan.request.payload.get("n") in (None, 1)
         chat = plan.request.endpoint is Endpoint.CHAT
 
-        async def once(route: Route, backend: Backend, deadline: float) -> UpstreamStream:
+        async def once(route: Route, backend: Backend, window: Window) -> UpstreamStream:
             settings = route.config.resume
             recorder = None
             if resumable and settings.enabled:
                 recorder = Transcript(chat=chat, max_chars=settings.max_text_chars)
-            return await exchange.open_stream(plan, outcome, route, backend, deadline, recorder)
+            return await exchange.open_stream(plan, outcome, route, backend, window, recorder)
 
         try:
             upstream = await self._run(plan, outcome, once)
@@ -136,29 +137,63 @@ class Router:
     async def resume(
         self, plan: Plan, outcome: Outcome, broken: UpstreamStream, transcript: Transcript
     ) -> tuple[UpstreamStream, str]:
-        """Continue a stream that broke after reaching the client, on another backend of
-        the route that answered, before the request's deadline: with the answer so far as
-        a prefill where the backend can take one ("prefill"), else asked afresh
-        ("regenerate"). Raises `ResumeFailed` when no backend can."""
+        """Continue a stream that broke after reaching the client, before the request's
+        deadline: on another backend of the route that was answering, then on that route's
+        remaining fallbacks in order, and only when neither had anything to try, on the
+        backend that broke. Each target continues with the answer so far as a prefill where
+        it can take one ("prefill"), else it answers afresh and must reproduce the text
+        already sent ("regenerate"). Raises `ResumeFailed` when none can."""
         chat = transcript.chat and bool(transcript.text)
         mode = "regenerate"
 
-        async def once(route: Route, backend: Backend, deadline: float) -> UpstreamStream:
+        async def once(route: Route, backend: Backend, window: Window) -> UpstreamStream:
             nonlocal mode
             prefill = chat and backend.config.can_prefill
             mode = "prefill" if prefill else "regenerate"
             payload = prefill_payload(plan.request.payload, transcript) if prefill else None
-            return await exchange.open_stream(
-                plan, outcome, route, backend, deadline, None, payload
-            )
+            return await exchange.open_stream(plan, outcome, route, backend, window, None, payload)
 
-        try:
-            stream = await self._on_route(
-                broken.route, plan, outcome, once, broken.deadline, avoid=(broken.backend,)
-            )
-        except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
-            raise ResumeFailed(mode, _message_of(exc)) from None
-        return stream, mode
+        window = Window(broken.deadline, broken.deadline)
+        failed = broken.backend
+        attempts_before = outcome.attempts
+        reason = ""
+        for route in self._resume_chain(plan, broken.route):
+            exclude = (failed,) if route is broken.route else ()
+            try:
+                stream = await self._on_route(route, plan, outcome, once, window, exclude=exclude)
+            except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
+                reason = reason or _message_of(exc)
+                if outcome.attempts > attempts_before:
+                    reason = _message_of(exc)  # a real attempt's failure says the most
+                continue
+            self._resumed_on(plan, outcome, broken.route, route)
+            return stream, mode
+        if outcome.attempts == attempts_before:
+            # Nowhere else to go: the backend that broke may still finish the answer.
+            try:
+                stream = await self._on_route(
+                    broken.route, plan, outcome, once, window, avoid=(failed,)
+                )
+            except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
+                raise ResumeFailed(mode, _message_of(exc)) from None
+            return stream, mode
+        raise ResumeFailed(mode, reason)
+
+    def _resume_chain(self, plan: Plan, answering: Route) -> list[Route]:
+        """The route that was answering, then the request's fallbacks after it; a backend
+        chosen by X-VGate-Pin is never hidden behind a fallback."""
+        if plan.pin_forced:
+            return [answering]
+        chain = [plan.route, *plan.route.fallbacks]
+        start = next((i for i, route in enumerate(chain) if route is answering), 0)
+        return chain[start:] if chain[start] is answering else [answering, *chain]
+
+    def _resumed_on(self, plan: Plan, outcome: Outcome, broken: Route, route: Route) -> None:
+        if route is broken:
+            return
+        outcome.route = route.name
+        outcome.fallback_from = outcome.fallback_from or plan.route.name
+        self.hooks.on_fallback(broken.name, route.name)
 
     async def _admit(self, plan: Plan, outcome: Outcome) -> None:
         """A slot of the process's in-flight limit, queueing by priority when none is free."""
@@ -181,10 +216,13 @@ class Router:
     async def _run(self, plan: Plan, outcome: Outcome, once: Attempt[T]) -> T:
         """Attempts on the plan's route under its retry policy, then on its fallbacks.
 
-        One deadline, the first route's `total_s`, covers every attempt and every wait.
-        A fallback is tried when a route has no usable backend or runs out of attempts; a
-        prompt too long for a route goes only to fallbacks with a larger context window.
-        A client error (400, 404...) from an upstream ends the request as it is.
+        One deadline, the first route's `total_s`, covers every attempt and every wait;
+        while a fallback is left, the attempts must answer (a stream: its first token)
+        before the share kept for the fallbacks (`timeouts.fallback_reserve_s`), so a silent
+        route cannot spend their time. A fallback is tried when a route has no usable
+        backend, runs out of attempts or of its share of time; a prompt too long for a route
+        goes only to fallbacks with a larger context window. A client error (400, 404...)
+        from an upstream ends the request as it is.
         """
         route = plan.route
         loop = asyncio.get_running_loop()
@@ -193,9 +231,14 @@ class Router:
         outcome.route = route.name
         # X-VGate-Pin reproduces one backend's behaviour: never hidden by a fallback.
         candidates = [] if plan.pin_forced else list(route.fallbacks)
+        reserve = _fallback_reserve(route, candidates)
         while True:
+            # While a fallback is left, the attempts leave it its share of the time.
+            answer_by = deadline - reserve if candidates else deadline
             try:
-                return await self._on_route(current, plan, outcome, once, deadline)
+                return await self._on_route(
+                    current, plan, outcome, once, Window(answer_by, deadline)
+                )
             except NoLiveBackend as error:
                 last: GatewayError = error
             except _RouteExhausted as exhausted:
@@ -205,8 +248,8 @@ class Router:
                 if isinstance(failure.error, ContextTooLong):
                     window = current.config.context_window or 0
                     candidates = [c for c in candidates if (c.config.context_window or 0) > window]
-                elif not failure.retryable:
-                    raise failure.error from None
+                elif not (failure.retryable or failure.backend_fault):
+                    raise failure.error from None  # the client's error: the same everywhere
             if not candidates or loop.time() >= deadline:
                 raise last
             previous, current = current, candidates.pop(0)
@@ -220,12 +263,16 @@ class Router:
         plan: Plan,
         outcome: Outcome,
         once: Attempt[T],
-        deadline: float,
+        window: Window,
         avoid: Collection[Backend] = (),
+        exclude: Collection[Backend] = (),
     ) -> T:
-        """Attempts on one route's backends, a different one each time while any is left."""
+        """Attempts on one route's backends, a different one each time while any is left
+        (never one in `exclude`), and never again on one that timed out: a backend that
+        stayed silent for a whole phase is the likeliest to do it again."""
         loop = asyncio.get_running_loop()
         tried: list[Backend] = list(avoid)
+        silent: list[Backend] = list(exclude)
         failures: list[AttemptFailed] = []
         # A pin names a backend of the route asked for; a fallback has its own backends.
         pin = plan.pin if route is plan.route else None
@@ -234,7 +281,7 @@ class Router:
         async def attempt(number: int) -> T:
             try:
                 backend = route.choose(
-                    loop.time(), tried, plan.affinity_key, pin, outcome.decisions
+                    loop.time(), tried, plan.affinity_key, pin, outcome.decisions, silent
                 )
             except NoLiveBackend:
                 if failures:  # the last real failure says more than "nothing left"
@@ -244,7 +291,7 @@ class Router:
             outcome.backend = backend.name
             outcome.attempts += 1
             try:
-                return await once(route, backend, deadline)
+                return await once(route, backend, window)
             except BreakerOpen as refused:
                 # Opened between selection and the attempt: skip it, no fault of its own.
                 raise AttemptFailed(
@@ -252,6 +299,8 @@ class Router:
                 ) from None
             except AttemptFailed as failure:
                 failures.append(failure)
+                if isinstance(failure.error, UpstreamTimeout):
+                    silent.append(backend)
                 if failure.retry_after_s is not None:
                     _honour_retry_after(route, backend, failure, loop.time())
                 raise
@@ -260,7 +309,17 @@ class Router:
             outcome.waited_s += delay
             hooks.on_retry(route.name, delay)
 
-        return await route.retry.run(attempt, deadline=deadline, on_retry=on_retry)
+        return await route.retry.run(attempt, deadline=window.answer_by, on_retry=on_retry)
+
+
+def _fallback_reserve(route: Route, fallbacks: list[Route]) -> float:
+    """The time `route` leaves its fallbacks (`timeouts.fallback_reserve_s`)."""
+    if not fallbacks:
+        return 0.0
+    timeouts = route.timeouts
+    if timeouts.fallback_reserve_s is not None:
+        return timeouts.fallback_reserve_s
+    return min(fallbacks[0].timeouts.first_token_s, timeouts.total_s / 2)
 
 
 def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:

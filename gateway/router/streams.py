@@ -280,7 +280,8 @@ class ResumableStream:
             why_not = "the route's retry budget is spent"
         if why_not is not None:
             raise StreamInterrupted(
-                f"{interrupted.message} It was not resumed: {why_not}.", code=interrupted.code
+                f"{_sentence(interrupted.message)} It was not resumed: {why_not}.",
+                code=interrupted.code,
             ) from None
         route.retry.budget.spend()
         self.resumptions += 1
@@ -293,9 +294,11 @@ class ResumableStream:
         except ResumeFailed as exc:
             self._count(exc.mode, "failed")
             raise StreamInterrupted(
-                f"{interrupted.message} Resuming it failed: {exc.reason}", code=interrupted.code
+                f"{_sentence(interrupted.message)} Resuming it failed: {_sentence(exc.reason)}",
+                code=interrupted.code,
             ) from None
         self._stream = stream
+        self.route = stream.route  # a fallback's, when the stream went on there
         self._splice = Splice(transcript, prefill=mode == "prefill")
         self._count(mode, "resumed")
         return self._spliced(stream.first)
@@ -311,3 +314,9 @@ class ResumableStream:
 
 
 ClientStream = UpstreamStream | ResumableStream
+
+
+def _sentence(text: str) -> str:
+    """`text` ending as a sentence, so that another can follow it."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
