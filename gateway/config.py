@@ -86,13 +86,31 @@ class Timeouts(_Frozen):
 class RetryConfig(_Frozen):
     """Retries before the first byte reaches the client; never after."""
 
-    attempts: int = Field(2, ge=1, le=10)  # in all, the first included: 1 means no retry
+    max_retries: int = Field(1, ge=0, le=9)  # after the first attempt: 0 means no retry
     backoff_initial_s: float = Field(0.05, ge=0)
     backoff_max_s: float = Field(2.0, ge=0)
     retry_after_max_s: float = Field(5.0, ge=0)  # an upstream's Retry-After is honoured up to this
     budget_ratio: float = Field(0.2, ge=0, le=1)  # retries at most this share of requests...
     budget_window_s: float = Field(10.0, gt=0)  # ...over this window...
     budget_min_per_s: float = Field(1.0, ge=0)  # ...but always this many per second
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attempts_is_deprecated(cls, data: Any) -> Any:
+        """`attempts` counted the first attempt too; it is still read, as max_retries + 1
+        (parse_config's warning names each use)."""
+        if not isinstance(data, dict) or "attempts" not in data:
+            return data
+        if "max_retries" in data:
+            raise ValueError("give max_retries or attempts (deprecated), not both")
+        data = dict(data)
+        attempts = data.pop("attempts")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+            raise ValueError(
+                f"attempts (deprecated: use max_retries) must be a whole number from 1 to 10,"
+                f" not {attempts!r}"
+            )
+        return {**data, "max_retries": attempts - 1}
 
 
 class BreakerConfig(_Frozen):
@@ -514,6 +532,9 @@ class GatewayConfig(_Frozen):
     upstream: UpstreamConfig = UpstreamConfig()  # caps on what upstreams send
     jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
     source: str = "<memory>"
+    # Settings that load but may not do what they seem to: deprecated names, timeouts that
+    # leave a fallback no time. Logged at start-up, printed by `vgate check-config`.
+    warnings: tuple[str, ...] = ()
 
     @field_validator("models")
     @classmethod
@@ -626,13 +647,16 @@ def load_config(
 def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> GatewayConfig:
     raw = dict(raw)
     raw.pop("source", None)
+    if "warnings" in raw:
+        raise ConfigError(source, "warnings", "unknown field")  # the loader's, not a setting
+    warnings = [f"{source}: {warning}" for warning in deprecated_fields(raw)]
     keys = raw.get("keys")
     if isinstance(keys, dict) and isinstance(keys.get("file"), str):
         raw["keys"] = {**keys, "file": base_dir / keys["file"]}
     if isinstance(raw.get("workers"), list):
         raw["workers"] = [_worker_paths(worker, base_dir) for worker in raw["workers"]]
     try:
-        return GatewayConfig.model_validate({**raw, "source": source})
+        return GatewayConfig.model_validate({**raw, "source": source, "warnings": warnings})
     except ValidationError as exc:
         error = exc.errors()[0]
         field = field_path(error["loc"])
@@ -644,6 +668,23 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Gateway
         elif error["type"] == "missing":
             message = "required field is missing"
         raise ConfigError(source, field, message) from None
+
+
+def deprecated_fields(raw: Mapping[str, Any]) -> list[str]:
+    """Each use of a field's old name in a raw config (the file, overridden from the
+    environment): the field, and what to write instead."""
+    found = []
+    models = raw.get("models")
+    for index, route in enumerate(models if isinstance(models, list) else ()):
+        retries = route.get("retries") if isinstance(route, dict) else None
+        if isinstance(retries, dict) and "attempts" in retries:
+            attempts = retries["attempts"]
+            value = attempts - 1 if isinstance(attempts, int) and attempts >= 1 else "N"
+            found.append(
+                f"models[{index}].retries.attempts: deprecated, use max_retries: {value}"
+                " (retries after the first attempt)"
+            )
+    return found
 
 
 _NAMED_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): (.+)$", re.S)

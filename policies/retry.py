@@ -1,7 +1,7 @@
 """Retries: whether, when and how often an attempt that failed before the first byte is tried again.
 
 tenacity owns the policy (what is retryable, full-jitter exponential backoff, an upstream's
-Retry-After honoured up to a cap, attempts and the request's deadline as stop conditions).
+Retry-After honoured up to a cap, max_retries and the request's deadline as stop conditions).
 It costs about 38 µs a request even when nothing fails, so the first attempt runs bare and
 tenacity takes over only after a retryable failure, replaying that failure as its first attempt.
 
@@ -117,7 +117,7 @@ class RetryPolicy:
         try:
             return await attempt(0)
         except AttemptFailed as failure:
-            if not failure.retryable or self.config.attempts == 1:
+            if not failure.retryable or self.config.max_retries == 0:
                 raise
             first = failure
 
@@ -132,8 +132,9 @@ class RetryPolicy:
             if on_retry is not None and failure is not None:
                 on_retry(failure, state.upcoming_sleep)
 
+        attempts = self.config.max_retries + 1  # tenacity counts the first attempt too
         retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(self.config.attempts), stop_at(deadline, loop.time)),
+            stop=stop_any(stop_after_attempt(attempts), stop_at(deadline, loop.time)),
             wait=self._wait,
             retry=retry_if_exception(worth_retrying),
             before_sleep=before_sleep,

@@ -79,6 +79,8 @@ def _check_config(path: str | None) -> int:
     except ConfigError as exc:
         print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    for warning in config.warnings:  # worth fixing, but the config works: still exit 0
+        print(f"vgate: warning: {warning}", file=sys.stderr)
     models = ", ".join(route.name for route in config.models)
     print(f"{config.source}: ok ({len(config.models)} models: {models})")
     return 0
@@ -110,6 +112,13 @@ def _server_settings(args: argparse.Namespace, config: GatewayConfig) -> ServerC
     return server
 
 
+def _log_warnings(config: GatewayConfig) -> None:
+    """What the configuration loads but may not do as it seems (after _server_settings,
+    which starts the logging)."""
+    for warning in config.warnings:
+        logging.getLogger("vgate.config").warning("%s", warning)
+
+
 def _uvicorn_options(config: GatewayConfig, server: ServerConfig) -> dict[str, Any]:
     """uvicorn's settings, the same for `serve` and `up` (host, port and protocol aside: the
     protocol is the gateway's, `Gateway.connections`). The open-files limit is raised to fit
@@ -138,6 +147,7 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     server = _server_settings(args, config)
+    _log_warnings(config)
     return up(config, server, _uvicorn_options(config, server))
 
 
@@ -149,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     server = _server_settings(args, config)
+    _log_warnings(config)
     try:
         gateway = Gateway.from_config(config)
     except ConfigError as exc:

@@ -44,7 +44,7 @@ async def test_success_needs_one_attempt() -> None:
         calls.append(number)
         return "ok"
 
-    assert await policy(attempts=3).run(attempt, deadline=far()) == "ok"
+    assert await policy(max_retries=2).run(attempt, deadline=far()) == "ok"
     assert calls == [0]
 
 
@@ -58,7 +58,7 @@ async def test_retryable_failures_are_retried_until_success() -> None:
             raise failure()
         return "third time"
 
-    result = await policy(attempts=3).run(
+    result = await policy(max_retries=2).run(
         attempt, deadline=far(), on_retry=lambda f, delay: delays.append(delay)
     )
     assert result == "third time" and calls == [0, 1, 2]
@@ -79,7 +79,7 @@ async def test_backoff_is_full_jitter_uniform_from_zero_to_a_doubling_cap() -> N
     samples = 400
     retry = policy(
         RetryBudget(1.0, 10, 1e6),
-        attempts=len(caps) + 1,
+        max_retries=len(caps),
         backoff_initial_s=initial,
         backoff_max_s=ceiling,
     )
@@ -105,7 +105,7 @@ async def test_backoff_is_full_jitter_uniform_from_zero_to_a_doubling_cap() -> N
         assert all(0.1 * samples < count < 0.4 * samples for count in quarters)
 
 
-async def test_attempts_are_bounded_and_the_last_failure_is_raised() -> None:
+async def test_retries_are_bounded_and_the_last_failure_is_raised() -> None:
     calls: list[int] = []
 
     async def attempt(number: int) -> str:
@@ -113,7 +113,7 @@ async def test_attempts_are_bounded_and_the_last_failure_is_raised() -> None:
         raise failure()
 
     with pytest.raises(AttemptFailed):
-        await policy(attempts=3).run(attempt, deadline=far())
+        await policy(max_retries=2).run(attempt, deadline=far())
     assert calls == [0, 1, 2]
 
 
@@ -127,7 +127,7 @@ async def test_non_retryable_failure_is_not_retried() -> None:
         )
 
     with pytest.raises(AttemptFailed) as caught:
-        await policy(attempts=3).run(attempt, deadline=far())
+        await policy(max_retries=2).run(attempt, deadline=far())
     assert calls == [0] and isinstance(caught.value.error, InvalidRequest)
 
 
@@ -139,7 +139,7 @@ async def test_retry_after_is_honoured_up_to_the_cap() -> None:
             raise failure(retry_after_s=7)
         return "ok"
 
-    await policy(attempts=2, retry_after_max_s=0.01).run(
+    await policy(max_retries=1, retry_after_max_s=0.01).run(
         attempt, deadline=far(), on_retry=lambda f, delay: delays.append(delay)
     )
     assert delays == [0.01]
@@ -154,7 +154,7 @@ async def test_no_retry_that_would_end_past_the_deadline() -> None:
 
     deadline = asyncio.get_running_loop().time() + 1.0
     with pytest.raises(AttemptFailed):
-        await policy(attempts=5, retry_after_max_s=5).run(attempt, deadline=deadline)
+        await policy(max_retries=4, retry_after_max_s=5).run(attempt, deadline=deadline)
     assert calls == [0]
 
 
@@ -168,7 +168,7 @@ async def test_an_empty_budget_stops_retries() -> None:
         raise failure()
 
     with pytest.raises(AttemptFailed):
-        await policy(budget, attempts=4).run(attempt, deadline=far())
+        await policy(budget, max_retries=3).run(attempt, deadline=far())
     assert calls == [0]
 
 
@@ -203,3 +203,27 @@ def test_budget_floor_allows_retries_when_traffic_is_low() -> None:
         assert budget.can_spend()
         budget.spend()
     assert not budget.can_spend()
+
+
+async def test_no_retries_means_one_attempt() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise failure()
+
+    with pytest.raises(AttemptFailed):
+        await policy(max_retries=0).run(attempt, deadline=far())
+    assert calls == [0]
+
+
+async def test_the_deprecated_attempts_counts_the_first_attempt() -> None:
+    calls: list[int] = []
+
+    async def attempt(number: int) -> str:
+        calls.append(number)
+        raise failure()
+
+    with pytest.raises(AttemptFailed):
+        await policy(attempts=2).run(attempt, deadline=far())
+    assert calls == [0, 1]  # attempts: 2 is max_retries: 1

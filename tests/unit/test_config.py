@@ -28,6 +28,7 @@ def test_embedded_default_loads() -> None:
     assert [route.name for route in config.models] == ["tiny-llama", "tiny-embed"]
     assert config.models[0].aliases == ("default",)
     assert config.keys.file.is_file()
+    assert config.warnings == ()
 
 
 def test_defaults_fill_in(tmp_path: Path) -> None:
@@ -35,6 +36,8 @@ def test_defaults_fill_in(tmp_path: Path) -> None:
     assert config.server.port == 8000
     assert config.models[0].timeouts.first_token_s == 30
     assert config.keys.file == tmp_path / "keys.yaml"  # relative to the config file
+    assert config.models[0].retries.max_retries == 1  # one retry after the first attempt
+    assert config.warnings == ()
 
 
 def test_environment_overrides_are_typed(tmp_path: Path) -> None:
@@ -77,6 +80,22 @@ def test_environment_overrides_are_typed(tmp_path: Path) -> None:
         ),
         (lambda r: r["models"].append(r["models"][0]), "models", "used twice"),
         (
+            lambda r: r["models"][0].update(retries={"attempts": 2, "max_retries": 1}),
+            "models[0].retries",
+            "give max_retries or attempts (deprecated), not both",
+        ),
+        (
+            lambda r: r["models"][0].update(retries={"attempts": 0}),
+            "models[0].retries",
+            "attempts (deprecated: use max_retries) must be a whole number from 1 to 10",
+        ),
+        (
+            lambda r: r["models"][0].update(retries={"max_retries": 10}),
+            "models[0].retries.max_retries",
+            "less than or equal to 9",
+        ),
+        (lambda r: r.update(warnings=["hush"]), "warnings", "unknown field"),
+        (
             lambda r: r["models"][0]["backends"][0].update(provider="openai"),
             "models[0].backends[0]",
             "api_key_env",
@@ -108,3 +127,35 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("server: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, environ={})
+
+
+def with_route(**route: object) -> dict[str, object]:
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    raw["models"][0].update(route)
+    return raw
+
+
+def test_max_retries_counts_the_retries_alone(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, with_route(retries={"max_retries": 0})), environ={})
+    assert config.models[0].retries.max_retries == 0
+    assert config.warnings == ()
+
+
+def test_attempts_still_reads_with_a_warning_naming_file_field_and_replacement(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, with_route(retries={"attempts": 2}))
+    config = load_config(path, environ={})
+    assert config.models[0].retries.max_retries == 1  # attempts counted the first one too
+    assert config.warnings == (
+        f"{path}: models[0].retries.attempts: deprecated, use max_retries: 1"
+        " (retries after the first attempt)",
+    )
+
+
+def test_attempts_from_the_environment_warns_too(tmp_path: Path) -> None:
+    env = {"VGATE_MODELS__0__RETRIES__ATTEMPTS": "3"}
+    config = load_config(write(tmp_path, MINIMAL), environ=env)
+    assert config.models[0].retries.max_retries == 2
+    assert [w.split(": ", 2)[1] for w in config.warnings] == ["models[0].retries.attempts"]
+    assert "use max_retries: 2" in config.warnings[0]
