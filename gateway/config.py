@@ -245,6 +245,19 @@ class ModelRoute(_Frozen):
     # At least one, listed here or registered by `workers:` (checked once those are added).
     backends: tuple[BackendConfig, ...] = ()
 
+    def fallback_reserve(self, first_fallback: ModelRoute | None) -> float:
+        """Of `timeouts.total_s`, the seconds this route leaves its fallbacks: its own
+        attempts must have their answer (a stream: its first token) by total_s minus this.
+
+        `timeouts.fallback_reserve_s` where set, else the first fallback's first_token_s, at
+        most half of total_s; 0 without a fallback (`first_fallback` None).
+        """
+        if first_fallback is None:
+            return 0.0
+        if self.timeouts.fallback_reserve_s is not None:
+            return self.timeouts.fallback_reserve_s
+        return min(first_fallback.timeouts.first_token_s, self.timeouts.total_s / 2)
+
 
 class KeysConfig(_Frozen):
     file: Path
@@ -597,6 +610,62 @@ class GatewayConfig(_Frozen):
         _check_backends(routes)
         object.__setattr__(self, "models", tuple(routes))  # frozen: set once, while validating
         return self
+
+    @model_validator(mode="after")
+    def _warn_of_unreachable_fallbacks(self) -> GatewayConfig:
+        """After `_register_workers` (validators run in order): every route is in `models`."""
+        routes = {route.name: route for route in self.models}
+        found = [
+            f"{self.source}: models[{index}].timeouts (route {route.name!r}): {warning}"
+            for index, route in enumerate(self.models)
+            if route.fallbacks
+            for warning in _fallback_timing(route, routes[route.fallbacks[0]])
+        ]
+        if found:
+            object.__setattr__(self, "warnings", (*self.warnings, *found))
+        return self
+
+
+def _fallback_timing(route: ModelRoute, fallback: ModelRoute) -> list[str]:
+    """What is wrong with how `route` shares total_s with its first fallback, if anything."""
+    timeouts = route.timeouts
+    total = timeouts.total_s
+    reserve = route.fallback_reserve(fallback)
+    needed = fallback.timeouts.first_token_s  # what the fallback may take to start
+    own = total - reserve
+    other = repr(fallback.name)
+    found = []
+    if timeouts.fallback_reserve_s == 0:
+        found.append(
+            f"fallback_reserve_s is 0: the route's own attempts may use all of total_s"
+            f" ({total:g} s) and leave its fallback {other} no time; remove it (the default"
+            f" keeps the fallback's first_token_s, at most half of total_s) or set it to"
+            f" {min(needed, total):g}"
+        )
+    elif reserve < needed:
+        if timeouts.fallback_reserve_s is None:
+            kept = f"{reserve:g} s of total_s ({total:g} s; by default at most half)"
+            fix = (
+                f"set fallback_reserve_s: {needed:g}"
+                if needed < total
+                else f"raise total_s to at least {2 * needed:g}"
+            )
+        else:
+            kept = f"fallback_reserve_s: {reserve:g} of total_s ({total:g} s)"
+            fix = f"raise fallback_reserve_s to {needed:g}" if needed < total else "raise total_s"
+        found.append(
+            f"the route keeps {kept} for its fallback {other}, less than the fallback's"
+            f" first_token_s ({needed:g} s): a fallback slow to start may not get its first"
+            f" token in time; {fix}, or lower the fallback's first_token_s to {reserve:g}"
+        )
+    if own < timeouts.first_token_s:
+        found.append(
+            f"the route's own attempts must have their first token within {own:g} s (total_s"
+            f" {total:g} less {reserve:g} kept for its fallback {other}), sooner than its"
+            f" first_token_s ({timeouts.first_token_s:g} s); lower first_token_s to {own:g}"
+            f" or raise total_s to {reserve + timeouts.first_token_s:g}"
+        )
+    return found
 
 
 def _check_backends(routes: Sequence[ModelRoute]) -> None:

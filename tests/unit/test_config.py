@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import default_config_path, load_config
+from gateway.config import ModelRoute, Timeouts, default_config_path, load_config
 from gateway.errors import ConfigError
 
 MINIMAL = {
@@ -159,3 +159,68 @@ def test_attempts_from_the_environment_warns_too(tmp_path: Path) -> None:
     assert config.models[0].retries.max_retries == 2
     assert [w.split(": ", 2)[1] for w in config.warnings] == ["models[0].retries.attempts"]
     assert "use max_retries: 2" in config.warnings[0]
+
+
+def route(name: str, **timeouts: float) -> ModelRoute:
+    return ModelRoute(name=name, timeouts=Timeouts(**{"first_token_s": 1, "idle_s": 1, **timeouts}))
+
+
+def test_the_fallback_reserve() -> None:
+    fallback = route("big", first_token_s=8)
+    assert route("m", total_s=30).fallback_reserve(None) == 0  # no fallback, nothing kept
+    assert route("m", total_s=30).fallback_reserve(fallback) == 8  # its first token's time
+    assert route("m", total_s=10).fallback_reserve(fallback) == 5  # at most half of total_s
+    explicit = route("m", total_s=30, fallback_reserve_s=12)
+    assert explicit.fallback_reserve(fallback) == 12
+    assert explicit.fallback_reserve(None) == 0
+
+
+def two_routes(first: dict[str, float], fallback: dict[str, float]) -> dict[str, object]:
+    backend = {"name": "big", "provider": "vllm", "url": "http://127.0.0.1:2"}
+    raw = with_route(fallbacks=["big"], timeouts=first)
+    raw["models"].append({"name": "big", "timeouts": fallback, "backends": [backend]})
+    return raw
+
+
+def test_a_fallback_given_its_first_token_time_raises_no_warning(tmp_path: Path) -> None:
+    raw = two_routes({"first_token_s": 10, "total_s": 60}, {"first_token_s": 20})
+    assert load_config(write(tmp_path, raw), environ={}).warnings == ()
+
+
+def test_a_reserve_short_of_the_fallbacks_first_token_is_a_warning(tmp_path: Path) -> None:
+    # The route: three 10 s phases in a 30 s deadline, a fallback with the defaults.
+    path = write(tmp_path, two_routes({"first_token_s": 10, "total_s": 30}, {}))
+    (warning,) = load_config(path, environ={}).warnings
+    assert warning.startswith(f"{path}: models[0].timeouts (route 'm'): ")
+    assert "keeps 15 s of total_s (30 s; by default at most half) for its fallback 'big'" in (
+        warning
+    )
+    assert "less than the fallback's first_token_s (30 s)" in warning
+    assert "raise total_s to at least 60, or lower the fallback's first_token_s to 15" in warning
+
+
+def test_an_explicit_reserve_short_of_the_fallbacks_first_token_is_a_warning(
+    tmp_path: Path,
+) -> None:
+    raw = two_routes({"total_s": 60, "fallback_reserve_s": 5}, {"first_token_s": 20})
+    (warning,) = load_config(write(tmp_path, raw), environ={}).warnings
+    assert "keeps fallback_reserve_s: 5 of total_s (60 s) for its fallback 'big'" in warning
+    assert "raise fallback_reserve_s to 20" in warning
+
+
+def test_no_reserve_at_all_is_a_warning(tmp_path: Path) -> None:
+    raw = two_routes({"total_s": 60, "fallback_reserve_s": 0}, {"first_token_s": 20})
+    (warning,) = load_config(write(tmp_path, raw), environ={}).warnings
+    assert "fallback_reserve_s is 0" in warning and "or set it to 20" in warning
+
+
+def test_a_reserve_that_cuts_the_routes_own_first_token_short_is_a_warning(
+    tmp_path: Path,
+) -> None:
+    raw = two_routes(
+        {"first_token_s": 10, "total_s": 30, "fallback_reserve_s": 25}, {"first_token_s": 5}
+    )
+    (warning,) = load_config(write(tmp_path, raw), environ={}).warnings
+    assert "own attempts must have their first token within 5 s" in warning
+    assert "(total_s 30 less 25 kept for its fallback 'big')" in warning
+    assert "lower first_token_s to 5 or raise total_s to 35" in warning
