@@ -151,7 +151,9 @@ class BackendConfig(_Frozen):
     url: str
     weight: int = Field(1, ge=1, le=1000)
     model: str | None = None  # the name the upstream serves; defaults to the route's name
-    api_key_env: str | None = None
+    # The variable holding the upstream's key, sent as `Authorization: Bearer`; none: no
+    # Authorization header (a local OpenAI-compatible server without keys).
+    api_key_env: str | None = Field(None, min_length=1)
     max_connections: int = Field(256, ge=1, le=10_000)
     max_in_flight: int | None = Field(None, ge=1)  # requests at once; default max_connections
     # Whether it continues a final assistant message (vLLM's `continue_final_message`), so a
@@ -179,12 +181,6 @@ class BackendConfig(_Frozen):
         if not url.startswith(("http://", "https://")) or len(url) < 10:
             raise ValueError(f"{url!r} is not an http:// or https:// URL")
         return url.rstrip("/")
-
-    @model_validator(mode="after")
-    def _openai_needs_a_key(self) -> BackendConfig:
-        if self.provider == "openai" and not self.api_key_env:
-            raise ValueError("provider openai needs api_key_env (the variable holding the key)")
-        return self
 
 
 class ResumeConfig(_Frozen):

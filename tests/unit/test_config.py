@@ -94,12 +94,12 @@ def test_environment_overrides_are_typed(tmp_path: Path) -> None:
             "models[0].retries.max_retries",
             "less than or equal to 9",
         ),
-        (lambda r: r.update(warnings=["hush"]), "warnings", "unknown field"),
         (
-            lambda r: r["models"][0]["backends"][0].update(provider="openai"),
-            "models[0].backends[0]",
-            "api_key_env",
+            lambda r: r["models"][0]["backends"][0].update(provider="openai", api_key_env=""),
+            "models[0].backends[0].api_key_env",
+            "at least 1 character",
         ),
+        (lambda r: r.update(warnings=["hush"]), "warnings", "unknown field"),
     ],
 )
 def test_errors_name_file_field_and_reason(tmp_path: Path, mutate, field: str, reason: str) -> None:
@@ -159,6 +159,13 @@ def test_attempts_from_the_environment_warns_too(tmp_path: Path) -> None:
     assert config.models[0].retries.max_retries == 2
     assert [w.split(": ", 2)[1] for w in config.warnings] == ["models[0].retries.attempts"]
     assert "use max_retries: 2" in config.warnings[0]
+
+
+def test_an_openai_backend_may_name_no_key(tmp_path: Path) -> None:
+    backend = {"name": "local", "provider": "openai", "url": "http://127.0.0.1:1"}
+    config = load_config(write(tmp_path, with_route(backends=[backend])), environ={})
+    assert config.models[0].backends[0].api_key_env is None
+    assert config.warnings == ()
 
 
 def route(name: str, **timeouts: float) -> ModelRoute:
