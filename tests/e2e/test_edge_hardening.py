@@ -69,7 +69,7 @@ def models(sim: Process) -> list[dict[str, Any]]:
         {"name": "tiny-embed", "backends": [backend("e1", sim.url)]},
         {
             "name": "down",
-            "retries": {"attempts": 1},
+            "retries": {"max_retries": 0},
             "health": {"enabled": False},
             "backends": [backend("d1", "http://127.0.0.1:9", model="tiny-llama")],
         },

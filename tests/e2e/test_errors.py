@@ -118,7 +118,7 @@ def broken_gateway(
             }
         )
     # Phase timeouts told apart: each route times out in one phase only (see LONG).
-    once = {"attempts": 1}
+    once = {"max_retries": 0}
     models += [
         {
             "name": "phase-first-token",

@@ -66,7 +66,7 @@ def config_for(sims: dict[str, Process], keys_file: Path) -> dict[str, Any]:
             {
                 # A failing backend first (its weight), then a good one: one retry.
                 "name": "flaky",
-                "retries": {"attempts": 2, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
+                "retries": {"max_retries": 1, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
                 "health": {"enabled": False},
                 "backends": [
                     backend("f1", "http://127.0.0.1:9", weight=100),
@@ -75,7 +75,7 @@ def config_for(sims: dict[str, Process], keys_file: Path) -> dict[str, Any]:
             },
             {
                 "name": "down",
-                "retries": {"attempts": 1},
+                "retries": {"max_retries": 0},
                 "health": {"enabled": False},
                 "backends": [backend("d1", "http://127.0.0.1:9", model="tiny-llama")],
             },

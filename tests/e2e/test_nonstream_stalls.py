@@ -34,8 +34,8 @@ STALLING = {"connect_s": 1, "first_token_s": PHASE_S, "idle_s": PHASE_S, "total_
 GENEROUS = {"connect_s": 5, "first_token_s": 20, "idle_s": 20, "total_s": TOTAL_S}
 PASSTHROUGH_TOTAL_S = 4.0
 UNCHECKED = {"enabled": False}  # each request meets its failure itself
-ONCE = {"attempts": 1}
-TWICE = {"attempts": 2}
+ONCE = {"max_retries": 0}
+TWICE = {"max_retries": 1}
 
 
 class OddUpstream(FakeUpstream):

@@ -277,7 +277,7 @@ def timed(logs: Path) -> Iterator[Gateway]:
     names = ("timed", "retried", "retried-s")
     worker = start_sim(logs, models=names, ttft_ms=TTFT_MS)
     failing = start_sim(logs, models=names[1:], fault_status=500, fault_latency_ms=FAIL_MS)
-    retries = {"attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.02}
+    retries = {"max_retries": 1, "backoff_initial_s": 0.01, "backoff_max_s": 0.02}
     models = [{"name": "timed", "backends": [backend("timed", worker.url)]}]
     for name in names[1:]:
         # One request each, so the route's first choice is its first backend (weights 1:1).

@@ -75,7 +75,11 @@ def test_a_failed_attempt_is_retried_on_the_other_backend(
                     "name": "tiny-llama",
                     "timeouts": FAST,
                     "breaker": NO_BREAKER,
-                    "retries": {"attempts": 2, "backoff_initial_s": 0.01, "retry_after_max_s": 20},
+                    "retries": {
+                        "max_retries": 1,
+                        "backoff_initial_s": 0.01,
+                        "retry_after_max_s": 20,
+                    },
                     # The failing backend first: weights 1:1 start with it.
                     "backends": [backend("bad", failing["503"].url), backend("good", sims[0].url)],
                 }
@@ -112,7 +116,7 @@ def test_retries_stop_and_the_upstream_answer_reaches_the_client(
                     "name": "tiny-llama",
                     "timeouts": FAST,
                     "breaker": NO_BREAKER,
-                    "retries": {"attempts": 3, "retry_after_max_s": 0.05},
+                    "retries": {"max_retries": 2, "retry_after_max_s": 0.05},
                     "backends": [backend("busy", failing["429"].url)],
                 }
             ]
@@ -221,7 +225,7 @@ def test_breaker_opens_and_traffic_goes_around_the_failing_backend(
                 {
                     "name": "tiny-llama",
                     "timeouts": FAST,
-                    "retries": {"attempts": 2, "backoff_initial_s": 0.001},
+                    "retries": {"max_retries": 1, "backoff_initial_s": 0.001},
                     "breaker": {"consecutive_failures": 2, "open_s": 30},
                     "backends": [backend("bad", failing["500"].url), backend("good", sims[0].url)],
                 }
@@ -259,7 +263,7 @@ def test_an_outage_under_load_loses_no_request(logs: Path) -> None:
                 {
                     "name": "tiny-llama",
                     "timeouts": {"connect_s": 1, "first_token_s": 10, "idle_s": 10, "total_s": 30},
-                    "retries": {"attempts": 3, "backoff_initial_s": 0.01, "budget_ratio": 1.0},
+                    "retries": {"max_retries": 2, "backoff_initial_s": 0.01, "budget_ratio": 1.0},
                     "backends": [backend("w1", first.url), backend("w2", second.url)],
                 }
             ]
@@ -432,7 +436,7 @@ def test_an_error_as_the_first_stream_event_is_retried_elsewhere(logs: Path) -> 
             [
                 {
                     "name": "tiny-llama",
-                    "retries": {"attempts": 2, "backoff_initial_s": 0.001},
+                    "retries": {"max_retries": 1, "backoff_initial_s": 0.001},
                     "backends": [backend("broken", broken.url), backend("healthy", healthy.url)],
                 }
             ]
@@ -520,7 +524,7 @@ def test_route_explain_replays_a_logged_incident(logs: Path) -> None:
                     "seed": 42,
                     "timeouts": FAST,
                     "breaker": NO_BREAKER,
-                    "retries": {"attempts": 3, "backoff_initial_s": 0.01, "budget_ratio": 1.0},
+                    "retries": {"max_retries": 2, "backoff_initial_s": 0.01, "budget_ratio": 1.0},
                     "backends": [backend("w1", broken.url), backend("w2", healthy.url)],
                 }
             ]

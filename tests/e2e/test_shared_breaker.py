@@ -59,7 +59,7 @@ def test_a_breaker_opened_through_one_gateway_is_open_in_another(
     route = {
         "name": "tiny-llama",
         "timeouts": FAST,
-        "retries": {"attempts": 1},
+        "retries": {"max_retries": 0},
         # Open for 5 s: long enough for the checks of the open state below, on a slow machine.
         "breaker": {"consecutive_failures": 2, "open_s": 5},
         "backends": [backend("w1", sim.url)],

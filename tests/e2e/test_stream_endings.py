@@ -342,7 +342,7 @@ def slow_gateway(logs: Path, slow_fakes: dict[str, FakeUpstream]) -> Iterator[Ga
             "name": "slow",
             "fallbacks": ["slow-fallback"],
             "timeouts": {"connect_s": 1, "first_token_s": 2, "idle_s": 2, "total_s": DEADLINE_S},
-            "retries": {"attempts": 2},
+            "retries": {"max_retries": 1},
             "health": UNCHECKED,
             "breaker": NO_BREAKER,
             "backends": [fake_backend(n, slow_fakes[n]) for n in ("p1", "p2")],
@@ -351,7 +351,7 @@ def slow_gateway(logs: Path, slow_fakes: dict[str, FakeUpstream]) -> Iterator[Ga
             # Its own deadline and phase timeouts are far longer: they must not apply.
             "name": "slow-fallback",
             "timeouts": {"connect_s": 1, "first_token_s": 20, "idle_s": 20, "total_s": 60},
-            "retries": {"attempts": 3},
+            "retries": {"max_retries": 2},
             "health": UNCHECKED,
             "breaker": NO_BREAKER,
             "backends": [fake_backend(n, slow_fakes[n]) for n in ("f1", "f2")],

@@ -59,7 +59,7 @@ def start(
             {
                 "name": "tiny-llama",
                 "health": UNCHECKED,
-                "retries": {"attempts": 2, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
+                "retries": {"max_retries": 1, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
                 "non_stream": "passthrough",  # the fake answers every request with REPLY
                 "backends": [
                     backend("down", upstreams["failing"].url, weight=100),

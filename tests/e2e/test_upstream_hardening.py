@@ -39,7 +39,7 @@ from tests.fake_upstream import (
 from tests.servers import DEMO_KEY, Gateway, backend, gateway_config, start_gateway
 
 UNCHECKED = {"enabled": False}  # no health probes: each connection's requests are the test's
-ONCE = {"attempts": 1}  # each failure reaches the client as it is
+ONCE = {"max_retries": 0}  # each failure reaches the client as it is
 TIMEOUTS = {"connect_s": 2, "first_token_s": 8, "idle_s": 8, "total_s": 8}
 CLIENT_TIMEOUT_S = 30
 # The head of an answer nobody asked for: on a reused connection the next answer would be
