@@ -231,7 +231,7 @@ class Router:
         outcome.route = route.name
         # X-VGate-Pin reproduces one backend's behaviour: never hidden by a fallback.
         candidates = [] if plan.pin_forced else list(route.fallbacks)
-        reserve = _fallback_reserve(route, candidates)
+        reserve = route.config.fallback_reserve(candidates[0].config if candidates else None)
         while True:
             # While a fallback is left, the attempts leave it its share of the time.
             answer_by = deadline - reserve if candidates else deadline
@@ -310,16 +310,6 @@ class Router:
             hooks.on_retry(route.name, delay)
 
         return await route.retry.run(attempt, deadline=window.answer_by, on_retry=on_retry)
-
-
-def _fallback_reserve(route: Route, fallbacks: list[Route]) -> float:
-    """The time `route` leaves its fallbacks (`timeouts.fallback_reserve_s`)."""
-    if not fallbacks:
-        return 0.0
-    timeouts = route.timeouts
-    if timeouts.fallback_reserve_s is not None:
-        return timeouts.fallback_reserve_s
-    return min(fallbacks[0].timeouts.first_token_s, timeouts.total_s / 2)
 
 
 def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:
