@@ -159,6 +159,8 @@ class Router:
         reason = ""
         for route in self._resume_chain(plan, broken.route):
             exclude = (failed,) if route is broken.route else ()
+            if route is not broken.route:
+                self._fall_back(plan, outcome, broken.route, route)
             try:
                 stream = await self._on_route(route, plan, outcome, once, window, exclude=exclude)
             except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
@@ -166,7 +168,6 @@ class Router:
                 if outcome.attempts > attempts_before:
                     reason = _message_of(exc)  # a real attempt's failure says the most
                 continue
-            self._resumed_on(plan, outcome, broken.route, route)
             return stream, mode
         if outcome.attempts == attempts_before:
             # Nowhere else to go: the backend that broke may still finish the answer.
@@ -188,12 +189,11 @@ class Router:
         start = next((i for i, route in enumerate(chain) if route is answering), 0)
         return chain[start:] if chain[start] is answering else [answering, *chain]
 
-    def _resumed_on(self, plan: Plan, outcome: Outcome, broken: Route, route: Route) -> None:
-        if route is broken:
-            return
+    def _fall_back(self, plan: Plan, outcome: Outcome, previous: Route, route: Route) -> None:
+        """The request goes on from `previous` to its fallback `route`."""
         outcome.route = route.name
         outcome.fallback_from = outcome.fallback_from or plan.route.name
-        self.hooks.on_fallback(broken.name, route.name)
+        self.hooks.on_fallback(previous.name, route.name)
 
     async def _admit(self, plan: Plan, outcome: Outcome) -> None:
         """A slot of the process's in-flight limit, queueing by priority when none is free."""
@@ -253,9 +253,7 @@ class Router:
             if not candidates or loop.time() >= deadline:
                 raise last
             previous, current = current, candidates.pop(0)
-            outcome.route = current.name
-            outcome.fallback_from = outcome.fallback_from or route.name
-            self.hooks.on_fallback(previous.name, current.name)
+            self._fall_back(plan, outcome, previous, current)
 
     async def _on_route(
         self,
@@ -335,10 +333,14 @@ class _RouteExhausted(Exception):
 
 
 def _message_of(exc: BaseException) -> str:
-    if isinstance(exc, _RouteExhausted):
-        return exc.failure.error.message
-    if isinstance(exc, AttemptFailed):
-        return exc.error.message
-    if isinstance(exc, GatewayError):
-        return exc.message
-    return str(exc)
+    """What went wrong, naming the backend where the message does not (an upstream's own
+    refusal is in its words)."""
+    failure = exc.failure if isinstance(exc, _RouteExhausted) else exc
+    if isinstance(failure, AttemptFailed):
+        message = failure.error.message
+        if f"'{failure.backend}'" not in message:
+            message = f"Backend '{failure.backend}' answered: {message}"
+        return message
+    if isinstance(failure, GatewayError):
+        return failure.message
+    return str(failure)

@@ -394,11 +394,11 @@ def test_upstream_failures_before_the_first_byte(
         list(result)  # type: ignore[call-overload]
     assert caught.value.status_code == status
     assert error_of(caught.value)["code"] == code
-    # The timeout that ended the request names itself. A hung non-streaming request has no
-    # first token: only total_s bounds it. A hung stream's first attempt ends at first_token_s
-    # (1.5 s); its retry's would end past the request's total_s (3 s), which cuts it first.
-    # Each phase on its own: the test_*_timeout_fires_on_its_own tests below.
-    phase = {"hang": "timeouts.total_s", "blackhole": "timeouts.connect_s"}.get(
+    # The timeout that ended the request names itself. A hung request (a stream, or a
+    # non-streaming one assembled from a stream) ends its first attempt at first_token_s
+    # (1.5 s), and a backend that timed out is not asked again: the route's only backend is
+    # done. Each phase on its own: the test_*_timeout_fires_on_its_own tests below.
+    phase = {"hang": "timeouts.first_token_s", "blackhole": "timeouts.connect_s"}.get(
         model.removesuffix("-s")
     )
     if phase is not None:

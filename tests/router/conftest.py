@@ -34,7 +34,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 # Long enough that an answer the fake gives at once always beats them, even on a loaded
 # machine; short enough that a test waiting for one to expire takes a fraction of a second.
 FAST = Timeouts(connect_s=0.05, first_token_s=0.5, idle_s=0.5, total_s=5.0)
-QUICK_RETRIES = RetryConfig(attempts=2, backoff_initial_s=0.001, backoff_max_s=0.001)
+QUICK_RETRIES = RetryConfig(max_retries=1, backoff_initial_s=0.001, backoff_max_s=0.001)
 NO_BREAKER = BreakerConfig(consecutive_failures=1000, min_requests=1000)
 CALL = Call("req-1")
 

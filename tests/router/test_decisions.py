@@ -24,7 +24,7 @@ async def test_decisions_are_recorded_in_order_and_replay_to_the_same_choice(
 ) -> None:
     fakes["w1"].then = Refuse(500)
     fakes["w2"].then = chat_completion("hi")
-    retries = RetryConfig(attempts=3, backoff_initial_s=0.001, budget_ratio=1.0)
+    retries = RetryConfig(max_retries=2, backoff_initial_s=0.001, budget_ratio=1.0)
     routes = (
         route(
             "m",

@@ -24,7 +24,7 @@ from providers.fake import (
 from tests.router.conftest import backend, chat, complete, make_router, route, stream, timeouts
 
 RETRY_AFTER_HONOURED = RetryConfig(
-    attempts=2, backoff_initial_s=0.001, backoff_max_s=0.001, retry_after_max_s=20
+    max_retries=1, backoff_initial_s=0.001, backoff_max_s=0.001, retry_after_max_s=20
 )
 
 
@@ -59,7 +59,7 @@ async def test_a_retry_after_with_no_other_backend_is_waited_out_up_to_its_cap(
     fakes: FakeAdapters,
 ) -> None:
     fakes["w1"].add(Refuse(503, retry_after="30"), chat_completion("hi"))
-    retries = RetryConfig(attempts=2, retry_after_max_s=0.05)
+    retries = RetryConfig(max_retries=1, retry_after_max_s=0.05)
     router = make_router(fakes, route("m", "w1", retries=retries, non_stream="passthrough"))
     outcome = Outcome()
     completion = await complete(router, chat(), outcome)
@@ -103,7 +103,7 @@ async def test_retries_stop_at_their_attempts_and_the_last_answer_reaches_the_cl
 ) -> None:
     busy = {"error": {"message": "busy", "type": "rate_limit", "code": 429}}
     fakes["w1"].then = Refuse(429, busy, retry_after="7")
-    retries = RetryConfig(attempts=3, retry_after_max_s=0.001)
+    retries = RetryConfig(max_retries=2, retry_after_max_s=0.001)
     router = make_router(fakes, route("m", "w1", retries=retries, non_stream="passthrough"))
     outcome = Outcome()
     with pytest.raises(UpstreamRejected) as caught:
@@ -131,7 +131,7 @@ async def test_a_connection_refused_everywhere_is_a_502_naming_the_backend(
     fakes: FakeAdapters,
 ) -> None:
     fakes["w1"].add(CannotConnect(), CannotConnect(timed_out=True))
-    router = make_router(fakes, route("m", "w1", retries=RetryConfig(attempts=2)))
+    router = make_router(fakes, route("m", "w1", retries=RetryConfig(max_retries=1)))
     outcome = Outcome()
     # The second attempt found the backend ejected: the first failure is what is told.
     with pytest.raises(UpstreamError) as caught:
@@ -164,7 +164,7 @@ async def test_one_deadline_covers_every_attempt(fakes: FakeAdapters) -> None:
     fakes["w1"].then = Hang()
     fakes["w2"].then = Hang()
     limits = timeouts(first_token_s=0.3, idle_s=0.5, total_s=0.5)
-    retries = RetryConfig(attempts=5, backoff_initial_s=0.001, backoff_max_s=0.001)
+    retries = RetryConfig(max_retries=4, backoff_initial_s=0.001, backoff_max_s=0.001)
     router = make_router(fakes, route("m", "w1", "w2", timeouts=limits, retries=retries))
     loop = asyncio.get_running_loop()
     started = loop.time()
