@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from gateway.config import BackendConfig, UpstreamConfig
 from gateway.errors import TransportError
+from providers.base import RequestContext
 from providers.http1 import ByteBudget, ConnectionPool, Response
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection the server is
@@ -97,10 +98,8 @@ class OpenAICompatibleAdapter:
             await self._pool.aclose()
             self._pool = None
 
-    async def post(
-        self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
-    ) -> HTTPUpstreamResponse:
-        response = await self._send(b"POST", path, body, request_id, traceparent)
+    async def post(self, path: str, body: bytes, context: RequestContext) -> HTTPUpstreamResponse:
+        response = await self._send(b"POST", path, body, context.request_id, context.traceparent)
         limits = self._limits
         if path == _EMBEDDINGS_PATH:
             cap, setting = limits.max_embeddings_body_bytes, "upstream.max_embeddings_body_bytes"

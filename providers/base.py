@@ -7,7 +7,20 @@ An exchange that fails raises a `gateway.errors.TransportError` (`UpstreamConnec
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What an adapter is told of the request an exchange is for, besides its body."""
+
+    request_id: str  # sent as X-Request-ID
+    traceparent: bytes | None = None  # W3C trace context, sent as traceparent
+    caller: str | None = None  # the key's name: what a chaos experiment may target
+    chaos: str | None = None  # the chaos experiment the request asked for (X-VGate-Chaos)
+    # What chaos did to the request's attempts ("experiment:fault"), for its log line.
+    injected: list[str] | None = None
 
 
 class UpstreamResponse(Protocol):
@@ -35,11 +48,9 @@ class Adapter(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def post(
-        self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
-    ) -> UpstreamResponse:
+    async def post(self, path: str, body: bytes, context: RequestContext) -> UpstreamResponse:
         """Send a JSON POST; returns once the response's status and headers arrived.
-        `traceparent` (W3C) carries the request's trace to the upstream."""
+        The context's request id and trace go to the upstream as headers."""
         ...
 
     async def health(self, timeout_s: float) -> bool: ...

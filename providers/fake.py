@@ -27,6 +27,7 @@ import orjson
 from gateway.config import BackendConfig, Timeouts, UpstreamConfig
 from gateway.errors import UpstreamBroken, UpstreamConnectError
 from gateway.wire.sse import DONE_EVENT
+from providers.base import RequestContext
 from providers.http1 import ByteBudget
 
 DONE = DONE_EVENT  # the stream's last event, as scripts write it
@@ -182,10 +183,8 @@ class FakeAdapter:
     async def aclose(self) -> None:
         self.closed = True
 
-    async def post(
-        self, path: str, body: bytes, request_id: str, traceparent: bytes | None = None
-    ) -> FakeResponse:
-        request = FakeRequest(path, orjson.loads(body), request_id, traceparent)
+    async def post(self, path: str, body: bytes, context: RequestContext) -> FakeResponse:
+        request = FakeRequest(path, orjson.loads(body), context.request_id, context.traceparent)
         self.requests.append(request)
         reply = self._next(request)
         if isinstance(reply, CannotConnect):

@@ -160,6 +160,7 @@ class ProxyEndpoint:
             pins=caller.pins,
             headers=scope["headers"],
             priority=Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE,
+            caller=caller.name,
         )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:

@@ -102,9 +102,7 @@ async def complete(
     with backend.breaker.attempt():
         try:
             async with asyncio.timeout_at(window.answer_by):
-                response = await backend.adapter.post(
-                    request.endpoint.value, body, plan.call.request_id, plan.call.traceparent
-                )
+                response = await backend.adapter.post(request.endpoint.value, body, plan.context)
                 if response.status != 200:
                     raise await _refused(backend, response)
                 content_type = response.content_type
@@ -242,7 +240,7 @@ async def open_stream(
         try:
             async with asyncio.timeout_at(first_token_deadline):
                 stream.response = response = await backend.adapter.post(
-                    request.endpoint.value, body, plan.call.request_id, plan.call.traceparent
+                    request.endpoint.value, body, plan.context
                 )
                 if response.status != 200:
                     raise await _refused(backend, response)

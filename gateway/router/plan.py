@@ -4,7 +4,7 @@ a backend it is pinned to, its affinity key and its place in the admission queue
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.router.backend import Backend
@@ -12,6 +12,7 @@ from gateway.router.route import Route
 from gateway.wire.validation import ProxyRequest
 from policies.admission import Priority
 from policies.affinity import request_key
+from providers.base import RequestContext
 
 # Not frozen, though never changed once made: a frozen dataclass's __init__ costs three times
 # as much, and these are made once per request on the hot path.
@@ -30,6 +31,8 @@ class Call:
     pins: tuple[str, ...] = ()  # backends the caller is configured to use, where a route has them
     headers: Sequence[tuple[bytes, bytes]] = ()  # the request's, for a route's affinity header
     priority: Priority = Priority.INTERACTIVE
+    caller: str | None = None  # the key's name
+    chaos: str | None = None  # the chaos experiment asked for, by a key allowed to
 
 
 @dataclass(slots=True)
@@ -42,6 +45,11 @@ class Plan:
     pin: Backend | None = None  # the only backend it may go to
     pin_forced: bool = False  # asked for by the client: never hidden behind a fallback
     affinity_key: str | None = None
+    context: RequestContext = field(init=False)  # what every adapter is told of the request
+
+    def __post_init__(self) -> None:
+        call = self.call
+        self.context = RequestContext(call.request_id, call.traceparent, call.caller, call.chaos)
 
 
 def plan(request: ProxyRequest, call: Call, route: Route) -> Plan:

@@ -25,6 +25,7 @@ import pytest
 from gateway.config import BackendConfig, UpstreamConfig
 from gateway.errors import UpstreamBroken
 from gateway.wire.headers import RETRY_AFTER_MAX_S, retry_after_seconds
+from providers.base import RequestContext
 from providers.http1 import ByteBudget
 from providers.vllm import VLLMAdapter
 from tests.fake_upstream import (
@@ -475,9 +476,9 @@ def test_the_adapter_caps_answers_by_endpoint() -> None:
             budget=budget,
         )
         await adapter.start()
-        response = await adapter.post("/v1/embeddings", b"{}", "r1")
+        response = await adapter.post("/v1/embeddings", b"{}", RequestContext("r1"))
         assert await response.read(64 * 1024 * 1024) == body
-        response = await adapter.post("/v1/chat/completions", b"{}", "r2")
+        response = await adapter.post("/v1/chat/completions", b"{}", RequestContext("r2"))
         with pytest.raises(UpstreamBroken, match=r"upstream\.max_body_bytes"):
             await response.read(64 * 1024 * 1024)
         assert budget.used == 0  # every reservation given back

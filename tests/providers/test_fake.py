@@ -10,6 +10,7 @@ import pytest
 from gateway.config import BackendConfig, Timeouts, UpstreamConfig
 from gateway.errors import UpstreamBroken, UpstreamConnectError
 from providers import Adapter, AdapterFactory
+from providers.base import RequestContext
 from providers.fake import (
     DONE,
     Break,
@@ -35,8 +36,8 @@ BODY = orjson.dumps({"model": "m", "messages": []})
 
 async def test_replies_come_in_order_and_every_request_is_recorded() -> None:
     fake = FakeAdapter("w1", Refuse(503, retry_after="2"), chat_completion("hi"))
-    refused = await fake.post("/v1/chat/completions", BODY, "req-1", b"00-trace")
-    answered = await fake.post("/v1/completions", b'{"n": 1}', "req-2")
+    refused = await fake.post("/v1/chat/completions", BODY, RequestContext("req-1", b"00-trace"))
+    answered = await fake.post("/v1/completions", b'{"n": 1}', RequestContext("req-2"))
     assert (refused.status, refused.retry_after) == (503, "2")
     assert orjson.loads(await refused.read(1024))["error"]["code"] == 503
     assert answered.status == 200 and answered.content_type == "application/json"
@@ -52,9 +53,9 @@ async def test_replies_come_in_order_and_every_request_is_recorded() -> None:
 async def test_a_request_beyond_the_script_fails_the_test_unless_then_answers() -> None:
     strict = FakeAdapter("w1")
     with pytest.raises(ScriptExhausted, match="'w1' got request 1"):
-        await strict.post("/v1/chat/completions", BODY, "req-1")
+        await strict.post("/v1/chat/completions", BODY, RequestContext("req-1"))
     lenient = FakeAdapter("w2", Refuse(500), then=Json(b"{}"))
-    statuses = [(await lenient.post("/p", BODY, "r")).status for _ in range(3)]
+    statuses = [(await lenient.post("/p", BODY, RequestContext("r"))).status for _ in range(3)]
     assert statuses == [500, 200, 200]
 
 
@@ -63,14 +64,14 @@ async def test_a_callable_reply_answers_from_the_request() -> None:
         return Json({"model": request.body["model"], "id": request.request_id})
 
     fake = FakeAdapter("w1", then=echo)
-    response = await fake.post("/v1/chat/completions", BODY, "req-9")
+    response = await fake.post("/v1/chat/completions", BODY, RequestContext("req-9"))
     assert orjson.loads(await response.read(1024)) == {"model": "m", "id": "req-9"}
 
 
 async def test_a_stream_is_one_read_per_item_and_pauses_until_the_test_says() -> None:
     go_on = asyncio.Event()
     fake = FakeAdapter("w1", Events([chat_chunk("a"), Pause(go_on), b"data: [DO", b"NE]\n\n"]))
-    response = await fake.post("/v1/chat/completions", BODY, "req-1")
+    response = await fake.post("/v1/chat/completions", BODY, RequestContext("req-1"))
     chunks = response.chunks()
     assert await anext(chunks) == b"data: " + orjson.dumps(chat_chunk("a")) + b"\n\n"
     paused = asyncio.ensure_future(anext(chunks))
@@ -88,12 +89,12 @@ async def test_failures_are_the_transport_errors_the_router_handles() -> None:
         "w1", CannotConnect(), CannotConnect(timed_out=True), Events([chat_chunk("a"), Break()])
     )
     with pytest.raises(UpstreamConnectError) as refused:
-        await fake.post("/p", BODY, "r")
+        await fake.post("/p", BODY, RequestContext("r"))
     assert not refused.value.timed_out
     with pytest.raises(UpstreamConnectError) as timed_out:
-        await fake.post("/p", BODY, "r")
+        await fake.post("/p", BODY, RequestContext("r"))
     assert timed_out.value.timed_out
-    response = await fake.post("/p", BODY, "r")
+    response = await fake.post("/p", BODY, RequestContext("r"))
     with pytest.raises(UpstreamBroken, match="reset"):
         await response.read(1 << 20)
 
@@ -102,8 +103,8 @@ async def test_a_hang_ends_only_when_the_caller_gives_up() -> None:
     fake = FakeAdapter("w1", Hang(), Events([chat_chunk("a"), Hang()]))
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
-            await fake.post("/p", BODY, "r")
-    response = await fake.post("/p", BODY, "r")
+            await fake.post("/p", BODY, RequestContext("r"))
+    response = await fake.post("/p", BODY, RequestContext("r"))
     chunks = response.chunks()
     await anext(chunks)
     with pytest.raises(TimeoutError):
@@ -114,7 +115,7 @@ async def test_a_hang_ends_only_when_the_caller_gives_up() -> None:
 
 async def test_read_refuses_more_than_its_limit_as_a_broken_upstream_would() -> None:
     fake = FakeAdapter("w1", Json(b"x" * 100))
-    response = await fake.post("/p", BODY, "r")
+    response = await fake.post("/p", BODY, RequestContext("r"))
     with pytest.raises(UpstreamBroken, match="exceeds 99 bytes"):
         await response.read(99)
     response.close()
