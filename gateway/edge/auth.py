@@ -48,6 +48,7 @@ class Caller:
     tier: Literal["interactive", "batch"] = "interactive"
     pins: tuple[str, ...] = ()  # backends this key's requests go to, on routes that have them
     may_pin: bool = False  # may force a backend for one request with X-VGate-Pin
+    may_chaos: bool = False  # may ask for a chaos experiment with X-VGate-Chaos
     # The model routes (by route name; aliases resolved when the ring knows the config) this
     # key may use; None: every one.
     models: frozenset[str] | None = None
@@ -79,6 +80,7 @@ class _KeyEntry(BaseModel):
     disabled: bool = False
     pin: tuple[str, ...] = ()  # backend names; a route with one of them always uses it
     may_pin: bool = False  # the right to send X-VGate-Pin
+    may_chaos: bool = False  # the right to send X-VGate-Chaos (an on_request experiment)
     models: tuple[str, ...] = ()  # model names or aliases this key may use; empty: all
     limits: _Limits = _Limits()
     guardrails: _Guardrails = _Guardrails()
@@ -99,6 +101,7 @@ class _KeyEntry(BaseModel):
             "guardrails": self.guardrails.model_dump(),
             "pin": list(self.pin) or None,
             "may_pin": self.may_pin,
+            "may_chaos": self.may_chaos,
             "disabled": self.disabled,
         }
 
@@ -363,6 +366,7 @@ def _callers(
             tier=entry.tier,
             pins=entry.pin,
             may_pin=entry.may_pin,
+            may_chaos=entry.may_chaos,
             models=allowed,
             limits=_limits(entry),
             guardrails=None

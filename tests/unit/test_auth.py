@@ -90,6 +90,25 @@ def test_profiles_are_enabled_keys_by_id_or_by_a_name_only_one_has(tmp_path: Pat
     assert keys.profile("nobody") is None
 
 
+def test_may_chaos_is_a_right_a_key_must_be_given(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        f"  - {{id: drill, name: drill, sha256: {hash_key('d')}, may_chaos: true}}\n"
+        f"  - {{id: plain, name: plain, sha256: {hash_key('p')}}}\n"
+    )
+    keys = KeyRing.load(path)
+    assert keys.authenticate(b"Bearer d").may_chaos is True
+    assert keys.authenticate(b"Bearer p").may_chaos is False  # off unless given
+    assert keys.authenticate(b"Bearer d").may_pin is False  # one right does not imply another
+    described = {key["id"]: key["may_chaos"] for key in keys.describe()}
+    assert described == {"drill": True, "plain": False}
+    path.write_text(f"keys:\n  - {{id: x, name: x, sha256: {hash_key('x')}, may_chaos: maybe}}\n")
+    with pytest.raises(ConfigError) as caught:
+        KeyRing.load(path)
+    assert caught.value.field == "keys[0].may_chaos"
+
+
 @pytest.mark.parametrize(
     ("error", "charged"),
     [
