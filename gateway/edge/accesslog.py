@@ -40,6 +40,8 @@ class AccessLog:
             "error": record.error,
             "decisions": [decision.to_json() for decision in record.decisions],
         }
+        if record.chaos:  # absent, not empty, where chaos left the request alone
+            line["chaos"] = record.chaos
         self._stream.write(orjson.dumps(line) + b"\n")
         self._stream.flush()
 

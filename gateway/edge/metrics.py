@@ -1,7 +1,9 @@
 """Prometheus metrics with bounded label sets.
 
 Labels come only from configuration (model and backend names), fixed sets (endpoint), and
-HTTP status codes. Keys, prompts and request ids never become labels.
+HTTP status codes. Keys, prompts and request ids never become labels. Chaos experiments'
+names, which an admin may add at run time, are bounded by the chaos core (at most 32 at a
+time) and here again (`CHAOS_EXPERIMENT_LABELS` in all, then "other").
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
 NONE = "none"
+OTHER = "other"
+CHAOS_FAULTS = frozenset(
+    {
+        "latency",
+        "error",
+        "refuse",
+        "reset",
+        "hang",
+        "slow_first_token",
+        "slow_tokens",
+        "cut",
+        "stall",
+        "malformed",
+        "no_done",
+    }
+)
+CHAOS_EXPERIMENT_LABELS = 64  # distinct experiment names counted over the process's life
 
 
 class _Children(NamedTuple):
@@ -146,6 +165,13 @@ class GatewayMetrics:
         )
         for backend in self._backends:
             self.backend_healthy.labels(backend).set(1)
+        self.chaos_injections = Counter(
+            "vgate_chaos_injected",
+            "Faults injected by chaos experiments, by experiment and fault.",
+            ["experiment", "fault"],
+            registry=registry,
+        )
+        self._chaos_experiments: set[str] = set()
         self._children: dict[tuple[str, str, int], _Children] = {}
         self._upstream_children: dict[str, Histogram] = {}
 
@@ -187,6 +213,16 @@ class GatewayMetrics:
     def stream_resumed(self, model: str, mode: str, outcome: str) -> None:
         if model in self._models:
             self.resumptions.labels(model, mode, outcome).inc()
+
+    def chaos_injected(self, experiment: str, fault: str) -> None:
+        """One fault injected (chaos's `on_injected`); called on the attempt's own path."""
+        known = self._chaos_experiments
+        if experiment not in known:
+            if len(known) >= CHAOS_EXPERIMENT_LABELS:
+                experiment = OTHER
+            else:
+                known.add(experiment)
+        self.chaos_injections.labels(experiment, fault if fault in CHAOS_FAULTS else OTHER).inc()
 
     def breaker_changed(self, backend: str, old: str, new: str) -> None:
         if backend in self._backends:

@@ -23,6 +23,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
+    PermissionDenied,
     StreamInterrupted,
 )
 from gateway.router import Call, Outcome, Plan, Router
@@ -141,6 +142,7 @@ class ProxyEndpoint:
                 raise
             finally:
                 record.absorb(outcome)
+                record.chaos = plan.context.injected
                 if verdict.ticket is not None:
                     self.limits.settle_nowait(verdict.ticket, outcome.tokens, failed=failed)
         except GatewayError as error:
@@ -151,6 +153,13 @@ class ProxyEndpoint:
     def _call(scope: Scope, caller: Caller, record: RequestRecord) -> Call:
         """What the router is told of the request beyond its body."""
         pin = header(scope, b"x-vgate-pin")
+        chaos = header(scope, b"x-vgate-chaos")
+        if chaos is not None and not caller.may_chaos:
+            raise PermissionDenied(
+                "This API key may not ask for a chaos experiment: X-VGate-Chaos needs the "
+                "key's may_chaos right in the keys file.",
+                code="chaos_not_allowed",
+            )
         return Call(
             record.request_id,
             record.traceparent,
@@ -161,6 +170,7 @@ class ProxyEndpoint:
             headers=scope["headers"],
             priority=Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE,
             caller=caller.name,
+            chaos=None if chaos is None else chaos.decode("latin-1").strip(),
         )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:

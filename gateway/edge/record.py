@@ -14,6 +14,7 @@ class RequestRecord:
         "backend",
         "backend_s",
         "caller",
+        "chaos",
         "completion_tokens",
         "decisions",
         "dropped_events",
@@ -53,6 +54,8 @@ class RequestRecord:
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
         self.decisions: list[Decision] = []  # the router's backend choices, replayable
+        # What chaos injected into the request's attempts ("experiment:fault"), in order.
+        self.chaos: list[str] | None = None
         # With tracing: (trace id, span id, parent span id or 0, wall-clock start in ns)
         # when sampled, and the W3C traceparent sent upstream.
         self.trace: tuple[int, int, int, int] | None = None

@@ -127,6 +127,7 @@ class Tracer:
         if parent_id:
             parent = SpanContext(trace_id, parent_id, True, TraceFlags(TraceFlags.SAMPLED))
         end_ns = start_ns + int((end - record.start) * 1e9)
+        chaos = record.chaos or ()
         failed = record.status >= 500 or (record.error is not None and record.status != 499)
         span = ReadableSpan(
             name=f"{record.method} {record.path}",
@@ -135,8 +136,11 @@ class Tracer:
             resource=self._resource,
             attributes=_attributes(record),
             events=[
-                Event("vgate.route.decision", _decision_attributes(d.to_json()), start_ns)
-                for d in record.decisions
+                *(
+                    Event("vgate.route.decision", _decision_attributes(d.to_json()), start_ns)
+                    for d in record.decisions
+                ),
+                *(Event("vgate.chaos.injected", _chaos_attributes(i), start_ns) for i in chaos),
             ],
             kind=SpanKind.SERVER,
             status=Status(StatusCode.ERROR, record.error) if failed else Status(StatusCode.UNSET),
@@ -193,6 +197,12 @@ def _attributes(record: RequestRecord) -> dict[str, Any]:
     if record.resumptions:
         attributes["vgate.resumptions"] = record.resumptions
     return attributes
+
+
+def _chaos_attributes(injected: str) -> dict[str, Any]:
+    """One injection, "experiment:fault" as the record keeps it, as span-event attributes."""
+    experiment, _, fault = injected.rpartition(":")
+    return {"vgate.chaos.experiment": experiment, "vgate.chaos.fault": fault}
 
 
 def _decision_attributes(decision: dict[str, Any]) -> dict[str, Any]:

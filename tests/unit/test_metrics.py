@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import RedisConfig
-from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.metrics import CHAOS_EXPERIMENT_LABELS, GatewayMetrics
 from policies.limits import KeyLimits
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits, RedisLimits
@@ -50,3 +50,23 @@ async def test_a_shared_limit_store_exports_what_it_decided_without_redis() -> N
     finally:
         await store.aclose()
         await client.aclose()
+
+
+def test_chaos_injections_are_counted_under_a_bounded_label_set() -> None:
+    metrics = GatewayMetrics(models=["m"], backends=["b"])
+    metrics.chaos_injected("outage", "error")
+    metrics.chaos_injected("outage", "error")
+    metrics.chaos_injected("outage", "no-such-fault")  # never a label of its own
+    for index in range(CHAOS_EXPERIMENT_LABELS + 5):
+        metrics.chaos_injected(f"drill-{index}", "latency")
+    seen = samples(metrics)
+    injected = {
+        labels: value
+        for (name, labels), value in seen.items()
+        if name == "vgate_chaos_injected_total"
+    }
+    assert injected[(("experiment", "outage"), ("fault", "error"))] == 2
+    assert injected[(("experiment", "outage"), ("fault", "other"))] == 1
+    # "outage" took one of the names: the last six experiments count as "other".
+    assert injected[(("experiment", "other"), ("fault", "latency"))] == 6
+    assert len({dict(labels)["experiment"] for labels in injected}) == CHAOS_EXPERIMENT_LABELS + 1
