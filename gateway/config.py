@@ -527,6 +527,108 @@ class WorkerConfig(_Frozen):
         return items
 
 
+# Chaos: faults injected at the router's adapter seam (chaos/inject.py), off unless enabled.
+MAX_CHAOS_EXPERIMENTS = 32
+ChaosFaultKind = Literal[
+    "latency",
+    "error",
+    "refuse",
+    "reset",
+    "hang",
+    "slow_first_token",
+    "slow_tokens",
+    "cut",
+    "stall",
+    "malformed",
+    "no_done",
+]
+# The fields each kind reads (besides `kind`); a field set that its kind does not read is
+# an error, so a typo in a drill (`after_events` on a latency) is not a silent no-op.
+_CHAOS_FAULT_FIELDS: dict[str, frozenset[str]] = {
+    "latency": frozenset({"latency_ms", "jitter_ms"}),
+    "error": frozenset({"status", "code", "message", "retry_after_s"}),
+    "refuse": frozenset(),
+    "reset": frozenset(),
+    "hang": frozenset(),
+    "slow_first_token": frozenset({"latency_ms", "jitter_ms"}),
+    "slow_tokens": frozenset({"latency_ms", "jitter_ms"}),
+    "cut": frozenset({"after_events"}),
+    "stall": frozenset({"after_events"}),
+    "malformed": frozenset({"after_events"}),
+    "no_done": frozenset(),
+}
+_Delay = Annotated[float, Field(ge=0, le=3_600_000, allow_inf_nan=False)]  # milliseconds
+
+
+class ChaosFault(_Frozen):
+    """What goes wrong. Each kind reads only its own fields (see `_CHAOS_FAULT_FIELDS`)."""
+
+    kind: ChaosFaultKind
+    # latency: added before the upstream is asked; slow_first_token: before the first event;
+    # slow_tokens: before each event. jitter_ms adds a seeded uniform [0, jitter_ms).
+    latency_ms: _Delay = 0
+    jitter_ms: _Delay = 0
+    status: int | None = Field(None, ge=400, le=599)  # error: the status answered
+    code: str | None = Field(None, min_length=1, max_length=64)  # error: OpenAI's code
+    message: str | None = Field(None, min_length=1, max_length=500)  # error: default says injected
+    retry_after_s: float | None = Field(None, ge=0, le=86_400, allow_inf_nan=False)  # error
+    after_events: int = Field(0, ge=0, le=1_000_000)  # cut, stall, malformed: after this many
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> ChaosFault:
+        reads = _CHAOS_FAULT_FIELDS[self.kind]
+        for name in sorted(self.model_fields_set - reads - {"kind"}):
+            if getattr(self, name) != ChaosFault.model_fields[name].default:
+                used = ", ".join(sorted(reads)) or "no other field"
+                raise ValueError(f"{name}: a {self.kind!r} fault does not use it (it uses {used})")
+        if self.kind == "error" and self.status is None:
+            raise ValueError("status: an 'error' fault needs the status to answer (400 to 599)")
+        if self.kind in ("slow_first_token", "slow_tokens") and not self.latency_ms:
+            raise ValueError(f"latency_ms: a {self.kind!r} fault needs a delay above 0")
+        if self.kind == "latency" and not (self.latency_ms or self.jitter_ms):
+            raise ValueError("latency_ms: a 'latency' fault needs latency_ms or jitter_ms above 0")
+        return self
+
+
+class ChaosExperiment(_Frozen):
+    """A named fault, the requests it targets, the share of them it hits, and when."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    fault: ChaosFault
+    # Targets, by name; an empty one means every route, backend or key.
+    routes: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # key names (never the keys themselves)
+    # The share of matching requests hit, deterministically: request n (from 0, counted per
+    # experiment) is hit when floor((n + 1) * rate) > floor(n * rate), as the sim's faults.
+    rate: float = Field(1.0, ge=0, le=1)
+    seed: int = 0  # for the jitter's draws: the same seed, the same delays
+    start_after_s: float = Field(0.0, ge=0, allow_inf_nan=False)  # from the experiment's start
+    duration_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: until stopped
+    # Only requests that ask for it (`X-VGate-Chaos: <name>`, from keys allowed to ask).
+    on_request: bool = False
+
+
+class ChaosConfig(_Frozen):
+    """Fault injection in front of real backends. `enabled` is the master switch: while it
+    is false no experiment runs, and none can be started at run time."""
+
+    enabled: bool = False
+    experiments: tuple[ChaosExperiment, ...] = Field((), max_length=MAX_CHAOS_EXPERIMENTS)
+
+    @field_validator("experiments")
+    @classmethod
+    def _names_are_unique(
+        cls, experiments: tuple[ChaosExperiment, ...]
+    ) -> tuple[ChaosExperiment, ...]:
+        seen: set[str] = set()
+        for experiment in experiments:
+            if experiment.name in seen:
+                raise ValueError(f"experiment name {experiment.name!r} is used twice")
+            seen.add(experiment.name)
+        return experiments
+
+
 class GatewayConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     models: tuple[ModelRoute, ...] = ()  # at least one, counting the routes workers create
@@ -540,6 +642,7 @@ class GatewayConfig(_Frozen):
     guardrails: GuardrailsConfig = GuardrailsConfig()
     upstream: UpstreamConfig = UpstreamConfig()  # caps on what upstreams send
     jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
+    chaos: ChaosConfig = ChaosConfig()  # fault injection at the adapter seam; off by default
     source: str = "<memory>"
     # Settings that load but may not do what they seem to: deprecated names, timeouts that
     # leave a fallback no time. Logged at start-up, printed by `vgate check-config`.
@@ -619,6 +722,31 @@ class GatewayConfig(_Frozen):
         ]
         if found:
             object.__setattr__(self, "warnings", (*self.warnings, *found))
+        return self
+
+    @model_validator(mode="after")
+    def _chaos_targets_exist(self) -> GatewayConfig:
+        """After `_register_workers`: a worker's backend and route can be targeted too."""
+        routes = {route.name for route in self.models}
+        aliases = {alias: route.name for route in self.models for alias in route.aliases}
+        route_of = {backend.name: route.name for route in self.models for backend in route.backends}
+        for index, experiment in enumerate(self.chaos.experiments):
+            where = f"chaos.experiments[{index}]"
+            for name in experiment.routes:
+                if name in aliases:
+                    raise ValueError(
+                        f"{where}.routes: {name!r} is an alias; name its route {aliases[name]!r}"
+                    )
+                if name not in routes:
+                    raise ValueError(f"{where}.routes: {name!r} is not a model route")
+            for name in experiment.backends:
+                if name not in route_of:
+                    raise ValueError(f"{where}.backends: {name!r} is not a backend")
+                if experiment.routes and route_of[name] not in experiment.routes:
+                    raise ValueError(
+                        f"{where}.backends: {name!r} is a backend of route {route_of[name]!r},"
+                        " which the experiment's routes leave out: it would never be hit"
+                    )
         return self
 
 
