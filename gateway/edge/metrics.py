@@ -9,13 +9,14 @@ time) and here again (`CHAOS_EXPERIMENT_LABELS` in all, then "other").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from gateway.config import ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
@@ -29,21 +30,7 @@ _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
 NONE = "none"
 OTHER = "other"
-CHAOS_FAULTS = frozenset(
-    {
-        "latency",
-        "error",
-        "refuse",
-        "reset",
-        "hang",
-        "slow_first_token",
-        "slow_tokens",
-        "cut",
-        "stall",
-        "malformed",
-        "no_done",
-    }
-)
+CHAOS_FAULTS: frozenset[str] = frozenset(get_args(ChaosFaultKind))  # the fixed kinds
 CHAOS_EXPERIMENT_LABELS = 64  # distinct experiment names counted over the process's life
 
 
