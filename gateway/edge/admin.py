@@ -1,4 +1,5 @@
-"""The admin API under /admin/: the keys in force, one key's usage, reloading the keys file.
+"""The admin API under /admin/: the keys in force, one key's usage, reloading the keys file,
+chaos experiments.
 
 Protected by its own key (config `admin.key_sha256` or `admin.key_sha256_env`), never by an
 API key; without one configured these routes do not exist (404). Off the hot path: plain
@@ -10,6 +11,11 @@ Starlette routes. Never answers with a secret or a hash.
                                figures: shared by every process with Redis)
     POST /admin/keys/reload    read the keys file now: 200 with counts, or 400 and the old
                                keys stay in force
+    GET    /admin/chaos         chaos's master switch and every experiment, running or not
+    PUT    /admin/chaos/{name}  start an experiment, the body a `chaos:` config entry (its name
+                               from the path): 200 with it, 400 naming the field, or 409 where
+                               the config has chaos disabled
+    DELETE /admin/chaos/{name}  stop an experiment: 200, or 404 where none has that name
 """
 
 from __future__ import annotations
@@ -18,21 +24,34 @@ import hashlib
 import hmac
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.asgi import header
-from gateway.config import AdminConfig
+from chaos.inject import Chaos
+from gateway.asgi import header, read_body
+from gateway.config import AdminConfig, ChaosExperiment, field_path
 from gateway.edge.auth import KeyRing
-from gateway.errors import AuthenticationError, ConfigError, InvalidRequest, NotFound, clip
+from gateway.errors import (
+    AuthenticationError,
+    BodyTooLarge,
+    ConfigError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    clip,
+)
 from gateway.wire.headers import bearer_token
 from policies.limits import LimitStore, is_unlimited
 
 logger = logging.getLogger("vgate.keys")
+chaos_logger = logging.getLogger("vgate.chaos")
+MAX_EXPERIMENT_BYTES = 64 * 1024  # an experiment is a few hundred bytes of JSON
 
 
 class UsageSource(Protocol):
@@ -59,10 +78,15 @@ def admin_key_hash(config: AdminConfig, source: str) -> str | None:
 
 
 def admin_routes(
-    keys: KeyRing, usage: UsageSource, key_sha256: str, limits: LimitStore | None = None
+    keys: KeyRing,
+    usage: UsageSource,
+    key_sha256: str,
+    limits: LimitStore | None = None,
+    chaos: Chaos | None = None,
 ) -> list[Route]:
     """`usage`: this process's counters; `limits`: the limit store, whose figures (shared
-    through Redis when there is one) are each key's `limits_usage`."""
+    through Redis when there is one) are each key's `limits_usage`; `chaos`: the gateway's
+    experiments (without it, no /admin/chaos routes)."""
     expected = key_sha256.encode("ascii")
 
     def authorize(request: Request) -> None:
@@ -125,11 +149,93 @@ def admin_routes(
         )
         return _json({"object": "keys.reload", "source": keys.source, **counts})
 
-    return [
+    routes = [
         Route("/admin/keys", list_keys, methods=["GET"]),
         Route("/admin/keys/reload", reload, methods=["POST"]),
         Route("/admin/keys/{key_id}", get_key, methods=["GET"]),
     ]
+    if chaos is not None:
+        routes += _chaos_routes(chaos, authorize)
+    return routes
+
+
+def _chaos_routes(chaos: Chaos, authorize: Callable[[Request], None]) -> list[Route]:
+    def described(name: str) -> dict[str, Any]:
+        return next(e for e in chaos.experiments() if e["name"] == name)
+
+    async def list_experiments(request: Request) -> Response:
+        authorize(request)
+        return _json({"object": "list", "enabled": chaos.enabled, "data": chaos.experiments()})
+
+    async def start(request: Request) -> Response:
+        authorize(request)
+        name = request.path_params["name"]
+        experiment = _experiment(name, await _body(request))
+        chaos.start(experiment)  # ChaosDisabled (409) where the config has chaos disabled
+        chaos_logger.warning(
+            "admin: chaos experiment %r started: %s",
+            name,
+            experiment.model_dump_json(exclude_defaults=True),
+        )
+        return _json(described(name))
+
+    async def stop(request: Request) -> Response:
+        authorize(request)
+        name = request.path_params["name"]
+        if not chaos.stop(name):
+            raise NotFound(
+                f"No chaos experiment is named '{clip(name)}'.", code="experiment_not_found"
+            )
+        chaos_logger.warning("admin: chaos experiment %r stopped", name)
+        return _json({"object": "chaos.experiment.deleted", "name": name, "deleted": True})
+
+    return [
+        Route("/admin/chaos", list_experiments, methods=["GET"]),
+        Route("/admin/chaos/{name}", start, methods=["PUT"]),
+        Route("/admin/chaos/{name}", stop, methods=["DELETE"]),
+    ]
+
+
+async def _body(request: Request) -> object:
+    """The request's JSON body, within MAX_EXPERIMENT_BYTES."""
+    try:
+        body = await read_body(request.scope, request.receive, MAX_EXPERIMENT_BYTES)
+    except BodyTooLarge:
+        raise PayloadTooLarge(
+            f"A chaos experiment is at most {MAX_EXPERIMENT_BYTES} bytes of JSON."
+        ) from None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "The body is not valid JSON: send a chaos experiment as a JSON object.",
+            code="invalid_json",
+        ) from None
+
+
+def _experiment(name: str, raw: object) -> ChaosExperiment:
+    """`raw` as the experiment `name`, as the config's `chaos.experiments` entries are
+    checked; the first thing wrong names its field."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest(
+            "The body must be a JSON object: a chaos experiment.", code="invalid_json"
+        )
+    if raw.setdefault("name", name) != name:
+        raise InvalidRequest(
+            f"The body names experiment '{clip(str(raw['name']))}', the path '{clip(name)}': "
+            "leave the name out, or make them the same.",
+            param="name",
+            code="invalid_value",
+        )
+    try:
+        return ChaosExperiment.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = field_path(error["loc"]) or "body"
+        reason = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        raise InvalidRequest(
+            f"Invalid chaos experiment: '{field}': {reason}.", param=field, code="invalid_value"
+        ) from None
 
 
 def _json(content: dict[str, Any]) -> Response:

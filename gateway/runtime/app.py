@@ -122,7 +122,11 @@ def create_app(gateway: Gateway) -> ASGIApp:
     ]
     if gateway.admin_key_sha256 is not None:
         routes += admin_routes(
-            gateway.keys, gateway.usage, gateway.admin_key_sha256, gateway.limits
+            gateway.keys,
+            gateway.usage,
+            gateway.admin_key_sha256,
+            gateway.limits,
+            chaos=gateway.chaos,
         )
 
     @asynccontextmanager

@@ -28,6 +28,7 @@ from typing import BinaryIO, Protocol
 
 from redis.asyncio import Redis
 
+from chaos.inject import Chaos
 from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig
 from gateway.edge.accesslog import AccessLog
 from gateway.edge.admin import admin_key_hash
@@ -80,6 +81,9 @@ class Gateway:
     # What one client connection may take; uvicorn's protocol for this gateway's server.
     connections: ConnectionGuard
     tokens: TokenVerifier | None  # with jwt.enabled: bearer JWTs beside API keys
+    # Chaos experiments; their faults reach the adapters only with chaos.enabled (the master
+    # switch, read at start-up), and without it the admin API may not start one.
+    chaos: Chaos
     _started: AsyncExitStack | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -102,6 +106,9 @@ class Gateway:
             TokenVerifier.from_config(config.jwt, config.source) if config.jwt.enabled else None
         )
         metrics = _metrics(config)
+        chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
+        if config.chaos.enabled:
+            adapters = chaos.wrap(adapters, _route_of(config))
         router = build_router(
             config,
             adapters=adapters,
@@ -136,6 +143,7 @@ class Gateway:
             key_watcher=KeyFileWatcher.from_config(keys, config.keys),
             connections=connections,
             tokens=tokens,
+            chaos=chaos,
         )
 
     async def start(self) -> None:
@@ -198,6 +206,11 @@ def _key_ring(config: GatewayConfig) -> KeyRing:
         backends={backend.name for model in config.models for backend in model.backends},
         models={name: m.name for m in config.models for name in (m.name, *m.aliases)},
     )
+
+
+def _route_of(config: GatewayConfig) -> dict[str, str]:
+    """Each backend's route, by name: what a chaos experiment's `routes` target."""
+    return {backend.name: model.name for model in config.models for backend in model.backends}
 
 
 def _metrics(config: GatewayConfig) -> GatewayMetrics:
