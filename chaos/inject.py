@@ -45,6 +45,7 @@ from gateway.config import (
     ChaosConfig,
     ChaosExperiment,
     ChaosFault,
+    GatewayConfig,
     Timeouts,
     UpstreamConfig,
 )
@@ -54,7 +55,7 @@ from providers.base import Adapter, RequestContext, UpstreamResponse
 from providers.http1 import ByteBudget
 from providers.registry import AdapterFactory
 
-__all__ = ["Chaos", "ChaosAdapter", "ChaosDisabled", "TooManyExperiments"]
+__all__ = ["Chaos", "ChaosAdapter", "ChaosDisabled", "TooManyExperiments", "backend_routes"]
 
 InjectedListener = Callable[[str, str], None]  # experiment name, fault kind
 
@@ -223,6 +224,11 @@ class Chaos:
         else:
             context.injected.append(running.label)
         self._on_injected(running.config.name, running.config.fault.kind)
+
+
+def backend_routes(config: GatewayConfig) -> dict[str, str]:
+    """Each backend's name to its route's: the `route_of` that `Chaos.wrap` takes."""
+    return {backend.name: route.name for route in config.models for backend in route.backends}
 
 
 class ChaosAdapter:

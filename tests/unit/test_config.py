@@ -231,3 +231,142 @@ def test_a_reserve_that_cuts_the_routes_own_first_token_short_is_a_warning(
     assert "own attempts must have their first token within 5 s" in warning
     assert "(total_s 30 less 25 kept for its fallback 'big')" in warning
     assert "lower first_token_s to 5 or raise total_s to 35" in warning
+
+
+# -- chaos: ---------------------------------------------------------------------------------
+
+
+def with_chaos(*experiments: dict[str, object], enabled: bool = True) -> dict[str, object]:
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    raw["chaos"] = {"enabled": enabled, "experiments": list(experiments)}
+    return raw
+
+
+def test_chaos_is_off_by_default(tmp_path: Path) -> None:
+    chaos = load_config(write(tmp_path, MINIMAL), environ={}).chaos
+    assert (chaos.enabled, chaos.experiments) == (False, ())
+
+
+def test_a_chaos_experiment_loads_with_its_defaults(tmp_path: Path) -> None:
+    raw = with_chaos(
+        {"name": "slow-b", "fault": {"kind": "latency", "latency_ms": 200}, "backends": ["b"]},
+        {"name": "busy", "fault": {"kind": "error", "status": 429, "retry_after_s": 2}},
+    )
+    config = load_config(write(tmp_path, raw), environ={"VGATE_CHAOS__EXPERIMENTS__1__RATE": "0.3"})
+    slow, busy = config.chaos.experiments
+    assert config.chaos.enabled
+    assert (slow.name, slow.fault.kind, slow.fault.latency_ms, slow.backends) == (
+        "slow-b",
+        "latency",
+        200,
+        ("b",),
+    )
+    assert (slow.routes, slow.keys, slow.rate, slow.seed) == ((), (), 1.0, 0)
+    assert (slow.start_after_s, slow.duration_s, slow.on_request) == (0, None, False)
+    assert (busy.fault.status, busy.fault.retry_after_s, busy.rate) == (429, 2, 0.3)
+
+
+def test_a_workers_backend_and_route_can_be_targeted(tmp_path: Path) -> None:
+    raw = with_chaos(
+        {"name": "x", "fault": {"kind": "refuse"}, "routes": ["tiny"], "backends": ["w"]}
+    )
+    raw["workers"] = [{"name": "w", "model": "tiny", "port": 9001}]
+    (experiment,) = load_config(write(tmp_path, raw), environ={}).chaos.experiments
+    assert experiment.backends == ("w",)
+
+
+def fault(**fields: object) -> dict[str, object]:
+    return {"name": "x", "fault": fields}
+
+
+@pytest.mark.parametrize(
+    ("experiment", "field", "reason"),
+    [
+        (fault(kind="error"), "chaos.experiments[0].fault", "status: an 'error' fault needs"),
+        (
+            fault(kind="error", status=200),
+            "chaos.experiments[0].fault.status",
+            "greater than or equal to 400",
+        ),
+        (fault(kind="latency"), "chaos.experiments[0].fault", "needs latency_ms or jitter_ms"),
+        (fault(kind="slow_tokens"), "chaos.experiments[0].fault", "needs a delay above 0"),
+        (
+            fault(kind="latency", latency_ms=5, after_events=2),
+            "chaos.experiments[0].fault",
+            "after_events: a 'latency' fault does not use it (it uses jitter_ms, latency_ms)",
+        ),
+        (fault(kind="cut", status=500), "chaos.experiments[0].fault", "status: a 'cut' fault"),
+        (
+            fault(kind="cut", after_events=-1),
+            "chaos.experiments[0].fault.after_events",
+            "greater than or equal to 0",
+        ),
+        (fault(kind="flood"), "chaos.experiments[0].fault.kind", "'latency'"),
+        (fault(kind="hang", latency_ms="inf"), "chaos.experiments[0].fault.latency_ms", "finite"),
+        (
+            {"name": "has space", "fault": {"kind": "hang"}},
+            "chaos.experiments[0].name",
+            "should match pattern",
+        ),
+        (
+            {"name": "x", "fault": {"kind": "hang"}, "rate": 1.5},
+            "chaos.experiments[0].rate",
+            "less than or equal to 1",
+        ),
+        (
+            {"name": "x", "fault": {"kind": "hang"}, "duration_s": 0},
+            "chaos.experiments[0].duration_s",
+            "greater than 0",
+        ),
+        (
+            {"name": "x", "fault": {"kind": "hang"}, "routes": ["nope"]},
+            "chaos.experiments[0].routes",
+            "'nope' is not a model route",
+        ),
+        (
+            {"name": "x", "fault": {"kind": "hang"}, "backends": ["nope"]},
+            "chaos.experiments[0].backends",
+            "'nope' is not a backend",
+        ),
+        (
+            {"name": "x", "fault": {"kind": "hang"}, "colour": "red"},
+            "chaos.experiments[0].colour",
+            "unknown field",
+        ),
+    ],
+)
+def test_chaos_errors_name_the_experiment_and_field(
+    tmp_path: Path, experiment: dict[str, object], field: str, reason: str
+) -> None:
+    path = write(tmp_path, with_chaos(experiment))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+def test_a_routes_alias_is_not_a_chaos_target(tmp_path: Path) -> None:
+    raw = with_chaos({"name": "x", "fault": {"kind": "hang"}, "routes": ["short"]})
+    raw["models"][0]["aliases"] = ["short"]
+    with pytest.raises(ConfigError, match="'short' is an alias; name its route 'm'"):
+        load_config(write(tmp_path, raw), environ={})
+
+
+def test_a_backend_outside_the_experiments_routes_is_an_error(tmp_path: Path) -> None:
+    raw = with_chaos({"name": "x", "fault": {"kind": "hang"}, "routes": ["m"], "backends": ["c"]})
+    other = {"name": "c", "provider": "vllm", "url": "http://127.0.0.1:3"}
+    raw["models"].append({"name": "n", "backends": [other]})
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, raw), environ={})
+    assert caught.value.field == "chaos.experiments[0].backends"
+    assert "'c' is a backend of route 'n'" in caught.value.reason
+
+
+def test_chaos_experiment_names_are_unique_and_at_most_32(tmp_path: Path) -> None:
+    twice = with_chaos(fault(kind="hang"), fault(kind="reset"))
+    with pytest.raises(ConfigError, match="experiment name 'x' is used twice"):
+        load_config(write(tmp_path, twice), environ={})
+    many = with_chaos(*({"name": f"e{i}", "fault": {"kind": "hang"}} for i in range(33)))
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, many), environ={})
+    assert caught.value.field == "chaos.experiments" and "at most 32" in caught.value.reason
