@@ -170,7 +170,7 @@ class ProxyEndpoint:
             headers=scope["headers"],
             priority=Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE,
             caller=caller.name,
-            chaos=None if chaos is None else chaos.decode("latin-1").strip(),
+            chaos=None if chaos is None else chaos.decode("latin-1").strip() or None,
         )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:
