@@ -46,7 +46,7 @@ from providers.http1 import ConnectionPool
 
 logger = logging.getLogger("vgate.supervisor")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # gateway/runtime/supervisor.py → the checkout
 TAIL_LINES = 20  # shown in a failure report
 SCAN_LINES = 300  # searched for the cause
 TAIL_BYTES = 256 * 1024  # of the log, read for those lines
