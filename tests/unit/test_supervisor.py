@@ -425,3 +425,9 @@ async def test_the_proc_scans_of_a_stop_run_off_the_event_loop(
     finally:
         await supervisor.aclose()
     assert scanned_on and not any(scanned_on)
+
+
+def test_the_checkout_it_looks_in_for_the_vllm_venv_is_the_repository() -> None:
+    # vgate up finds .venv-vllm beside pyproject.toml; a module move once made it look
+    # inside gateway/ and fall back to a `vllm` on PATH.
+    assert (supervisor_module.REPO / "pyproject.toml").is_file()
