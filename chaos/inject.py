@@ -49,31 +49,21 @@ from gateway.config import (
     Timeouts,
     UpstreamConfig,
 )
-from gateway.errors import GatewayError, InvalidRequest, UpstreamBroken, UpstreamConnectError
+from gateway.errors import (
+    ChaosDisabled,
+    InvalidRequest,
+    TooManyExperiments,
+    UpstreamBroken,
+    UpstreamConnectError,
+)
 from gateway.wire.sse import data_event, is_done
 from providers.base import Adapter, RequestContext, UpstreamResponse
 from providers.http1 import ByteBudget
 from providers.registry import AdapterFactory
 
-__all__ = ["Chaos", "ChaosAdapter", "ChaosDisabled", "TooManyExperiments", "backend_routes"]
+__all__ = ["Chaos", "ChaosAdapter", "backend_routes"]
 
 InjectedListener = Callable[[str, str], None]  # experiment name, fault kind
-
-
-class ChaosDisabled(GatewayError):
-    """An experiment was to be started on a gateway whose config has chaos disabled."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "chaos_disabled"
-
-
-class TooManyExperiments(GatewayError):
-    """An experiment was to be started beside `MAX_CHAOS_EXPERIMENTS` others."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "too_many_experiments"
 
 
 def _ignore(experiment: str, fault: str) -> None:

@@ -23,6 +23,8 @@
     │   │   └── LimitsUnavailable     the keys' limits cannot be checked (failing closed)
     │   ├── UpstreamTimeout           504 timeout
     │   ├── StatusError               a status the web framework chose (status given)
+    │   ├── ChaosDisabled             409: an experiment started where chaos is switched off
+    │   ├── TooManyExperiments        409: an experiment beside the most that may run
     │   └── StreamInterrupted         a stream broke after its first byte: told as an
     │                                 error event, since its status (200) is already sent
     ├── TransportError                the upstream exchange failed below HTTP: the router
@@ -266,6 +268,22 @@ class StatusError(GatewayError):
         super().__init__(message, headers=headers)
         self.status = status
         self.type = "invalid_request_error" if status < 500 else "server_error"
+
+
+class ChaosDisabled(GatewayError):
+    """An experiment was to be started on a gateway whose config has chaos disabled."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "chaos_disabled"
+
+
+class TooManyExperiments(GatewayError):
+    """An experiment was to be started beside `MAX_CHAOS_EXPERIMENTS` others."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "too_many_experiments"
 
 
 class StreamInterrupted(GatewayError):

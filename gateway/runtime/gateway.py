@@ -28,7 +28,7 @@ from typing import BinaryIO, Protocol
 
 from redis.asyncio import Redis
 
-from chaos.inject import Chaos
+from chaos.inject import Chaos, backend_routes
 from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig
 from gateway.edge.accesslog import AccessLog
 from gateway.edge.admin import admin_key_hash
@@ -108,7 +108,7 @@ class Gateway:
         metrics = _metrics(config)
         chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
         if config.chaos.enabled:
-            adapters = chaos.wrap(adapters, _route_of(config))
+            adapters = chaos.wrap(adapters, backend_routes(config))
         router = build_router(
             config,
             adapters=adapters,
@@ -206,11 +206,6 @@ def _key_ring(config: GatewayConfig) -> KeyRing:
         backends={backend.name for model in config.models for backend in model.backends},
         models={name: m.name for m in config.models for name in (m.name, *m.aliases)},
     )
-
-
-def _route_of(config: GatewayConfig) -> dict[str, str]:
-    """Each backend's route, by name: what a chaos experiment's `routes` target."""
-    return {backend.name: model.name for model in config.models for backend in model.backends}
 
 
 def _metrics(config: GatewayConfig) -> GatewayMetrics:

@@ -16,14 +16,7 @@ import orjson
 import pytest
 
 from chaos.experiments import Experiment, Share
-from chaos.inject import (
-    Chaos,
-    ChaosAdapter,
-    ChaosDisabled,
-    FaultyAnswer,
-    TooManyExperiments,
-    backend_routes,
-)
+from chaos.inject import Chaos, ChaosAdapter, FaultyAnswer, backend_routes
 from gateway.config import (
     MAX_CHAOS_EXPERIMENTS,
     BreakerConfig,
@@ -35,8 +28,10 @@ from gateway.config import (
     UpstreamConfig,
 )
 from gateway.errors import (
+    ChaosDisabled,
     ContextTooLong,
     InvalidRequest,
+    TooManyExperiments,
     UpstreamBroken,
     UpstreamConnectError,
     UpstreamError,
