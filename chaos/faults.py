@@ -35,9 +35,9 @@ import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from fractions import Fraction
 from typing import Any
 
+from chaos.experiments import Share
 from gateway.asgi import Send
 
 __all__ = [
@@ -151,35 +151,30 @@ class FaultInjector:
     was injected into (the worker adds to it when it injects one).
     """
 
-    __slots__ = ("_denominator", "_numerator", "faulted", "faults", "requests")
+    __slots__ = ("_share", "faulted", "faults")
 
     def __init__(self, faults: Faults | None = None) -> None:
         self.faults = Faults()
-        self.requests = 0
         self.faulted = 0
-        self._numerator = 0
-        self._denominator = 1
+        self._share = Share(0.0)
         self.set(faults or Faults())
+
+    @property
+    def requests(self) -> int:
+        return self._share.asked
 
     def set(self, faults: Faults) -> None:
         """Make `faults` the active ones and start counting afresh."""
         rate = faults.error_rate if faults.error_rate > 0 else 1.0
         if not faults.failing:
             rate = 0.0
-        # Exact arithmetic, so 0.29 picks 29 of every 100 and never 28 through rounding.
-        fraction = Fraction(rate).limit_denominator(1_000_000)
         self.faults = faults
-        self.requests = 0
         self.faulted = 0
-        self._numerator = fraction.numerator
-        self._denominator = fraction.denominator
+        self._share = Share(rate)
 
     def admit(self) -> bool:
         """Count one inference request; whether it is picked to fail."""
-        n = self.requests
-        self.requests = n + 1
-        numerator, denominator = self._numerator, self._denominator
-        return (n + 1) * numerator // denominator > n * numerator // denominator
+        return self._share.pick()
 
     def stats(self) -> dict[str, int]:
         return {"requests": self.requests, "faulted": self.faulted}

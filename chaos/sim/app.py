@@ -129,15 +129,15 @@ class SimWorker:
     # ---- the plain routes (with faults set, `FaultedEndpoints` counts requests itself) ------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._injector.requests += 1
+        self._injector.admit()  # counted; with no faults set, never picked
         await self._completions.handle(scope, receive, send, chat=True)
 
     async def _text_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._injector.requests += 1
+        self._injector.admit()  # counted; with no faults set, never picked
         await self._completions.handle(scope, receive, send, chat=False)
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._injector.requests += 1
+        self._injector.admit()  # counted; with no faults set, never picked
         await self._embeddings.handle(scope, receive, send)
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
