@@ -25,7 +25,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.router.backend import Backend
-from gateway.router.outcome import Completion, Outcome
+from gateway.router.outcome import AttemptRecord, Completion, Outcome
 from gateway.router.plan import Plan
 from gateway.router.route import Route
 from gateway.router.streams import UpstreamStream
@@ -84,6 +84,7 @@ async def complete(
     backend: Backend,
     window: Window,
     answers: AnswerBounds,
+    tried: AttemptRecord,
 ) -> Completion:
     """A non-streaming answer: passed through whole, or assembled from a stream."""
     request = plan.request
@@ -92,7 +93,7 @@ async def complete(
         and request.endpoint is not Endpoint.EMBEDDINGS
         and can_assemble(request.payload)
     ):
-        return await _assemble(plan, outcome, route, backend, window, answers)
+        return await _assemble(plan, outcome, route, backend, window, answers, tried)
     loop = asyncio.get_running_loop()
     body = upstream_body(request, backend, ask_usage=False)
     asked = loop.time()
@@ -103,6 +104,8 @@ async def complete(
         try:
             async with asyncio.timeout_at(window.answer_by):
                 response = await backend.adapter.post(request.endpoint.value, body, plan.context)
+                tried.first_byte = time.perf_counter()
+                tried.status = response.status
                 if response.status != 200:
                     raise await _refused(backend, response)
                 content_type = response.content_type
@@ -133,7 +136,8 @@ async def complete(
             backend.in_flight -= 1
             if response is not None:
                 response.close()
-            outcome.add_upstream(time.perf_counter() - sent)
+            tried.end = ended = time.perf_counter()
+            outcome.add_upstream(ended - sent)
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -154,6 +158,7 @@ async def _assemble(
     backend: Backend,
     window: Window,
     bounds: AnswerBounds,
+    tried: AttemptRecord,
 ) -> Completion:
     """A non-streaming answer asked for as a stream and put together here (see
     gateway.wire.assemble): the stream's phase timeouts apply, and an answer that breaks
@@ -161,7 +166,7 @@ async def _assemble(
     request = plan.request
     assembler = Assembler(chat=request.endpoint is Endpoint.CHAT)
     payload = streaming_payload(request.payload)
-    stream = await open_stream(plan, outcome, route, backend, window, assembler, payload)
+    stream = await open_stream(plan, outcome, route, backend, window, tried, assembler, payload)
     first_at = time.perf_counter()
     observer = stream.observer
     budget = bounds.budget
@@ -216,11 +221,13 @@ async def open_stream(
     route: Route,
     backend: Backend,
     window: Window,
+    tried: AttemptRecord,
     recorder: ChunkRecorder | None = None,
     payload: dict[str, Any] | None = None,
 ) -> UpstreamStream:
     """A stream from `backend` whose first event has arrived; `payload` replaces the
-    request's own (a resumption's, an assembled answer's)."""
+    request's own (a resumption's, an assembled answer's). Its attempt ends (`tried.end`)
+    when the stream is closed."""
     loop = asyncio.get_running_loop()
     request = plan.request
     timeouts = route.timeouts
@@ -232,7 +239,7 @@ async def open_stream(
     observer.recorder = recorder
     now = loop.time()
     stream = UpstreamStream(
-        route, backend, observer, deadline=window.end_by, idle_s=timeouts.idle_s
+        route, backend, observer, deadline=window.end_by, idle_s=timeouts.idle_s, tried=tried
     )
     first_token_deadline = min(now + timeouts.first_token_s, window.answer_by)
     sent = time.perf_counter()
@@ -242,6 +249,8 @@ async def open_stream(
                 stream.response = response = await backend.adapter.post(
                     request.endpoint.value, body, plan.context
                 )
+                tried.first_byte = time.perf_counter()
+                tried.status = response.status
                 if response.status != 200:
                     raise await _refused(backend, response)
                 if not is_event_stream(response.content_type):
@@ -251,6 +260,7 @@ async def open_stream(
                         f"'{response.content_type or 'no content type'}', not an event stream",
                     )
                 stream.first = await stream.first_events()
+                tried.first_token = time.perf_counter()
         except TimeoutError:
             stream.close()
             backend.overloaded()

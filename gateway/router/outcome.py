@@ -2,11 +2,51 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.router.route import Decision
+    from gateway.wire.validation import ProxyRequest
+
+
+class AttemptRecord:
+    """One upstream attempt's facts, for its span in the request's trace: noted as they
+    happen (a few `perf_counter` readings and strings), turned into a span at the end.
+
+    Times are `time.perf_counter()` readings; None where the attempt never got that far.
+    """
+
+    __slots__ = (
+        "backend",
+        "end",
+        "first_byte",
+        "first_token",
+        "result",
+        "resumption",
+        "route",
+        "start",
+        "status",
+    )
+
+    def __init__(self, route: str, backend: str, start: float) -> None:
+        self.route = route
+        self.backend = backend
+        self.start = start
+        self.first_byte: float | None = None  # the upstream's response headers
+        self.first_token: float | None = None  # a stream's first event
+        self.end: float | None = None  # answered whole, failed, or its stream closed
+        self.status: int | None = None  # the upstream's HTTP status, where it sent one
+        # "ok", or why it failed: the error's code ("upstream_timeout", "breaker_open",
+        # "upstream_unreachable", "upstream_stream_broken", ...).
+        self.result = "ok"
+        self.resumption: str | None = None  # "prefill" or "regenerate" for a resumed stream
+
+    def failed(self, result: str) -> None:
+        self.result = result
+        if self.end is None:
+            self.end = time.perf_counter()
 
 
 class Outcome:
@@ -25,8 +65,10 @@ class Outcome:
         "dropped_events",
         "fallback_from",
         "prompt_tokens",
+        "request",
         "resumptions",
         "route",
+        "tried",
         "upstream_s",
         "waited_s",
     )
@@ -39,6 +81,8 @@ class Outcome:
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
         self.decisions: list[Decision] = []  # every backend choice, replayable
+        self.tried: list[AttemptRecord] = []  # every attempt, resumptions included, in order
+        self.request: ProxyRequest | None = None  # as the router was given it (for the trace)
         # Whose time it was: every attempt's upstream time summed (the last attempt's alone
         # in backend_s), and the waits the router imposed (admission queue, retry backoff).
         self.upstream_s: float | None = None

@@ -25,7 +25,7 @@ from gateway.router import exchange
 from gateway.router.backend import Backend
 from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
-from gateway.router.outcome import Completion, Outcome
+from gateway.router.outcome import AttemptRecord, Completion, Outcome
 from gateway.router.plan import Call, Plan, plan
 from gateway.router.route import Route
 from gateway.router.streams import ClientStream, ResumableStream, ResumeFailed, UpstreamStream
@@ -35,8 +35,8 @@ from policies.resume import Transcript, prefill_payload
 from policies.retry import AttemptFailed
 
 T = TypeVar("T")
-# One attempt on one backend of a route, within the request's time.
-Attempt = Callable[[Route, Backend, Window], Awaitable[T]]
+# One attempt on one backend of a route, within the request's time, noting its facts.
+Attempt = Callable[[Route, Backend, Window, AttemptRecord], Awaitable[T]]
 
 
 class Router:
@@ -94,10 +94,13 @@ class Router:
     async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
         """A whole answer: tried under the route's retry policy, then on its fallbacks."""
         await self._admit(plan, outcome)
+        outcome.request = plan.request
         answers = self.answers
 
-        async def once(route: Route, backend: Backend, window: Window) -> Completion:
-            return await exchange.complete(plan, outcome, route, backend, window, answers)
+        async def once(
+            route: Route, backend: Backend, window: Window, tried: AttemptRecord
+        ) -> Completion:
+            return await exchange.complete(plan, outcome, route, backend, window, answers, tried)
 
         try:
             return await self._run(plan, outcome, once)
@@ -112,15 +115,20 @@ class Router:
         Closing the stream settles its outcome and frees its admission slot.
         """
         await self._admit(plan, outcome)
+        outcome.request = plan.request
         resumable = plan.request.payload.get("n") in (None, 1)
         chat = plan.request.endpoint is Endpoint.CHAT
 
-        async def once(route: Route, backend: Backend, window: Window) -> UpstreamStream:
+        async def once(
+            route: Route, backend: Backend, window: Window, tried: AttemptRecord
+        ) -> UpstreamStream:
             settings = route.config.resume
             recorder = None
             if resumable and settings.enabled:
                 recorder = Transcript(chat=chat, max_chars=settings.max_text_chars)
-            return await exchange.open_stream(plan, outcome, route, backend, window, recorder)
+            return await exchange.open_stream(
+                plan, outcome, route, backend, window, tried, recorder
+            )
 
         try:
             upstream = await self._run(plan, outcome, once)
@@ -146,12 +154,17 @@ class Router:
         chat = transcript.chat and bool(transcript.text)
         mode = "regenerate"
 
-        async def once(route: Route, backend: Backend, window: Window) -> UpstreamStream:
+        async def once(
+            route: Route, backend: Backend, window: Window, tried: AttemptRecord
+        ) -> UpstreamStream:
             nonlocal mode
             prefill = chat and backend.config.can_prefill
             mode = "prefill" if prefill else "regenerate"
+            tried.resumption = mode
             payload = prefill_payload(plan.request.payload, transcript) if prefill else None
-            return await exchange.open_stream(plan, outcome, route, backend, window, None, payload)
+            return await exchange.open_stream(
+                plan, outcome, route, backend, window, tried, None, payload
+            )
 
         window = Window(broken.deadline, broken.deadline)
         failed = broken.backend
@@ -288,19 +301,26 @@ class Router:
             tried.append(backend)
             outcome.backend = backend.name
             outcome.attempts += 1
+            facts = AttemptRecord(route.name, backend.name, time.perf_counter())
+            outcome.tried.append(facts)
             try:
-                return await once(route, backend, window)
+                return await once(route, backend, window, facts)
             except BreakerOpen as refused:
                 # Opened between selection and the attempt: skip it, no fault of its own.
+                facts.failed("breaker_open")
                 raise AttemptFailed(
                     refused, backend=backend.name, retryable=True, backend_fault=False
                 ) from None
             except AttemptFailed as failure:
+                facts.failed(failure.error.code or failure.error.type)
                 failures.append(failure)
                 if isinstance(failure.error, UpstreamTimeout):
                     silent.append(backend)
                 if failure.retry_after_s is not None:
                     _honour_retry_after(route, backend, failure, loop.time())
+                raise
+            except BaseException as other:  # the gateway's own limits, a client that left
+                facts.failed(_result_of(other))
                 raise
 
         def on_retry(failure: AttemptFailed, delay: float) -> None:
@@ -330,6 +350,15 @@ class _RouteExhausted(Exception):
     def __init__(self, failure: AttemptFailed) -> None:
         super().__init__(failure.error.message)
         self.failure = failure
+
+
+def _result_of(exc: BaseException) -> str:
+    """An attempt ended by something other than its upstream, as its record says it."""
+    if isinstance(exc, GatewayError):
+        return exc.code or exc.type
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return type(exc).__name__
 
 
 def _message_of(exc: BaseException) -> str:

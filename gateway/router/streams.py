@@ -8,12 +8,13 @@ another backend when its upstream breaks (`Router.resume`). Either raises
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import StreamInterrupted, UpstreamBroken
 from gateway.router.backend import Backend
-from gateway.router.outcome import Outcome
+from gateway.router.outcome import AttemptRecord, Outcome
 from gateway.router.readtimer import ReadTimer
 from gateway.router.route import Route
 from gateway.wire.sse import DONE_EVENT, SSEObserver
@@ -61,6 +62,7 @@ class UpstreamStream:
         "observer",
         "response",
         "route",
+        "tried",
     )
 
     def __init__(
@@ -71,6 +73,7 @@ class UpstreamStream:
         *,
         deadline: float,
         idle_s: float,
+        tried: AttemptRecord | None = None,
     ) -> None:
         # The stream counts against its backend's in-flight limit until it is closed.
         backend.in_flight += 1
@@ -85,6 +88,7 @@ class UpstreamStream:
         self.first = b""
         self._chunks: AsyncIterator[bytes] | None = None
         self._timer: ReadTimer | None = None
+        self.tried = tried  # its attempt's record: ended when the stream closes
 
     async def first_events(self) -> bytes:
         while True:
@@ -149,6 +153,10 @@ class UpstreamStream:
                     )
                 if events:
                     yield events
+        except StreamInterrupted as interrupted:
+            if self.tried is not None:
+                self.tried.failed(interrupted.code or "stream_interrupted")
+            raise
         finally:
             timer.close()
         if not observer.done:
@@ -173,6 +181,9 @@ class UpstreamStream:
             return
         self._closed = True
         self.backend.in_flight -= 1
+        tried = self.tried
+        if tried is not None and tried.end is None:
+            tried.end = time.perf_counter()
         if self._timer is not None:
             self._timer.close()  # a consumer that left without closing `rest()` too
         if self.response is not None:
@@ -258,6 +269,8 @@ class ResumableStream:
         try:
             return self._splice.rewrite(events)
         except Diverged as diverged:
+            if self._stream.tried is not None:
+                self._stream.tried.failed(DIVERGED)
             self._count("prefill" if self._splice.prefill else "regenerate", "diverged")
             raise StreamInterrupted(
                 f"The stream broke and was resumed on backend '{self._stream.backend.name}', "
