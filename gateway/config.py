@@ -370,6 +370,9 @@ class TracingConfig(_Frozen):
     max_queue_size: int = Field(2048, ge=1, le=1_000_000)  # spans beyond it are dropped
     schedule_delay_s: float = Field(1.0, gt=0)
     export_timeout_s: float = Field(5.0, gt=0)
+    # A request not sampled is still exported when it took longer than this (None: never),
+    # as one that failed always is: decided at its end, where its spans are built.
+    keep_slow_s: float | None = Field(10.0, gt=0)
 
 
 # The signature algorithms a JWT may use: HMAC with a shared secret, or a public key from a

@@ -42,6 +42,9 @@ class AccessLog:
         }
         if record.chaos:  # absent, not empty, where chaos left the request alone
             line["chaos"] = record.chaos
+        trace = record.trace
+        if trace is not None and trace[3]:  # traced: sampled at its start, or kept at its end
+            line["trace_id"] = f"{trace[0]:032x}"
         self._stream.write(orjson.dumps(line) + b"\n")
         self._stream.flush()
 

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.router import Decision, Outcome
+    from gateway.router.outcome import AttemptRecord
+    from gateway.wire.validation import ProxyRequest
 
 
 class RequestRecord:
@@ -26,6 +28,7 @@ class RequestRecord:
         "model",
         "path",
         "prompt_tokens",
+        "request",
         "request_id",
         "response_started",
         "resumptions",
@@ -34,6 +37,7 @@ class RequestRecord:
         "stream",
         "trace",
         "traceparent",
+        "tried",
         "ttft_s",
         "upstream_s",
         "waited_s",
@@ -54,10 +58,13 @@ class RequestRecord:
         self.resumptions = 0  # times a stream that broke after its first byte went on elsewhere
         self.dropped_events = 0  # unparseable upstream events not forwarded
         self.decisions: list[Decision] = []  # the router's backend choices, replayable
+        self.tried: list[AttemptRecord] = []  # the router's upstream attempts, for the trace
+        self.request: ProxyRequest | None = None  # as routed: its parameters, for the trace
         # What chaos injected into the request's attempts ("experiment:fault"), in order.
         self.chaos: list[str] | None = None
         # With tracing: (trace id, span id, parent span id or 0, wall-clock start in ns)
-        # when sampled, and the W3C traceparent sent upstream.
+        # when sampled (a start of 0: not sampled yet, kept at the end if it failed or was
+        # slow), and the W3C traceparent sent upstream.
         self.trace: tuple[int, int, int, int] | None = None
         self.traceparent: bytes | None = None
         self.stream = False
@@ -87,6 +94,8 @@ class RequestRecord:
         self.resumptions = outcome.resumptions
         self.dropped_events = outcome.dropped_events
         self.decisions = outcome.decisions
+        self.tried = outcome.tried  # the list itself: a resumption after this call adds to it
+        self.request = outcome.request
         self.upstream_s = outcome.upstream_s
         self.backend_s = outcome.backend_s
         self.waited_s = outcome.waited_s

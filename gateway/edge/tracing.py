@@ -1,13 +1,22 @@
-"""Request traces over OTLP: one span per request, with its routing decisions as events.
+"""Request traces over OTLP: one span per request, one child span per upstream attempt.
 
-The span is built when the request ends, from the facts its record collected, and handed
-to OpenTelemetry's batch processor: nothing is timed, entered or exited on the hot path,
-and an unsampled request costs one random draw. Its ids are chosen when the request starts,
-so the `traceparent` sent upstream names it and a traced `vllm serve` continues the trace.
+The request's span (SERVER) carries OpenTelemetry's GenAI attributes (`gen_ai.*`) beside
+vgate's own, its routing decisions as events; each attempt the router made is a CLIENT
+span under it, named as GenAI client spans are ("{gen_ai.operation.name} {route}"), with
+its backend, upstream status, result, and its first byte and first token as events.
 
-An incoming W3C `traceparent` is honoured: its trace goes on, its sampling decision is kept.
-Export runs on the processor's own thread with a bounded queue: a slow or absent collector
-drops spans (the SDK counts them), never delays a request.
+Every span is built when the request ends, from the facts its record collected (the router
+notes each attempt as a few clock readings), and handed to OpenTelemetry's batch processor:
+nothing is timed, entered or exited on the hot path. Ids are chosen when the request
+starts, so the `traceparent` sent upstream names the request's span and a traced
+`vllm serve` continues the trace.
+
+Sampling: an incoming W3C `traceparent` is honoured (its trace goes on, its decision is
+kept); otherwise `sample_ratio` decides at the start, and a request it left out is still
+exported at the end if it failed (a 5xx, a stream broken off) or took longer than
+`keep_slow_s`. Such a request told its upstream "not sampled", so a traced upstream's own
+spans are missing from it. Export runs on the processor's own thread with a bounded queue:
+a slow or absent collector drops spans (the SDK counts them), never delays a request.
 """
 
 from __future__ import annotations
@@ -32,12 +41,28 @@ from opentelemetry.trace.status import Status, StatusCode
 from gateway.asgi import Scope
 from gateway.config import TracingConfig
 from gateway.edge.record import RequestRecord
+from gateway.router.outcome import AttemptRecord
+from gateway.wire.validation import ProxyRequest
 
 logger = logging.getLogger("vgate.tracing")
 
 _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _SCOPE = InstrumentationScope("vgate")
 _EXPORT_BATCH = 512  # spans per export, the SDK's default
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# GenAI's gen_ai.operation.name for each endpoint (RequestRecord.endpoint).
+_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+# The request's parameters GenAI names, where the client set them.
+_PARAMETERS = (
+    ("max_tokens", "gen_ai.request.max_tokens"),
+    ("max_completion_tokens", "gen_ai.request.max_tokens"),
+    ("temperature", "gen_ai.request.temperature"),
+    ("top_p", "gen_ai.request.top_p"),
+    ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+    ("presence_penalty", "gen_ai.request.presence_penalty"),
+    ("seed", "gen_ai.request.seed"),
+    ("n", "gen_ai.request.choice.count"),
+)
 
 
 # While a collector is down the OTLP exporter logs every failed batch, several a second
@@ -72,7 +97,15 @@ class OncePerInterval(logging.Filter):
 
 
 class Tracer:
-    __slots__ = ("_flush_s", "_log_filter", "_processor", "_random", "_ratio", "_resource")
+    __slots__ = (
+        "_flush_s",
+        "_keep_slow_s",
+        "_log_filter",
+        "_processor",
+        "_random",
+        "_ratio",
+        "_resource",
+    )
 
     def __init__(self, config: TracingConfig, exporter: SpanExporter | None = None) -> None:
         self._log_filter: tuple[logging.Logger, OncePerInterval] | None = None
@@ -93,6 +126,7 @@ class Tracer:
         self._flush_s = config.export_timeout_s
         self._resource = Resource.create({"service.name": config.service_name})
         self._ratio = config.sample_ratio
+        self._keep_slow_s = config.keep_slow_s
         self._random = random.Random()
 
     def begin(self, scope: Scope, record: RequestRecord) -> None:
@@ -116,19 +150,36 @@ class Tracer:
         record.traceparent = b"00-%032x-%016x-%s" % (trace_id, span_id, flags)
         if sampled:
             record.trace = (trace_id, span_id, parent_id, time.time_ns())
+        elif incoming is None:
+            # Left out by the ratio: the end decides whether it is kept after all.
+            record.trace = (trace_id, span_id, 0, 0)
 
     def end(self, record: RequestRecord, end: float) -> None:
-        """Hand the finished request's span to the exporter."""
+        """Hand the finished request's spans to the exporter (`end`: its perf_counter end)."""
         if record.trace is None:
             return
         trace_id, span_id, parent_id, start_ns = record.trace
-        context = SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED))
+        if not start_ns:
+            if not self._keeps(record, end):
+                return
+            start_ns = time.time_ns() - int((end - record.start) * 1e9)
+            record.trace = (trace_id, span_id, parent_id, start_ns)  # the log names it too
+        context = SpanContext(trace_id, span_id, False, _SAMPLED)
         parent = None
         if parent_id:
-            parent = SpanContext(trace_id, parent_id, True, TraceFlags(TraceFlags.SAMPLED))
+            parent = SpanContext(trace_id, parent_id, True, _SAMPLED)
         end_ns = start_ns + int((end - record.start) * 1e9)
         chaos = record.chaos or ()
         failed = record.status >= 500 or (record.error is not None and record.status != 499)
+        processor = self._processor
+        if record.tried:
+            operation = _OPERATIONS.get(record.endpoint or "", record.endpoint or "")
+            for number, attempt in enumerate(record.tried, 1):
+                processor.on_end(
+                    self._attempt_span(
+                        attempt, number, operation, context, record.start, start_ns, end_ns
+                    )
+                )
         span = ReadableSpan(
             name=f"{record.method} {record.path}",
             context=context,
@@ -148,7 +199,69 @@ class Tracer:
             end_time=end_ns,
             instrumentation_scope=_SCOPE,
         )
-        self._processor.on_end(span)
+        processor.on_end(span)
+
+    def _keeps(self, record: RequestRecord, end: float) -> bool:
+        """Whether a request the ratio left out is exported all the same: it failed (a 5xx,
+        or a stream broken off after its 200), or it was slow."""
+        if record.status >= 500 or (record.error is not None and record.status < 400):
+            return True
+        slow = self._keep_slow_s
+        return slow is not None and end - record.start > slow
+
+    def _attempt_span(
+        self,
+        attempt: AttemptRecord,
+        number: int,
+        operation: str,
+        parent: SpanContext,
+        start: float,
+        start_ns: int,
+        end_ns: int,
+    ) -> ReadableSpan:
+        """One upstream attempt as a child of the request's span, on its clock: its
+        perf_counter readings are offsets from the request's `start` (`start_ns`)."""
+
+        def wall(at: float) -> int:
+            return min(max(start_ns + int((at - start) * 1e9), start_ns), end_ns)
+
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": attempt.route,
+            "vgate.route": attempt.route,
+            "vgate.backend": attempt.backend,
+            "vgate.attempt": number,
+            "vgate.attempt.outcome": attempt.result,
+        }
+        events = []
+        if attempt.status is not None:
+            attributes["http.response.status_code"] = attempt.status
+        if attempt.first_byte is not None:
+            attributes["vgate.ttfb_s"] = attempt.first_byte - attempt.start
+            events.append(Event("vgate.first_byte", {}, wall(attempt.first_byte)))
+        if attempt.first_token is not None:
+            attributes["vgate.ttft_s"] = attempt.first_token - attempt.start
+            events.append(Event("vgate.first_token", {}, wall(attempt.first_token)))
+        if attempt.resumption is not None:
+            attributes["vgate.resumption"] = attempt.resumption
+        ok = attempt.result == "ok"
+        if not ok:
+            attributes["error.type"] = attempt.result
+        return ReadableSpan(
+            name=f"{operation} {attempt.route}",
+            context=SpanContext(
+                parent.trace_id, self._random.getrandbits(64) or 1, False, _SAMPLED
+            ),
+            parent=parent,
+            resource=self._resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.CLIENT,
+            status=Status(StatusCode.UNSET) if ok else Status(StatusCode.ERROR, attempt.result),
+            start_time=wall(attempt.start),
+            end_time=end_ns if attempt.end is None else wall(attempt.end),
+            instrumentation_scope=_SCOPE,
+        )
 
     def shutdown(self) -> None:
         """Flush what is queued and stop the worker, within the export timeout.
@@ -181,9 +294,14 @@ def _attributes(record: RequestRecord) -> dict[str, Any]:
         "vgate.attempts": record.attempts,
         "vgate.stream": record.stream,
     }
+    request = record.request
+    operation = _OPERATIONS.get(record.endpoint or "")
     optional = {
         "enduser.id": record.caller,
-        "gen_ai.request.model": record.model,
+        "gen_ai.operation.name": operation,
+        # What the client asked for (a name or an alias), and the route that answered.
+        "gen_ai.request.model": record.model if request is None else request.model,
+        "gen_ai.response.model": record.model if record.status == 200 else None,
         "vgate.backend": record.backend,
         "vgate.fallback_from": record.fallback_from,
         "gen_ai.usage.input_tokens": record.prompt_tokens,
@@ -196,7 +314,25 @@ def _attributes(record: RequestRecord) -> dict[str, Any]:
     attributes.update((key, value) for key, value in optional.items() if value is not None)
     if record.resumptions:
         attributes["vgate.resumptions"] = record.resumptions
+    if request is not None:
+        _add_parameters(attributes, request)
     return attributes
+
+
+def _add_parameters(attributes: dict[str, Any], request: ProxyRequest) -> None:
+    """The request parameters GenAI names, those the client set, as they were routed."""
+    payload = request.payload
+    for field, name in _PARAMETERS:
+        value = payload.get(field)
+        # A number, not a bool (JSON's true is Python's 1): anything else was refused
+        # before routing or is the upstream's to refuse, and says nothing here.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            attributes[name] = value
+    stop = payload.get("stop")
+    if isinstance(stop, str):
+        attributes["gen_ai.request.stop_sequences"] = (stop,)
+    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        attributes["gen_ai.request.stop_sequences"] = tuple(stop)
 
 
 def _chaos_attributes(injected: str) -> dict[str, Any]:

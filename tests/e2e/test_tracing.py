@@ -1,4 +1,5 @@
-"""Request spans reach a real OTLP receiver, routing decisions included, and go upstream."""
+"""Request spans reach a real OTLP receiver, routing decisions and attempts included, and
+go upstream; a request the ratio left out still arrives when it failed or was slow."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ REPLY = orjson.dumps(
     }
 )
 UNCHECKED = {"enabled": False}
+SERVER, CLIENT = 2, 3  # OTLP's span kinds
+UNSET, ERROR = 0, 2  # OTLP's status codes
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +90,28 @@ def gateway(
     process.stop()
 
 
-def chat(gateway: Gateway, **headers: str) -> httpx.Response:
+def chat(
+    gateway: Gateway,
+    model: str = "tiny-llama",
+    params: dict[str, Any] | None = None,
+    **headers: str,
+) -> httpx.Response:
     return httpx.post(
         gateway.url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {DEMO_KEY}", **headers},
-        json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]},
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], **(params or {})},
     )
+
+
+def children_of(receiver: OTLPReceiver, span: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The spans under `span`, once `count` have arrived, in the order they started."""
+
+    def arrived() -> list[dict[str, Any]] | None:
+        found = [s for s in list(receiver.spans) if s["parent_span_id"] == span["span_id"]]
+        return found if len(found) >= count else None
+
+    children: list[dict[str, Any]] = poll_until(arrived)
+    return sorted(children, key=lambda child: child["start"])
 
 
 def span_of(receiver: OTLPReceiver, request_id: str) -> dict[str, Any]:
@@ -181,3 +200,139 @@ def test_an_absent_collector_never_holds_up_requests(
 
 
 EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter:"
+
+
+@pytest.fixture(scope="module")
+def tail_upstreams() -> Iterator[dict[str, FakeUpstream]]:
+    fakes = {
+        "ok": FakeUpstream("status", status=200, body=REPLY, retry_after=None),
+        "slow": FakeUpstream("status", status=200, body=REPLY, retry_after=None, delay_s=0.6),
+        "failing": FakeUpstream("status", status=503, retry_after=None),
+        "down": FakeUpstream("status", status=503, retry_after=None),
+    }
+    yield fakes
+    for fake in fakes.values():
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def unsampled(
+    logs: Path, receiver: OTLPReceiver, tail_upstreams: dict[str, FakeUpstream]
+) -> Iterator[Gateway]:
+    """A gateway sampling nothing by ratio, keeping what fails or takes over 0.3 s; its
+    "retried" route answers from "up" after "down"'s 503."""
+    passthrough = {"health": UNCHECKED, "non_stream": "passthrough"}
+    config = gateway_config(
+        [
+            {**passthrough, "name": name, "backends": [backend(name, tail_upstreams[name].url)]}
+            for name in ("ok", "slow", "failing")
+        ]
+        + [
+            {
+                **passthrough,
+                "name": "retried",
+                "retries": {"max_retries": 1, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
+                "backends": [
+                    backend("down", tail_upstreams["down"].url, weight=100),
+                    backend("up", tail_upstreams["ok"].url),
+                ],
+            }
+        ]
+    )
+    config["tracing"] = {
+        "enabled": True,
+        "endpoint": receiver.endpoint,
+        "schedule_delay_s": 0.05,
+        "service_name": "vgate-test",
+        "sample_ratio": 0.0,
+        "keep_slow_s": 0.3,
+    }
+    process = start_gateway(logs, config)
+    yield process
+    process.stop()
+
+
+def test_failed_and_slow_requests_are_kept_though_the_ratio_left_them_out(
+    unsampled: Gateway, receiver: OTLPReceiver, tail_upstreams: dict[str, FakeUpstream]
+) -> None:
+    fast = chat(unsampled, "ok")
+    failed = chat(unsampled, "failing")
+    slow = chat(unsampled, "slow")
+    assert (fast.status_code, failed.status_code, slow.status_code) == (200, 502, 200)
+    kept = span_of(receiver, failed.headers["x-request-id"])
+    assert kept["status"] == ERROR and kept["attributes"]["http.response.status_code"] == 502
+    assert "gen_ai.response.model" not in kept["attributes"]  # nothing answered
+    attempts = children_of(receiver, kept, kept["attributes"]["vgate.attempts"])
+    for attempt in attempts:  # the route's one backend, retried once
+        assert attempt["status"] == ERROR
+        assert attempt["attributes"]["http.response.status_code"] == 503
+        assert kept["start"] <= attempt["start"] <= attempt["end"] <= kept["end"]
+    kept_slow = span_of(receiver, slow.headers["x-request-id"])
+    assert kept_slow["end"] - kept_slow["start"] >= 0.6e9
+    [slow_attempt] = children_of(receiver, kept_slow, 1)
+    assert slow_attempt["end"] - slow_attempt["start"] >= 0.6e9
+    # Both told their upstream "not sampled": the decision came at the end.
+    for name in ("failing", "slow"):
+        assert tail_upstreams[name].requests[-1]["headers"]["traceparent"].endswith("-00")
+    # The fast success was dropped: exported spans come in order, and the slow request's
+    # came after it ended, so the fast one's would be here by now.
+    fast_id = fast.headers["x-request-id"]
+    assert not any(s["attributes"].get("vgate.request_id") == fast_id for s in receiver.spans)
+    [line] = [e for e in unsampled.wait_for_log(3) if e["request_id"] == fast_id]
+    assert "trace_id" not in line
+
+
+def test_each_attempt_is_a_child_span_and_the_request_has_genai_attributes(
+    unsampled: Gateway, receiver: OTLPReceiver
+) -> None:
+    params = {"max_tokens": 16, "temperature": 0.5, "top_p": 0.9, "stop": ["END"]}
+    # Its caller sampled it: the ratio (0 here) is not asked.
+    parent = "00-6bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    response = chat(unsampled, "retried", params, traceparent=parent)
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    span = span_of(receiver, request_id)
+    assert span["kind"] == SERVER and span["status"] == UNSET
+    assert span["parent_span_id"] == "00f067aa0ba902b7"
+    attributes = span["attributes"]
+    stop = attributes.pop("gen_ai.request.stop_sequences")
+    assert [value.string_value for value in stop.values] == ["END"]
+    assert {key: value for key, value in attributes.items() if key.startswith("gen_ai.")} == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "retried",
+        "gen_ai.response.model": "retried",
+        "gen_ai.usage.input_tokens": 5,
+        "gen_ai.usage.output_tokens": 1,
+        "gen_ai.request.max_tokens": 16,
+        "gen_ai.request.temperature": 0.5,
+        "gen_ai.request.top_p": 0.9,
+    }
+    # The 503 from "down", retried on "up": two attempts, in order, inside the request.
+    refused, answered = children_of(receiver, span, 2)
+    for attempt in (refused, answered):
+        assert attempt["trace_id"] == span["trace_id"]
+        assert attempt["name"] == "chat retried" and attempt["kind"] == CLIENT
+        assert attempt["resource"]["service.name"] == "vgate-test"
+    assert span["start"] <= refused["start"] <= refused["end"] <= answered["start"]
+    assert answered["start"] <= answered["end"] <= span["end"]
+    assert refused["status"] == ERROR
+    assert {k: v for k, v in refused["attributes"].items() if k != "vgate.ttfb_s"} == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "retried",
+        "vgate.route": "retried",
+        "vgate.backend": "down",
+        "vgate.attempt": 1,
+        "vgate.attempt.outcome": "upstream_error",
+        "http.response.status_code": 503,
+        "error.type": "upstream_error",
+    }
+    assert answered["status"] == UNSET
+    assert answered["attributes"]["vgate.backend"] == "up"
+    assert answered["attributes"]["vgate.attempt"] == 2
+    assert answered["attributes"]["vgate.attempt.outcome"] == "ok"
+    assert answered["attributes"]["http.response.status_code"] == 200
+    assert 0 < answered["attributes"]["vgate.ttfb_s"] <= (answered["end"] - span["start"]) / 1e9
+    assert [e["name"] for e in answered["events"]] == ["vgate.first_byte"]
+    # The access-log line names the trace.
+    [line] = [e for e in unsampled.wait_for_log(1) if e["request_id"] == request_id]
+    assert line["trace_id"] == span["trace_id"]
