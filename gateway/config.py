@@ -61,6 +61,9 @@ class ServerConfig(_Frozen):
     body_timeout_s: float = Field(30.0, gt=0)  # the body may pause at most this long: 408
     send_timeout_s: float = Field(60.0, gt=0)  # a client reading nothing this long is dropped
     keep_alive_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
+    # How often the config file's mtime/size is polled; a change reloads the config (SIGHUP
+    # and POST /admin/config/reload do it at once). 0: no polling.
+    config_reload_interval_s: float = Field(2.0, ge=0, le=3600)
 
 
 class Timeouts(_Frozen):

@@ -77,6 +77,26 @@ class HealthChecker:
         self._probes = [probe for probe in probes if probe.config.enabled]
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    def replace_probes(self, probes: Sequence[Probe]) -> None:
+        """Probe `probes` from now on (a config reload). A probe of the same backend, state
+        and settings as one before keeps its schedule; a new one is due one interval on."""
+        before = {(probe.name, id(probe.state)): probe for probe in self._probes}
+        now = asyncio.get_running_loop().time() if self._started else 0.0
+        kept = []
+        for probe in probes:
+            if not probe.config.enabled:
+                continue
+            old = before.get((probe.name, id(probe.state)))
+            if old is not None and old.config == probe.config and old.state is probe.state:
+                probe.next_due = old.next_due
+            else:
+                probe.next_due = now + probe.config.interval_s
+            kept.append(probe)
+        self._probes = kept
+        if self._started and self._task is None and kept:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def check_all(self) -> None:
         """One round over every probe, concurrently."""
@@ -112,18 +132,21 @@ class HealthChecker:
                 self._on_change(probe.name, healthy)
 
     async def start(self) -> None:
+        self._started = True
+        loop = asyncio.get_running_loop()
+        for probe in self._probes:
+            probe.next_due = loop.time() + probe.config.interval_s
         if self._probes:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        tick = min(probe.config.interval_s for probe in self._probes)
-        for probe in self._probes:
-            probe.next_due = loop.time() + probe.config.interval_s
         while True:
-            await asyncio.sleep(tick)
+            # Read each round: a config reload may have replaced the probes.
+            await asyncio.sleep(min((p.config.interval_s for p in self._probes), default=1.0))
             await self.check_due(loop.time())
 
     async def aclose(self) -> None:
+        self._started = False
         await stop_task(self._task)
         self._task = None

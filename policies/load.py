@@ -168,6 +168,19 @@ class LoadScraper:
         self.absent_retry_s = absent_retry_s
         self._slots = asyncio.Semaphore(max_concurrency)
         self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    def replace_targets(self, targets: Sequence[ScrapeTarget]) -> None:
+        """Scrape `targets` from now on (a config reload); one of the same backend and
+        load as before keeps its schedule and failing state."""
+        before = {(target.name, id(target.upstream)): target for target in self.targets}
+        kept = []
+        for target in targets:
+            old = before.get((target.name, id(target.upstream)))
+            kept.append(old if old is not None and old.upstream is target.upstream else target)
+        self.targets = tuple(kept)
+        if self._started and self.targets and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def scrape_due(self, now: float) -> None:
         """One round: scrape the targets that are due, then forget stale reports."""
@@ -205,6 +218,7 @@ class LoadScraper:
         target.upstream.update(LoadReport(running, waiting, now), own)
 
     async def start(self) -> None:
+        self._started = True
         if self.targets and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -215,5 +229,6 @@ class LoadScraper:
             await asyncio.sleep(self.interval_s)
 
     async def aclose(self) -> None:
+        self._started = False
         await stop_task(self._task)
         self._task = None

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewayConfig, ServerConfig, load_config
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.runtime.gateway import Gateway
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +155,13 @@ def _up(args: argparse.Namespace) -> int:
     return up(config, server, _uvicorn_options(config, server))
 
 
+def reload_on_sighup(gateway: Gateway) -> None:
+    """SIGHUP reloads the config (uvicorn handles only SIGINT and SIGTERM); where there is
+    no SIGHUP, the file watcher and the admin call still do."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: gateway.request_reload("SIGHUP"))
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -165,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    reload_on_sighup(gateway)
     uvicorn.run(
         create_app(gateway),
         host=server.host,

@@ -66,11 +66,13 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def mark_backends(gateway: Gateway) -> Callable[[str, bool], None]:
     """The supervisor's hook: a worker's backend is in rotation exactly while it is ready.
     Its health state is set outright (counters reset), so the health checker's next probes
-    start from the supervisor's word."""
-    backends = {backend.name: backend for backend in gateway.router.backends}
+    start from the supervisor's word. The backend is looked up in the router in force (a
+    config reload may have replaced it)."""
 
     def mark(name: str, ready: bool) -> None:
-        backend = backends[name]
+        backend = next((b for b in gateway.router.backends if b.name == name), None)
+        if backend is None:  # no longer in the config: nothing to mark
+            return
         state = backend.health
         changed = state.healthy != ready
         state.healthy, state.probed, state.failures, state.successes = ready, True, 0, 0
@@ -99,6 +101,10 @@ async def _up(
     # Plain handlers rather than the loop's: uvicorn puts its own in place while it serves,
     # and puts these back (and calls them) when it is done.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGHUP"):  # reloads the config, as for `vgate serve`
+        previous[signal.SIGHUP] = signal.signal(
+            signal.SIGHUP, lambda signum, frame: gateway.request_reload("SIGHUP")
+        )
     try:
         if server.port and (problem := port_problem(server.host, server.port)):
             print(f"vgate: the gateway cannot listen: {problem}", file=sys.stderr)

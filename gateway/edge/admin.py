@@ -16,6 +16,10 @@ Starlette routes. Never answers with a secret or a hash.
                                from the path): 200 with it, 400 naming the field, or 409 where
                                the config has chaos disabled
     DELETE /admin/chaos/{name}  stop an experiment: 200, or 404 where none has that name
+    POST   /admin/config/reload read the config file now and serve it: 200 with what changed
+                               (backends added, removed, kept; fields that need a restart,
+                               kept as they were), or 400 `invalid_config` naming the file,
+                               field and reason, and the config in force stays
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -83,10 +87,12 @@ def admin_routes(
     key_sha256: str,
     limits: LimitStore | None = None,
     chaos: Chaos | None = None,
+    reload_config: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> list[Route]:
     """`usage`: this process's counters; `limits`: the limit store, whose figures (shared
     through Redis when there is one) are each key's `limits_usage`; `chaos`: the gateway's
-    experiments (without it, no /admin/chaos routes)."""
+    experiments (without it, no /admin/chaos routes); `reload_config`: reloads the config,
+    answering what changed or raising its `ConfigError` (without it, no /admin/config/reload)."""
     expected = key_sha256.encode("ascii")
 
     def authorize(request: Request) -> None:
@@ -156,7 +162,29 @@ def admin_routes(
     ]
     if chaos is not None:
         routes += _chaos_routes(chaos, authorize)
+    if reload_config is not None:
+        routes.append(_config_reload_route(reload_config, authorize))
     return routes
+
+
+def _config_reload_route(
+    reload_config: Callable[[], Awaitable[dict[str, Any]]],
+    authorize: Callable[[Request], None],
+) -> Route:
+    async def reload(request: Request) -> Response:
+        authorize(request)
+        try:
+            report = await reload_config()  # logged and counted there, either way
+        except ConfigError as error:
+            raise InvalidRequest(
+                f"The config is invalid, nothing changed (the config in force stays): "
+                f"{error.source}: {error.field or '(the file)'}: {error.reason}",
+                param=error.field or None,
+                code="invalid_config",
+            ) from None
+        return _json(report)
+
+    return Route("/admin/config/reload", reload, methods=["POST"])
 
 
 def _chaos_routes(chaos: Chaos, authorize: Callable[[Request], None]) -> list[Route]:

@@ -1,7 +1,9 @@
 """Prometheus metrics with bounded label sets.
 
 Labels come only from configuration (model and backend names), fixed sets (endpoint), and
-HTTP status codes. Keys, prompts and request ids never become labels. Chaos experiments'
+HTTP status codes. Keys, prompts and request ids never become labels. A config reload
+extends the model and backend sets with the new config's names (`extend`): bounded by the
+configs loaded over the process's life. Chaos experiments'
 names, which an admin may add at run time, are bounded by the chaos core (at most 32 at a
 time) and here again (`CHAOS_EXPERIMENT_LABELS` in all, then "other").
 """
@@ -150,6 +152,7 @@ class GatewayMetrics:
             ["backend"],
             registry=registry,
         )
+        self._healthy_backends = set(self._backends)  # the backends in force now
         for backend in self._backends:
             self.backend_healthy.labels(backend).set(1)
         self.chaos_injections = Counter(
@@ -161,6 +164,34 @@ class GatewayMetrics:
         self._chaos_experiments: set[str] = set()
         self._children: dict[tuple[str, str, int], _Children] = {}
         self._upstream_children: dict[str, Histogram] = {}
+        self.config_reloads = Counter(
+            "vgate_config_reloads",
+            "Config reloads (SIGHUP, the file changed, POST /admin/config/reload), by "
+            "outcome: applied, or refused (the config in force stays).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("applied", "refused"):
+            self.config_reloads.labels(outcome)
+        self._limits = _LimitCollector([])
+        registry.register(self._limits)
+
+    def extend(self, models: Iterable[str], backends: Iterable[str]) -> None:
+        """A config reload's names join the label sets; a backend gone no longer reports
+        its health (its other series stay, as counters do)."""
+        backends = frozenset(backends)
+        for gone in self._backends - backends:
+            if gone in self._healthy_backends:
+                self.backend_healthy.remove(gone)
+                self._healthy_backends.discard(gone)
+        for new in backends - self._healthy_backends:
+            self.backend_healthy.labels(new).set(1)
+            self._healthy_backends.add(new)
+        self._models |= frozenset(models)
+        self._backends |= backends
+
+    def config_reloaded(self, applied: bool) -> None:
+        self.config_reloads.labels("applied" if applied else "refused").inc()
 
     def observe(self, record: RequestRecord, end: float) -> None:
         endpoint = record.endpoint if record.endpoint in _ENDPOINTS else "other"
@@ -243,12 +274,12 @@ class GatewayMetrics:
             self.registry.register(_LimitStoreCollector(store, None))
 
     def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:
-        """Each backend's concurrency limit in force, read at scrape time (per backend name)."""
-        known = [(name, limit) for name, limit in limits if name in self._backends]
-        self.registry.register(_LimitCollector(known))
+        """Each backend's concurrency limit in force, read at scrape time (per backend name);
+        called again after a config reload, with the backends in force then."""
+        self._limits.limits = [(name, limit) for name, limit in limits if name in self._backends]
 
     def health_changed(self, backend: str, healthy: bool) -> None:
-        if backend in self._backends:
+        if backend in self._healthy_backends:
             self.backend_healthy.labels(backend).set(1 if healthy else 0)
 
     def render(self) -> bytes:
@@ -333,7 +364,7 @@ class _LimitStoreCollector(Collector):
 
 class _LimitCollector(Collector):
     def __init__(self, limits: list[tuple[str, Callable[[], int]]]) -> None:
-        self._limits = limits
+        self.limits = limits
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
@@ -342,6 +373,6 @@ class _LimitCollector(Collector):
             "adaptive_concurrency is enabled, otherwise its static max_in_flight.",
             labels=["backend"],
         )
-        for name, limit in self._limits:
+        for name, limit in self.limits:
             gauge.add_metric([name], limit())
         yield gauge

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Protocol
 
 from gateway.asgi import DisconnectWatch, Receive, Scope, Send, header, read_body
 from gateway.edge.auth import Caller, KeyRing
@@ -43,14 +44,34 @@ _SSE_HEADERS = [
 ]
 
 
+class Serving(Protocol):
+    """What serves requests now: a config reload replaces both at once. Each request reads
+    them once, at its start, and keeps them to its end (`gateway.runtime.gateway.Gateway`)."""
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def guardrails(self) -> Guardrails: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fixed:
+    """A router and guardrails that never change."""
+
+    router: Router
+    guardrails: Guardrails
+
+
 class ProxyEndpoint:
     def __init__(
         self,
         endpoint: Endpoint,
         *,
-        router: Router,
+        router: Router | None = None,
         keys: KeyRing,
         max_body_bytes: int,
+        serving: Serving | None = None,
         guardrails: Guardrails | None = None,
         limits: LimitStore | None = None,
         default_max_tokens_estimate: int = 256,
@@ -62,10 +83,13 @@ class ProxyEndpoint:
             Endpoint.COMPLETIONS: "completions",
             Endpoint.EMBEDDINGS: "embeddings",
         }[endpoint]
-        self.router = router
+        if serving is None:
+            if router is None:
+                raise TypeError("ProxyEndpoint needs a router, or what serves (`serving`)")
+            serving = Fixed(router, guardrails or Guardrails())
+        self.serving = serving  # read once per request: see Serving
         self.keys = keys
         self.max_body_bytes = max_body_bytes
-        self.guardrails = guardrails or Guardrails()
         # Not `or`: an empty LocalLimits is falsy (it has __len__), and must still be shared.
         self.limits = limits if limits is not None else LocalLimits()
         self.default_max_tokens_estimate = default_max_tokens_estimate
@@ -74,6 +98,9 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: RequestRecord = scope["vgate.record"]
         record.endpoint = self.label
+        # One router and one set of guardrails from start to end, across a config reload.
+        serving = self.serving
+        router, guardrails = serving.router, serving.guardrails
         try:
             authorization = header(scope, b"authorization")
             try:
@@ -95,11 +122,11 @@ class ProxyEndpoint:
                     record.status, record.error = CLIENT_CLOSED_REQUEST, "client_disconnected"
                 return
             request = parse_request(self.endpoint, body)
-            plan = self.router.plan(request, self._call(scope, caller, record))
+            plan = router.plan(request, self._call(scope, caller, record))
             record.model = plan.route.name
-            if caller.guardrails is not None or self.guardrails.active:
+            if caller.guardrails is not None or guardrails.active:
                 try:
-                    checked = self.guardrails.check(request, caller.guardrails)
+                    checked = guardrails.check(request, caller.guardrails)
                     if checked is not request:  # a token cap the request did not name
                         request = checked
                         plan = dataclasses.replace(plan, request=checked)
@@ -129,9 +156,11 @@ class ProxyEndpoint:
             try:
                 async with DisconnectWatch(receive) as watch:
                     if request.stream:
-                        failed = await self._stream(plan, outcome, record, send, verdict.headers)
+                        failed = await self._stream(
+                            router, plan, outcome, record, send, verdict.headers
+                        )
                     else:
-                        await self._complete(plan, outcome, record, send, verdict.headers)
+                        await self._complete(router, plan, outcome, record, send, verdict.headers)
                         failed = False
                 if watch.disconnected:
                     record.status = CLIENT_CLOSED_REQUEST
@@ -191,13 +220,14 @@ class ProxyEndpoint:
 
     async def _complete(
         self,
+        router: Router,
         plan: Plan,
         outcome: Outcome,
         record: RequestRecord,
         send: Send,
         limit_headers: list[tuple[bytes, bytes]],
     ) -> None:
-        completion = await self.router.complete(plan, outcome)
+        completion = await router.complete(plan, outcome)
         record.absorb(outcome)  # before the response starts: its Server-Timing reads it
         await send(
             {
@@ -216,6 +246,7 @@ class ProxyEndpoint:
 
     async def _stream(
         self,
+        router: Router,
         plan: Plan,
         outcome: Outcome,
         record: RequestRecord,
@@ -223,7 +254,7 @@ class ProxyEndpoint:
         limit_headers: list[tuple[bytes, bytes]],
     ) -> bool:
         """Send the stream; whether it broke (the upstream's fault) after it started."""
-        stream = await self.router.open_stream(plan, outcome)
+        stream = await router.open_stream(plan, outcome)
         try:
             record.absorb(outcome)  # before the response starts: its Server-Timing reads it
             await send(

@@ -3,13 +3,17 @@
 The adapters come from the factory passed in (`providers.AdapterFactory`): the real
 ones by default, a fake in tests, a fault-injecting wrapper in chaos. What the router
 reports as it works goes to `hooks` and `on_breaker_change`; counting it is the caller's.
+
+Rebuilt on a config reload with `reuse`, the router in force: its admission and its bound on
+buffered answers carry over, and so does every backend that did not change (the same
+`Backend` object: adapter and pool, breaker, health, adaptive limit, requests in flight).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.config import BackendConfig, GatewayConfig
+from gateway.config import BackendConfig, GatewayConfig, ModelRoute
 from gateway.errors import ConfigError, MissingCredential
 from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from policies.adaptive import AdaptiveLimit
@@ -28,29 +32,65 @@ def build_router(
     adapters: AdapterFactory = create_adapter,
     hooks: RouterHooks | None = None,
     on_breaker_change: BreakerListener | None = None,
+    reuse: Router | None = None,
 ) -> Router:
     """The router `config` describes; a backend the factory cannot build (a credential
-    missing) or an impossible adaptive limit is a ConfigError naming its field."""
+    missing) or an impossible adaptive limit is a ConfigError naming its field.
+
+    With `reuse` (the router in force, on a reload): its admission and answer bounds are
+    kept, and a backend of the same name on a route of the same name, whose own config and
+    the route settings it depends on (timeouts, breaker) are unchanged, is that router's
+    `Backend` object, its adapter not asked of the factory again; so is a route's retry
+    policy (its budget) where the route's retries are unchanged.
+    """
+    kept = _reusable(reuse)
+    retries = {route.name: route.retry for route in reuse.routes} if reuse else {}
+    old_routes = {route.name: route.config for route in reuse.routes} if reuse else {}
     # One bound on the upstream answers held in memory, shared by every backend.
-    budget = ByteBudget(config.upstream.max_buffered_bytes)
-    routes = [
-        Route(
-            model,
-            [
-                _backend(
-                    config, m, b, adapters=adapters, budget=budget, on_change=on_breaker_change
+    budget = reuse.answers.budget if reuse else ByteBudget(config.upstream.max_buffered_bytes)
+    routes = []
+    for m, model in enumerate(config.models):
+        backends = []
+        for b, backend in enumerate(model.backends):
+            same = kept.get((model.name, backend.name))
+            if same is not None and _unchanged(same, backend, model):
+                backends.append(same[0])
+            else:
+                backends.append(
+                    _backend(
+                        config, m, b, adapters=adapters, budget=budget, on_change=on_breaker_change
+                    )
                 )
-                for b in range(len(model.backends))
-            ],
-            RetryPolicy.from_config(model.retries),
-        )
-        for m, model in enumerate(config.models)
-    ]
+        old = old_routes.get(model.name)
+        retry = retries[model.name] if old is not None and old.retries == model.retries else None
+        routes.append(Route(model, backends, retry or RetryPolicy.from_config(model.retries)))
     return Router(
         routes,
-        admission=Admission.from_config(config.server),
-        answers=AnswerBounds(config.upstream.max_body_bytes, budget),
-        hooks=hooks,
+        admission=reuse.admission if reuse else Admission.from_config(config.server),
+        answers=reuse.answers if reuse else AnswerBounds(config.upstream.max_body_bytes, budget),
+        hooks=hooks if hooks is not None or reuse is None else reuse.hooks,
+    )
+
+
+def _reusable(router: Router | None) -> dict[tuple[str, str], tuple[Backend, ModelRoute]]:
+    """Each backend of `router` by (route name, backend name), with its route's config."""
+    if router is None:
+        return {}
+    return {
+        (route.name, backend.name): (backend, route.config)
+        for route in router.routes
+        for backend in route.backends
+    }
+
+
+def _unchanged(kept: tuple[Backend, ModelRoute], backend: BackendConfig, route: ModelRoute) -> bool:
+    """Whether the backend `kept` is what `backend` on `route` would build: its own config,
+    and what its adapter (timeouts) and breaker (breaker) were built with."""
+    old, old_route = kept
+    return (
+        old.config == backend
+        and old_route.timeouts == route.timeouts
+        and old_route.breaker == route.breaker
     )
 
 

@@ -1,15 +1,17 @@
 """Assemble the edge: a built `Gateway` in, a Starlette ASGI application out.
 
 Nothing here is global: every dependency comes from the `Gateway` passed in, and the
-lifespan starts and stops it (gateway/runtime/gateway.py).
+lifespan starts and stops it (gateway/runtime/gateway.py). What a config reload replaces
+(the router, the guardrails, the config) is read from the gateway per request, never kept.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -19,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
 
 from gateway.asgi import ASGIApp, header
+from gateway.config import GatewayConfig
 from gateway.edge.admin import admin_routes
 from gateway.edge.auth import Caller
 from gateway.edge.dispatch import Edge, gateway_error, http_error
@@ -27,20 +30,46 @@ from gateway.edge.middleware import RequestContextMiddleware
 from gateway.edge.openapi import openapi_json
 from gateway.edge.proxy import ProxyEndpoint
 from gateway.errors import AuthenticationError, GatewayError
+from gateway.router import Router
 from gateway.runtime.gateway import Gateway
 from gateway.wire.validation import Endpoint
 
 __all__ = ["Gateway", "create_app"]
 
+K = TypeVar("K")
+
+
+class Rebuilt(Generic[K]):
+    """A body built from one object (a router, a config), rebuilt when it is replaced.
+    The object is held weakly: a router replaced by a reload is not kept alive by it."""
+
+    def __init__(self, build: Callable[[K], bytes]) -> None:
+        self._build = build
+        self._of: weakref.ref[K] | None = None
+        self._body = b""
+
+    def __call__(self, source: K) -> bytes:
+        if self._of is None or self._of() is not source:
+            self._body, self._of = self._build(source), weakref.ref(source)
+        return self._body
+
+
+def gateway_reload(gateway: Gateway) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """POST /admin/config/reload's action: the report as JSON, or the ConfigError."""
+
+    async def reload() -> dict[str, Any]:
+        return (await gateway.reload("admin")).to_json()
+
+    return reload
+
 
 def create_app(gateway: Gateway) -> ASGIApp:
-    router = gateway.router
-    config = gateway.config
+    config = gateway.config  # what only a restart changes: a reload keeps these sections
 
     def model_object(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "vgate"}
 
-    def models_list(allowed: frozenset[str] | None) -> bytes:
+    def models_list(router: Router, allowed: frozenset[str] | None) -> bytes:
         return orjson.dumps(
             {
                 "object": "list",
@@ -53,7 +82,9 @@ def create_app(gateway: Gateway) -> ASGIApp:
             }
         )
 
-    models_body = models_list(None)
+    # Built once per router (a config reload makes a new one), then served as they are.
+    models_body: Rebuilt[Router] = Rebuilt(lambda router: models_list(router, None))
+    openapi_body: Rebuilt[GatewayConfig] = Rebuilt(openapi_json)
 
     async def models_caller(request: Request) -> Caller:
         record = request.scope["vgate.record"]
@@ -68,15 +99,18 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     async def list_models(request: Request) -> Response:
         caller = await models_caller(request)
+        router = gateway.router
         # A key limited to some models sees only those.
-        body = models_body if caller.models is None else models_list(caller.models)
+        allowed = caller.models
+        body = models_body(router) if allowed is None else models_list(router, allowed)
         return Response(body, media_type="application/json")
 
     async def retrieve_model(request: Request) -> Response:
         """`client.models.retrieve(name)`: one name or alias, as the list shows it."""
         caller = await models_caller(request)
         name = request.path_params["model"]
-        router.route_for(name, caller.models)  # a key limited to some models sees only those
+        # A key limited to some models sees only those.
+        gateway.router.route_for(name, caller.models)
         return Response(orjson.dumps(model_object(name)), media_type="application/json")
 
     async def health(request: Request) -> Response:
@@ -92,18 +126,16 @@ def create_app(gateway: Gateway) -> ASGIApp:
             gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    openapi_body = openapi_json(config)  # built once: it depends on the config alone
-
     async def openapi(request: Request) -> Response:
-        return Response(openapi_body, media_type="application/json")
+        # It depends on the config alone.
+        return Response(openapi_body(gateway.config), media_type="application/json")
 
     proxies = {
         endpoint.value: ProxyEndpoint(
             endpoint,
-            router=router,
+            serving=gateway,  # its router and guardrails, read once per request
             keys=gateway.keys,
             max_body_bytes=config.server.max_body_bytes,
-            guardrails=gateway.guardrails,
             limits=gateway.limits,
             default_max_tokens_estimate=config.limits.default_max_tokens_estimate,
             tokens=gateway.tokens,
@@ -127,6 +159,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
             gateway.admin_key_sha256,
             gateway.limits,
             chaos=gateway.chaos,
+            reload_config=gateway_reload(gateway),
         )
 
     @asynccontextmanager

@@ -11,25 +11,36 @@ takes these steps, each pushing its own close onto one `AsyncExitStack`:
 3. every backend's adapter (its connection pool);
 4. one round of health checks, so that /ready and routing know from the first request,
    then the health loop;
-5. the load scraper, the keys file watcher, the JWT verifier (a JWKS URL's first fetch).
+5. the load scraper, the keys file watcher, the JWT verifier (a JWKS URL's first fetch),
+   the config file watcher.
 
 A step that raises unwinds the steps before it, in reverse, and the error propagates:
 nothing started is left running. `aclose()` unwinds them all the same way, once.
+
+`reload()` (SIGHUP, the config file changing, POST /admin/config/reload) reads the config
+file again and `apply()`s it while serving: a new router over the backends that did not
+change (the same objects) and new ones, whose adapters start and are probed before the
+router takes traffic; the swap is one step, and each request keeps the router it started
+with. Removed backends' adapters close once no request can reach them. What needs a
+restart is reported and keeps its old value (gateway/runtime/reload.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from redis.asyncio import Redis
 
 from chaos.inject import Chaos, backend_routes
-from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig
+from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig, load_config
 from gateway.edge.accesslog import AccessLog
 from gateway.edge.admin import admin_key_hash
 from gateway.edge.auth import KeyRing
@@ -39,8 +50,16 @@ from gateway.edge.keyfile import KeyFileWatcher
 from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.tracing import Tracer
 from gateway.edge.usage import KeyUsage
+from gateway.errors import ConfigError
 from gateway.router import Backend, Router, RouterHooks
 from gateway.router.build import build_router
+from gateway.runtime.reload import (
+    Adapters,
+    ConfigWatcher,
+    ReloadReport,
+    effective,
+    restart_fields,
+)
 from policies.breaker_sync import BreakerSync
 from policies.guardrails import Guardrails
 from policies.health import HealthChecker, Probe
@@ -49,6 +68,8 @@ from policies.limits_redis import create_limits
 from policies.load import LoadScraper, ScrapeTarget
 from policies.redis_state import RedisHealth, create_client
 from providers import AdapterFactory, create_adapter
+
+logger = logging.getLogger("vgate.config")
 
 
 class Component(Protocol):
@@ -84,7 +105,13 @@ class Gateway:
     # Chaos experiments; their faults reach the adapters only with chaos.enabled (the master
     # switch, read at start-up), and without it the admin API may not start one.
     chaos: Chaos
+    # Reloads the config on a change of its file, and on SIGHUP (`request_reload`).
+    config_watcher: ConfigWatcher
+    # The adapter factory, without chaos's wrapper: what a reload builds new backends with.
+    adapter_factory: AdapterFactory
+    adapters: Adapters = field(default_factory=Adapters)  # started and not yet closed
     _started: AsyncExitStack | None = field(default=None, init=False, repr=False)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     @classmethod
     def from_config(
@@ -107,11 +134,9 @@ class Gateway:
         )
         metrics = _metrics(config)
         chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
-        if config.chaos.enabled:
-            adapters = chaos.wrap(adapters, backend_routes(config))
         router = build_router(
             config,
-            adapters=adapters,
+            adapters=_with_chaos(adapters, chaos, config),
             hooks=_router_hooks(metrics),
             on_breaker_change=metrics.breaker_changed,
         )
@@ -125,7 +150,13 @@ class Gateway:
             config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
         )
         metrics.watch_limits(limits)
-        return cls(
+        gateway: Gateway
+        watcher = ConfigWatcher(
+            _config_path(config),
+            config.server.config_reload_interval_s,
+            lambda trigger: gateway.reload_logged(trigger),
+        )
+        gateway = cls(
             config=config,
             keys=keys,
             router=router,
@@ -144,7 +175,10 @@ class Gateway:
             connections=connections,
             tokens=tokens,
             chaos=chaos,
+            config_watcher=watcher,
+            adapter_factory=adapters,
         )
+        return gateway
 
     async def start(self) -> None:
         """Start every component in order (see the module's note). If a step raises, the
@@ -154,13 +188,15 @@ class Gateway:
         async with AsyncExitStack() as stack:
             self._close_last(stack)
             await _start(stack, self.breaker_sync)
+            stack.push_async_callback(self.adapters.aclose)
             for backend in self.router.backends:
-                await _start(stack, backend.adapter)
+                await self.adapters.start(backend.adapter)
             await self.health.check_all()
             await _start(stack, self.health)
             await _start(stack, self.loads)
             await _start(stack, self.key_watcher)
             await _start(stack, self.tokens)
+            await _start(stack, self.config_watcher)
             self._started = stack.pop_all()
 
     async def aclose(self) -> None:
@@ -179,6 +215,122 @@ class Gateway:
         if self.tracer is not None:
             # Flushing blocks for up to the export timeout: off the event loop.
             stack.push_async_callback(asyncio.to_thread, self.tracer.shutdown)
+
+    def request_reload(self, trigger: str = "SIGHUP") -> None:
+        """Reload the config soon: safe from a signal handler or another thread."""
+        self.config_watcher.request(trigger)
+
+    async def reload_logged(self, trigger: str) -> None:
+        """`reload`, for the triggers nobody answers (the file, SIGHUP): what happened is
+        logged and counted, never raised."""
+        with contextlib.suppress(Exception):  # logged and counted by reload
+            await self.reload(trigger)
+
+    async def reload(self, trigger: str = "admin") -> ReloadReport:
+        """Read the config file again and `apply` it. A `ConfigError` (file, field, reason)
+        refuses it, as does a new backend's adapter failing to start: logged, counted, and
+        raised, with the config in force as it was."""
+        async with self._reloading:
+            watcher = self.config_watcher
+            try:
+                if watcher.path is None:
+                    raise ConfigError(self.config.source, "", "the config was not read from a file")
+                # Before reading: an invalid file is not read again until it changes again.
+                watcher.loaded(watcher.signature())
+                new = await asyncio.to_thread(load_config, watcher.path)
+                report = await self._apply(new, trigger)
+            except Exception as error:
+                self.metrics.config_reloaded(False)
+                logger.error(
+                    "config reload (%s) refused; the config in force stays: %s", trigger, error
+                )
+                raise
+            self.metrics.config_reloaded(True)
+            for warning in new.warnings:
+                logger.warning("%s", warning)
+            logger.info(
+                "config reload (%s) applied from %s: %s", trigger, new.source, report.summary()
+            )
+            return report
+
+    async def apply(self, new: GatewayConfig, trigger: str = "apply") -> ReloadReport:
+        """Serve `new` from now on (what needs a restart aside); raises as `reload` does,
+        leaving the config in force, but neither logs nor counts."""
+        async with self._reloading:
+            return await self._apply(new, trigger)
+
+    async def _apply(self, new: GatewayConfig, trigger: str) -> ReloadReport:
+        if self._started is None:
+            raise RuntimeError("the gateway is not started")
+        old_config, old_router = self.config, self.router
+        config = effective(old_config, new)
+        await asyncio.to_thread(_key_ring, config)  # the keys must name what exists
+        guardrails = Guardrails.from_config(config.guardrails)
+        router = build_router(
+            config,
+            adapters=_with_chaos(self.adapter_factory, self.chaos, config),
+            hooks=old_router.hooks,
+            on_breaker_change=self.metrics.breaker_changed,
+            reuse=old_router,
+        )
+        before, after = set(old_router.backends), set(router.backends)
+        added = [backend for backend in router.backends if backend not in before]
+        removed = [backend for backend in old_router.backends if backend not in after]
+        started: list[Backend] = []
+        try:
+            for backend in added:
+                await self.adapters.start(backend.adapter)
+                started.append(backend)
+            # New backends are probed before they take traffic, as at start-up.
+            await HealthChecker(_probes(router, only=set(added))).check_all()
+        except BaseException:
+            for backend in reversed(started):
+                await self.adapters.close(backend.adapter)
+            raise
+        self.metrics.extend(
+            [model.name for model in config.models], [backend.name for backend in after]
+        )
+        for backend in added:
+            self.metrics.health_changed(backend.name, backend.health.healthy)
+        chaos_replaced = self._replace_chaos_experiments(old_config, config)
+        # The swap: one step, no await in it. Requests started before keep the old router.
+        self.config, self.router, self.guardrails = config, router, guardrails
+        self.health.replace_probes(_probes(router))
+        self.metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
+        self._retarget_loads(config, router)
+        if removed:
+            grace = max(route.timeouts.total_s for route in old_router.routes)
+            self.adapters.retire(removed, old_router, grace + 1.0)
+        del old_router
+        return ReloadReport(
+            source=new.source,
+            trigger=trigger,
+            added=tuple(backend.name for backend in added),
+            removed=tuple(backend.name for backend in removed),
+            kept=tuple(backend.name for backend in router.backends if backend in before),
+            restart_required=tuple(restart_fields(old_config, new)),
+            chaos_experiments=chaos_replaced,
+        )
+
+    def _replace_chaos_experiments(self, old: GatewayConfig, new: GatewayConfig) -> bool:
+        """With chaos enabled, the config's experiments replace those running (those an
+        admin started at run time stop too); whether they changed."""
+        if not new.chaos.enabled or old.chaos.experiments == new.chaos.experiments:
+            return False
+        for running in self.chaos.experiments():
+            self.chaos.stop(running["name"])
+        for experiment in new.chaos.experiments:
+            self.chaos.start(experiment)
+        return True
+
+    def _retarget_loads(self, config: GatewayConfig, router: Router) -> None:
+        targets = _scrape_targets(router)
+        if self.loads is not None:
+            self.loads.replace_targets(targets)
+        elif targets and config.load_scrape.enabled and self._started is not None:
+            self.loads = LoadScraper.from_config(targets, config.load_scrape)
+            self._started.push_async_callback(self.loads.aclose)
+            self.loads.replace_targets(targets)  # starts its task: the gateway runs
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether every model has a backend passing its health checks, and which do."""
@@ -237,25 +389,47 @@ def _access_log(config: GatewayConfig, stream: BinaryIO | None) -> AccessLog | N
 
 
 def _health_checker(router: Router, metrics: GatewayMetrics) -> HealthChecker:
-    probes = [
+    return HealthChecker(_probes(router), on_change=metrics.health_changed)
+
+
+def _probes(router: Router, only: set[Backend] | None = None) -> list[Probe]:
+    """A probe per backend of `router` (of those in `only`, if given)."""
+    return [
         Probe(backend.name, route.config.health, backend.adapter.health, backend.health)
         for route in router.routes
         for backend in route.backends
+        if only is None or backend in only
     ]
-    return HealthChecker(probes, on_change=metrics.health_changed)
 
 
 def _load_scraper(scrape: LoadScrapeConfig, router: Router) -> LoadScraper | None:
-    targets = [
+    targets = _scrape_targets(router)
+    if not scrape.enabled or not targets:
+        return None
+    return LoadScraper.from_config(targets, scrape)
+
+
+def _scrape_targets(router: Router) -> list[ScrapeTarget]:
+    return [
         ScrapeTarget(
             backend.name, backend.adapter.metrics, backend.upstream, _in_flight_of(backend)
         )
         for backend in router.backends
         if backend.config.scrapes_metrics
     ]
-    if not scrape.enabled or not targets:
-        return None
-    return LoadScraper.from_config(targets, scrape)
+
+
+def _with_chaos(adapters: AdapterFactory, chaos: Chaos, config: GatewayConfig) -> AdapterFactory:
+    """With chaos enabled, the factory's adapters wrapped to act its experiments' faults."""
+    if not config.chaos.enabled:
+        return adapters
+    return chaos.wrap(adapters, backend_routes(config))
+
+
+def _config_path(config: GatewayConfig) -> Path | None:
+    """The file `config` was read from, if it was (a config built in memory was not)."""
+    path = Path(config.source)
+    return path if config.source != "<memory>" and path.is_file() else None
 
 
 def _breaker_sync(
