@@ -162,13 +162,13 @@ class Tracer:
         if not start_ns:
             if not self._keeps(record, end):
                 return
-            start_ns = time.time_ns() - int((end - record.start) * 1e9)
+            start_ns = time.time_ns() - round((end - record.start) * 1e9)
             record.trace = (trace_id, span_id, parent_id, start_ns)  # the log names it too
         context = SpanContext(trace_id, span_id, False, _SAMPLED)
         parent = None
         if parent_id:
             parent = SpanContext(trace_id, parent_id, True, _SAMPLED)
-        end_ns = start_ns + int((end - record.start) * 1e9)
+        end_ns = start_ns + round((end - record.start) * 1e9)
         chaos = record.chaos or ()
         failed = record.status >= 500 or (record.error is not None and record.status != 499)
         processor = self._processor
@@ -223,7 +223,7 @@ class Tracer:
         perf_counter readings are offsets from the request's `start` (`start_ns`)."""
 
         def wall(at: float) -> int:
-            return min(max(start_ns + int((at - start) * 1e9), start_ns), end_ns)
+            return min(max(start_ns + round((at - start) * 1e9), start_ns), end_ns)
 
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
