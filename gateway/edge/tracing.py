@@ -171,15 +171,6 @@ class Tracer:
         end_ns = start_ns + round((end - record.start) * 1e9)
         chaos = record.chaos or ()
         failed = record.status >= 500 or (record.error is not None and record.status != 499)
-        processor = self._processor
-        if record.tried:
-            operation = _OPERATIONS.get(record.endpoint or "", record.endpoint or "")
-            for number, attempt in enumerate(record.tried, 1):
-                processor.on_end(
-                    self._attempt_span(
-                        attempt, number, operation, context, record.start, start_ns, end_ns
-                    )
-                )
         span = ReadableSpan(
             name=f"{record.method} {record.path}",
             context=context,
@@ -199,7 +190,16 @@ class Tracer:
             end_time=end_ns,
             instrumentation_scope=_SCOPE,
         )
-        processor.on_end(span)
+        processor = self._processor
+        processor.on_end(span)  # first: a search by request id finds the request's span first
+        if record.tried:
+            operation = _OPERATIONS.get(record.endpoint or "", record.endpoint or "")
+            for number, attempt in enumerate(record.tried, 1):
+                processor.on_end(
+                    self._attempt_span(
+                        record, attempt, number, operation, context, start_ns, end_ns
+                    )
+                )
 
     def _keeps(self, record: RequestRecord, end: float) -> bool:
         """Whether a request the ratio left out is exported all the same: it failed (a 5xx,
@@ -211,16 +211,17 @@ class Tracer:
 
     def _attempt_span(
         self,
+        record: RequestRecord,
         attempt: AttemptRecord,
         number: int,
         operation: str,
         parent: SpanContext,
-        start: float,
         start_ns: int,
         end_ns: int,
     ) -> ReadableSpan:
         """One upstream attempt as a child of the request's span, on its clock: its
-        perf_counter readings are offsets from the request's `start` (`start_ns`)."""
+        perf_counter readings are offsets from the request's start (`start_ns`)."""
+        start = record.start
 
         def wall(at: float) -> int:
             return min(max(start_ns + round((at - start) * 1e9), start_ns), end_ns)
@@ -228,6 +229,7 @@ class Tracer:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.request.model": attempt.route,
+            "vgate.request_id": record.request_id,
             "vgate.route": attempt.route,
             "vgate.backend": attempt.backend,
             "vgate.attempt": number,

@@ -117,7 +117,7 @@ def children_of(receiver: OTLPReceiver, span: dict[str, Any], count: int) -> lis
 def span_of(receiver: OTLPReceiver, request_id: str) -> dict[str, Any]:
     def found() -> dict[str, Any] | None:
         for span in list(receiver.spans):
-            if span["attributes"].get("vgate.request_id") == request_id:
+            if span["kind"] == SERVER and span["attributes"].get("vgate.request_id") == request_id:
                 return span
         return None
 
@@ -319,6 +319,7 @@ def test_each_attempt_is_a_child_span_and_the_request_has_genai_attributes(
     assert {k: v for k, v in refused["attributes"].items() if k != "vgate.ttfb_s"} == {
         "gen_ai.operation.name": "chat",
         "gen_ai.request.model": "retried",
+        "vgate.request_id": request_id,
         "vgate.route": "retried",
         "vgate.backend": "down",
         "vgate.attempt": 1,

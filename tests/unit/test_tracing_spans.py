@@ -72,7 +72,7 @@ def test_a_resumed_stream_shows_each_attempt_on_the_requests_clock(
     resumed.resumption = "prefill"
     record.tried = [broken, resumed]
     spans = finished(exporter, (record, START + 1.0))
-    *attempts, span = spans
+    span, *attempts = spans  # the request's first
     assert span.kind is SpanKind.SERVER and len(attempts) == 2
     assert span.start_time is not None
     offsets = [
@@ -98,6 +98,7 @@ def test_a_resumed_stream_shows_each_attempt_on_the_requests_clock(
     assert second.attributes["vgate.attempt"] == 2
     assert "vgate.resumption" not in first.attributes
     assert {child.name for child in attempts} == {"chat m"}
+    assert {child.attributes["vgate.request_id"] for child in attempts} == {"r1"}  # type: ignore[index]
     assert len({child.context.span_id for child in attempts}) == 2
 
 
@@ -124,7 +125,7 @@ def test_a_request_the_ratio_left_out_is_kept_if_it_failed_or_was_slow(
     if kept:
         trace_id = int(record.traceparent[3:35], 16)
         assert {span.context.trace_id for span in spans} == {trace_id}
-        request_span = spans[-1]
+        request_span = spans[0]
         assert request_span.end_time is not None and request_span.start_time is not None
         assert request_span.end_time - request_span.start_time == round(took_s * 1e9)
 
