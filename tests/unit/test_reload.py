@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import load_config
+from chaos.inject import ChaosAdapter
+from gateway.config import ChaosExperiment, ChaosFault, load_config
 from gateway.errors import ConfigError
 from gateway.router import Outcome
 from gateway.runtime.gateway import Gateway
@@ -233,3 +234,33 @@ async def test_an_unhealthy_new_backend_is_known_so_before_traffic(setup: Any) -
     assert 'vgate_backend_healthy{backend="b"} 0.0' in s.gateway.metrics.render().decode()
     ready, models = s.gateway.readiness()
     assert ready and models == {"m": {"live": ["a"], "down": ["b"]}}
+
+
+async def test_chaos_experiments_are_replaced_and_new_backends_wrapped(setup: Any) -> None:
+    def chaos(*names: str) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "experiments": [
+                {"name": name, "fault": {"kind": "refuse"}, "backends": ["a"], "on_request": True}
+                for name in names
+            ],
+        }
+
+    s = await setup(config(vllm("a"), chaos=chaos("first")))
+    a = s.gateway.router.backends[0]
+    s.gateway.chaos.start(ChaosExperiment(name="adhoc", fault=ChaosFault(kind="refuse")))
+    s.write(config(vllm("a"), vllm("b"), chaos=chaos("second")))
+    report = await s.gateway.reload("admin")
+
+    # The config's experiments replace those running, the one started at run time too.
+    assert report.chaos_experiments
+    assert [e["name"] for e in s.gateway.chaos.experiments()] == ["second"]
+    kept, new = s.gateway.router.backends
+    assert isinstance(kept.adapter, ChaosAdapter) and isinstance(new.adapter, ChaosAdapter)
+    assert kept is a  # its wrapped adapter kept: the same Chaos acts on it
+
+    # Unchanged experiments: nothing restarts; chaos switched off needs a restart.
+    s.write(config(vllm("a"), vllm("b"), chaos={**chaos("second"), "enabled": False}))
+    report = await s.gateway.reload("admin")
+    assert not report.chaos_experiments and report.restart_required == ("chaos.enabled",)
+    assert s.gateway.chaos.enabled
