@@ -19,7 +19,8 @@ Starlette routes. Never answers with a secret or a hash.
     POST   /admin/config/reload read the config file now and serve it: 200 with what changed
                                (backends added, removed, kept; fields that need a restart,
                                kept as they were), or 400 `invalid_config` naming the file,
-                               field and reason, and the config in force stays
+                               field and reason (503 `config_not_applied` where a new
+                               backend's adapter cannot start), and the config in force stays
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     clip,
 )
 from gateway.wire.headers import bearer_token
@@ -181,6 +183,12 @@ def _config_reload_route(
                 f"{error.source}: {error.field or '(the file)'}: {error.reason}",
                 param=error.field or None,
                 code="invalid_config",
+            ) from None
+        except Exception as error:  # a new backend's adapter could not start
+            raise ServiceUnavailable(
+                f"The config could not be applied, nothing changed (the config in force "
+                f"stays): {clip(str(error))}",
+                code="config_not_applied",
             ) from None
         return _json(report)
 

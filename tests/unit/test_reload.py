@@ -264,3 +264,20 @@ async def test_chaos_experiments_are_replaced_and_new_backends_wrapped(setup: An
     report = await s.gateway.reload("admin")
     assert not report.chaos_experiments and report.restart_required == ("chaos.enabled",)
     assert s.gateway.chaos.enabled
+
+
+async def test_a_new_adapter_that_cannot_start_refuses_the_reload(setup: Any) -> None:
+    s = await setup(config(vllm("a")))
+    router = s.gateway.router
+
+    async def cannot_start() -> None:
+        raise OSError("c: cannot start")
+
+    s.fakes["c"].start = cannot_start  # type: ignore[method-assign]
+    s.write(config(vllm("a"), vllm("b"), vllm("c")))
+    with pytest.raises(OSError, match="c: cannot start"):
+        await s.gateway.reload("admin")
+
+    assert s.gateway.router is router and s.reloads("refused") == 1
+    assert s.fakes["b"].started and s.fakes["b"].closed  # started before c: closed again
+    assert not s.fakes["a"].closed
