@@ -10,6 +10,7 @@ serving, by each trigger, and the config in force keeps serving.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -27,11 +28,13 @@ from tests.servers import (
     Gateway,
     Process,
     backend,
+    free_port,
     gateway_config,
     poll_until,
     start_gateway,
     start_sim,
 )
+from tests.upstack import ready_state, sim_worker, start_up
 
 ADMIN = "vg-admin-reload-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -252,3 +255,34 @@ def test_a_bad_config_is_refused_while_serving(
     finally:
         load.finish()
     assert load.failures == []
+
+
+def test_vgate_up_reloads_on_sighup_and_keeps_its_workers_backends(tmp_path: Path) -> None:
+    config: dict[str, Any] = {
+        "models": [{"name": "tiny-llama"}],
+        "workers": [sim_worker("s1", free_port(), tmp_path)],
+    }
+    up = start_up(tmp_path, config)
+    try:
+        s1 = up.worker_pid(config["workers"][0]["port"])
+        raw = yaml.safe_load(up.config_path.read_text())
+        raw["models"][0]["aliases"] = ["both"]
+        write(up.config_path, raw)
+        up.popen.send_signal(signal.SIGHUP)
+        poll_until(lambda: "config reload (SIGHUP) applied" in up.log(), timeout_s=10)
+        assert "kept 1" in up.log()  # s1's backend, its health and pool carried over
+        sdk = openai.OpenAI(base_url=up.url + "/v1", api_key=DEMO_KEY, max_retries=0)
+        answer = sdk.chat.completions.create(model="both", messages=MESSAGES, max_tokens=2)
+        assert answer.choices[0].message.content
+        # s1's route timeouts changed: a new backend for it, which the supervisor marks
+        # from now on (out of rotation when its worker dies).
+        raw["models"][0]["timeouts"] = {"total_s": 100}
+        write(up.config_path, raw)
+        up.popen.send_signal(signal.SIGHUP)
+        poll_until(lambda: up.log().count("config reload (SIGHUP) applied") == 2, timeout_s=10)
+        assert "backends added ['s1'], removed ['s1'], kept 0" in up.log()
+        os.killpg(s1, signal.SIGKILL)
+        poll_until(lambda: "s1" in ready_state(up)["tiny-llama"]["down"], timeout_s=15)
+        poll_until(lambda: ready_state(up)["tiny-llama"]["live"] == ["s1"], timeout_s=20)
+    finally:
+        assert up.stop() == 0
