@@ -106,10 +106,10 @@ class RequestContextMiddleware:
             self.metrics.in_flight.dec()
             end = time.perf_counter()
             self.metrics.observe(record, end)
+            if tracer is not None:
+                tracer.end(record, end)  # first: a trace kept at the end gets its id logged
             if self.access_log is not None:
                 self.access_log.write(record, end)
-            if tracer is not None:
-                tracer.end(record, end)
             if record.key_id is not None and self.usage is not None:
                 self.usage.observe(record.key_id, record)
 
