@@ -113,11 +113,10 @@ class BreakerSync:
         backoff_max_s: float = 5.0,
     ) -> None:
         self._redis = redis
-        self._breakers = {(breaker.route, breaker.name): breaker for breaker in breakers}
-        self._keys = {
-            breaker: f"{key_prefix}:breaker:{breaker.route}:{breaker.name}"
-            for breaker in self._breakers.values()
-        }
+        self._key_prefix = key_prefix
+        self._breakers: dict[tuple[str, str], BackendBreaker] = {}
+        self._keys: dict[BackendBreaker, str] = {}
+        self._follow(breakers)
         self.channel = f"{key_prefix}:breaker"
         self.origin = origin or default_origin()
         self.health = health if health is not None else RedisHealth("breaker")
@@ -135,6 +134,28 @@ class BreakerSync:
 
     def key(self, breaker: BackendBreaker) -> str:
         return self._keys[breaker]
+
+    def replace(self, breakers: Iterable[BackendBreaker]) -> None:
+        """Share these breakers from now on (a config reload added or removed backends):
+        removed ones are no longer published or followed, new ones are, read from Redis at
+        the subscriber's next check."""
+        running = bool(self._tasks)
+        for breaker in self._keys:
+            breaker.on_local_change = None
+        self._follow(breakers)
+        for breaker in list(self._pending):
+            if breaker not in self._keys:
+                del self._pending[breaker]
+        if running:
+            for breaker in self._keys:
+                breaker.on_local_change = self._local_change
+
+    def _follow(self, breakers: Iterable[BackendBreaker]) -> None:
+        self._breakers = {(breaker.route, breaker.name): breaker for breaker in breakers}
+        self._keys = {
+            breaker: f"{self._key_prefix}:breaker:{breaker.route}:{breaker.name}"
+            for breaker in self._breakers.values()
+        }
 
     async def start(self) -> None:
         """Start both tasks, and wait for the first catch-up (bounded by the timeouts) so

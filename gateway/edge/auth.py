@@ -273,6 +273,14 @@ class KeyRing:
         disabled = sum(1 for entry in entries if entry.disabled)
         return {"keys": len(entries), "enabled": len(entries) - disabled, "disabled": disabled}
 
+    def adopt(self, other: KeyRing) -> None:
+        """Put `other`'s keys in force, and check later reloads against what it was checked
+        against: a config reload added or removed the models and backends keys may name."""
+        self._backends, self._models = other._backends, other._models
+        self._keys, self._stat = other._keys, other._stat
+        if self.on_reload is not None:
+            self.on_reload(self)
+
     def changed_on_disk(self) -> bool:
         """Whether the file differs (mtime, size or inode) from the one loaded last."""
         if self.path is None:

@@ -264,7 +264,7 @@ class Gateway:
             raise RuntimeError("the gateway is not started")
         old_config, old_router = self.config, self.router
         config = effective(old_config, new)
-        await asyncio.to_thread(_key_ring, config)  # the keys must name what exists
+        keys = await asyncio.to_thread(_key_ring, config)  # the keys must name what exists
         guardrails = Guardrails.from_config(config.guardrails)
         router = build_router(
             config,
@@ -295,6 +295,9 @@ class Gateway:
         chaos_replaced = self._replace_chaos_experiments(old_config, config)
         # The swap: one step, no await in it. Requests started before keep the old router.
         self.config, self.router, self.guardrails = config, router, guardrails
+        self.keys.adopt(keys)  # later keys-file edits may name the new models and backends
+        if self.breaker_sync is not None:
+            self.breaker_sync.replace(b.breaker for b in router.backends if b.breaker.config.shared)
         self.health.replace_probes(_probes(router))
         self.metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
         self._retarget_loads(config, router)

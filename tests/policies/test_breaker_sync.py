@@ -432,3 +432,22 @@ async def test_a_subscription_that_went_silent_is_noticed_and_made_again(
         await sync.aclose()
         await client.aclose()
         await proxy.aclose()
+
+
+async def test_breakers_replaced_by_a_reload_are_shared_and_the_old_ones_let_go(
+    start: Start,
+) -> None:
+    a, b = await start(open_s=30), await start(open_s=30)
+    config = a.breaker.config
+    # A config reload on both processes: w1 leaves, w2 comes.
+    a_w2 = BackendBreaker("w2", config, route="tiny-llama")
+    b_w2 = BackendBreaker("w2", config, route="tiny-llama")
+    a.sync.replace([a_w2])
+    b.sync.replace([b_w2])
+    # The old breaker opens first: were it still published, its message would reach b before
+    # the new one's, which a's one publisher sends after it.
+    trip(a.breaker)
+    trip(a_w2)
+    await eventually(lambda: b_w2.state == "open")  # the new one is shared...
+    assert b.breaker.state == "closed"  # ...the old one neither published nor followed
+    assert a.breaker.on_local_change is None and a_w2.on_local_change is not None

@@ -281,3 +281,21 @@ async def test_a_new_adapter_that_cannot_start_refuses_the_reload(setup: Any) ->
     assert s.gateway.router is router and s.reloads("refused") == 1
     assert s.fakes["b"].started and s.fakes["b"].closed  # started before c: closed again
     assert not s.fakes["a"].closed
+
+
+async def test_a_reload_lets_the_keys_file_name_the_new_models(setup: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS_FILE.read_text())
+    s = await setup(config(vllm("a"), keys={"file": str(keys)}))
+    limited = "keys:\n  - {id: k2, name: k2, sha256: " + "a" * 64 + ", models: [m2]}\n"
+    keys.write_text(KEYS_FILE.read_text().replace("keys:\n", limited, 1))
+    with pytest.raises(ConfigError, match="m2"):
+        await s.gateway.keys.reload()  # no model m2 yet
+    added = config(vllm("a"), keys={"file": str(keys)})
+    added["models"].append({**added["models"][0], "name": "m2", "backends": [vllm("b")]})
+    s.write(added)
+    await s.gateway.reload("admin")
+    # The model the reload added may be named now, without a restart.
+    keys.write_text(KEYS_FILE.read_text().replace("keys:\n", limited + "  \n", 1))
+    counts = await s.gateway.keys.reload()
+    assert counts["keys"] == 2 and "k2" in s.gateway.keys.ids()
