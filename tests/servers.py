@@ -113,14 +113,20 @@ def gateway_config(models: list[dict[str, Any]], **server: Any) -> dict[str, Any
     }
 
 
+def read_access_log(path: Path) -> list[dict[str, Any]]:
+    """The access log's whole lines, parsed. The gateway may be writing the last line as it is
+    read, and a read racing a write can see part of it: that line is left for the next read."""
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [orjson.loads(line) for line in lines if line.strip()]
+
+
 @dataclass
 class Gateway(Process):
     access_log_path: Path | None = None
 
     def access_log(self) -> list[dict[str, Any]]:
         assert self.access_log_path is not None
-        lines = self.access_log_path.read_bytes().splitlines()
-        return [orjson.loads(line) for line in lines if line.strip()]
+        return read_access_log(self.access_log_path)
 
     def wait_for_log(self, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """The access log once it holds at least `count` lines; fails after `timeout_s`."""

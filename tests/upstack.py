@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import yaml
 
-from tests.servers import KEYS_FILE, REPO, free_port
+from tests.servers import KEYS_FILE, REPO, free_port, read_access_log
 
 
 def sim_command() -> list[str]:
@@ -97,8 +96,7 @@ class Up:
         return self.log_path.read_text(errors="replace")
 
     def access_log(self) -> list[dict[str, Any]]:
-        lines = self.access_log_path.read_bytes().splitlines()
-        return [orjson.loads(line) for line in lines if line.strip()]
+        return read_access_log(self.access_log_path)
 
     def worker_pid(self, port: int) -> int:
         """The process `vgate up` started for the worker on `port` (its group's leader)."""
