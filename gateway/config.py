@@ -635,6 +635,70 @@ class ChaosConfig(_Frozen):
         return experiments
 
 
+# SLOs: objectives over the gateway's own metrics (gateway/edge/metrics.py), turned into
+# Prometheus recording rules and burn-rate alerts by `vgate slo rules` (gateway/cli/slo.py).
+# A latency threshold must be one of the latency histograms' bucket boundaries: the share of
+# requests within it is then exact (a bucket's count), never interpolated.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
+)  # fmt: skip
+
+
+class SloLatency(_Frozen):
+    """The share of requests answered within `threshold_s`: by the whole request's duration
+    (`request`), or by the time to a stream's first token (`ttft`)."""
+
+    threshold_s: float
+    target: float = Field(gt=0, lt=1)
+    of: Literal["request", "ttft"] = "request"
+
+    @field_validator("threshold_s")
+    @classmethod
+    def _a_bucket_boundary(cls, threshold: float) -> float:
+        if threshold not in LATENCY_BUCKETS:
+            known = ", ".join(f"{bucket:g}" for bucket in LATENCY_BUCKETS)
+            raise ValueError(
+                f"{threshold:g} is not a bucket boundary of the latency histograms ({known})"
+            )
+        return threshold
+
+
+class SloObjective(_Frozen):
+    """One objective, over `window_days`: availability (the share of requests not failed by
+    the gateway or an upstream: 5xx fail, 4xx are the client's and not counted, a key's own
+    429 included) or latency."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    routes: tuple[str, ...] = ()  # model route names; empty: every request
+    window_days: int = Field(28, ge=1, le=365)
+    availability: float | None = Field(None, gt=0, lt=1)
+    latency: SloLatency | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SloObjective:
+        if (self.availability is None) == (self.latency is None):
+            raise ValueError("give availability or latency (one objective each)")
+        return self
+
+    @property
+    def target(self) -> float:
+        return self.latency.target if self.latency is not None else self.availability or 0.0
+
+    @property
+    def error_budget(self) -> float:
+        """The share of requests that may miss the objective over the window."""
+        return 1.0 - self.target
+
+
+def _slo_names_are_unique(slos: tuple[SloObjective, ...]) -> tuple[SloObjective, ...]:
+    seen: set[str] = set()
+    for slo in slos:
+        if slo.name in seen:
+            raise ValueError(f"slo name {slo.name!r} is used twice")
+        seen.add(slo.name)
+    return slos
+
+
 class GatewayConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     models: tuple[ModelRoute, ...] = ()  # at least one, counting the routes workers create
@@ -649,6 +713,7 @@ class GatewayConfig(_Frozen):
     upstream: UpstreamConfig = UpstreamConfig()  # caps on what upstreams send
     jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
     chaos: ChaosConfig = ChaosConfig()  # fault injection at the adapter seam; off by default
+    slos: Annotated[tuple[SloObjective, ...], AfterValidator(_slo_names_are_unique)] = ()
     source: str = "<memory>"
     # Settings that load but may not do what they seem to: deprecated names, timeouts that
     # leave a fallback no time. Logged at start-up, printed by `vgate check-config`.
@@ -753,6 +818,23 @@ class GatewayConfig(_Frozen):
                         f"{where}.backends: {name!r} is a backend of route {route_of[name]!r},"
                         " which the experiment's routes leave out: it would never be hit"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _slo_routes_exist(self) -> GatewayConfig:
+        """After `_register_workers`: a worker's route can be named too. Metrics carry the
+        route's name, never an alias, so an alias is refused with the name to use."""
+        routes = {route.name for route in self.models}
+        aliases = {alias: route.name for route in self.models for alias in route.aliases}
+        for index, slo in enumerate(self.slos):
+            for name in slo.routes:
+                if name in aliases:
+                    raise ValueError(
+                        f"slos[{index}].routes: {name!r} is an alias; name its route"
+                        f" {aliases[name]!r}"
+                    )
+                if name not in routes:
+                    raise ValueError(f"slos[{index}].routes: {name!r} is not a model route")
         return self
 
 
