@@ -1,4 +1,5 @@
-"""`vgate`: the one command line. Verbs: serve, up, sim, check-config, route explain, keys."""
+"""`vgate`: the one command line. Verbs: serve, up, sim, check-config, route explain, keys,
+slo rules."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keys_cli.add_arguments(keys)
 
+    slo = verbs.add_parser("slo", help="service level objectives (the config's slos:)")
+    slo_verbs = slo.add_subparsers(dest="slo_verb", required=True)
+    slo_rules = slo_verbs.add_parser(
+        "rules", help="write Prometheus recording rules and burn-rate alerts for the slos:"
+    )
+    slo_rules.add_argument("--config", help="YAML config file (default: the embedded default)")
+    slo_rules.add_argument("-o", "--output", help="rule file to write (default: standard output)")
+
     sim = verbs.add_parser("sim", help="run one simulated vLLM worker")
     from chaos import sim as sim_module
 
@@ -59,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file)
     if args.verb == "route":
         return _explain(args)
+    if args.verb == "slo":
+        from gateway.cli import slo as slo_cli
+
+        return slo_cli.run(_load(args.config), args.output)
     if args.verb == "keys":
         return keys_cli.run(args)
     if args.verb == "up":
