@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.config import ChaosFaultKind
+from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
@@ -26,7 +26,6 @@ from policies.limits import LimitStore
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
@@ -61,14 +60,14 @@ class GatewayMetrics:
             "vgate_request_duration_seconds",
             "Time from request to the end of the response.",
             ["endpoint", "model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.ttft = Histogram(
             "vgate_time_to_first_token_seconds",
             "Time to the first streamed event.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.overhead = Histogram(
@@ -82,7 +81,7 @@ class GatewayMetrics:
             "vgate_upstream_duration_seconds",
             "Upstream time until the response (non-streaming) or the first event (streaming).",
             ["backend"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.tokens = Counter(
