@@ -27,6 +27,8 @@ from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
 
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+# Time per output token: a fast GPU's few milliseconds to a loaded CPU worker's second.
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
 NONE = "none"
@@ -68,6 +70,14 @@ class GatewayMetrics:
             "Time to the first streamed event.",
             ["model"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "vgate_tpot_seconds",
+            "Time per output token of a stream after its first: (end - first token) / "
+            "(completion tokens - 1), by model route and the backend that answered.",
+            ["model", "backend"],
+            buckets=_TPOT_BUCKETS,
             registry=registry,
         )
         self.overhead = Histogram(
@@ -163,6 +173,7 @@ class GatewayMetrics:
         self._chaos_experiments: set[str] = set()
         self._children: dict[tuple[str, str, int], _Children] = {}
         self._upstream_children: dict[str, Histogram] = {}
+        self._tpot_children: dict[tuple[str, str], Histogram] = {}
         self.config_reloads = Counter(
             "vgate_config_reloads",
             "Config reloads (SIGHUP, the file changed, POST /admin/config/reload), by "
@@ -220,12 +231,23 @@ class GatewayMetrics:
         if record.dropped_events:
             self.dropped_events.labels(model).inc(record.dropped_events)
         backend = record.backend
+        ttft, generated = record.ttft_s, record.completion_tokens
+        if ttft is not None and generated is not None and generated > 1:
+            self._observe_tpot(model, backend, (end - record.start - ttft) / (generated - 1))
         if backend is not None and record.upstream_s is not None:
             upstream = self._upstream_children.get(backend)
             if upstream is None and backend in self._backends:
                 upstream = self._upstream_children[backend] = self.upstream.labels(backend)
             if upstream is not None:
                 upstream.observe(record.backend_s)
+
+    def _observe_tpot(self, model: str, backend: str | None, seconds: float) -> None:
+        name = backend if backend in self._backends else NONE
+        key = (model, name)
+        child = self._tpot_children.get(key)
+        if child is None:
+            child = self._tpot_children[key] = self.tpot.labels(model, name)
+        child.observe(max(seconds, 0.0))
 
     def stream_resumed(self, model: str, mode: str, outcome: str) -> None:
         if model in self._models:

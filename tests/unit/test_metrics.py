@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import RedisConfig
 from gateway.edge.metrics import CHAOS_EXPERIMENT_LABELS, GatewayMetrics
+from gateway.edge.record import RequestRecord
 from policies.limits import KeyLimits
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits, RedisLimits
@@ -70,3 +71,25 @@ def test_chaos_injections_are_counted_under_a_bounded_label_set() -> None:
     # "outage" took one of the names: the last six experiments count as "other".
     assert injected[(("experiment", "other"), ("fault", "latency"))] == 6
     assert len({dict(labels)["experiment"] for labels in injected}) == CHAOS_EXPERIMENT_LABELS + 1
+
+
+def test_time_per_output_token_is_a_streams_time_after_its_first_token_per_token() -> None:
+    metrics = GatewayMetrics(models=["m"], backends=["b"])
+    stream = RequestRecord("r1", 100.0, "POST", "/v1/chat/completions")
+    stream.endpoint, stream.model, stream.backend, stream.status = "chat", "m", "b", 200
+    stream.ttft_s, stream.completion_tokens = 0.5, 11  # 10 tokens after the first...
+    metrics.observe(stream, 100.0 + 0.5 + 10 * 0.02)  # ...20 ms apart
+    one_token = RequestRecord("r2", 100.0, "POST", "/v1/chat/completions")
+    one_token.endpoint, one_token.model, one_token.backend, one_token.status = "chat", "m", "b", 200
+    one_token.ttft_s, one_token.completion_tokens = 0.5, 1  # no time between tokens to tell
+    metrics.observe(one_token, 101.0)
+    whole = RequestRecord("r3", 100.0, "POST", "/v1/chat/completions")  # not streamed
+    whole.endpoint, whole.model, whole.backend, whole.status = "chat", "m", "b", 200
+    whole.completion_tokens = 50
+    metrics.observe(whole, 102.0)
+    seen = samples(metrics)
+    labels = (("backend", "b"), ("model", "m"))
+    assert seen[("vgate_tpot_seconds_count", labels)] == 1
+    assert abs(seen[("vgate_tpot_seconds_sum", labels)] - 0.02) < 1e-9
+    assert seen[("vgate_tpot_seconds_bucket", (*labels[:1], ("le", "0.025"), labels[1]))] == 1
+    assert seen[("vgate_tpot_seconds_bucket", (*labels[:1], ("le", "0.01"), labels[1]))] == 0
