@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import (
@@ -37,6 +37,14 @@ MAX_PATTERN_CHARS = 1000
 # The global cap on `n` (and `best_of`) unless the config says otherwise: room for sampling
 # several answers to pick from, not for one request to occupy a worker's every sequence slot.
 DEFAULT_MAX_N = 16
+
+
+class _HasName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_Named = TypeVar("_Named", bound=_HasName)
 
 
 class _Frozen(BaseModel):
@@ -627,12 +635,7 @@ class ChaosConfig(_Frozen):
     def _names_are_unique(
         cls, experiments: tuple[ChaosExperiment, ...]
     ) -> tuple[ChaosExperiment, ...]:
-        seen: set[str] = set()
-        for experiment in experiments:
-            if experiment.name in seen:
-                raise ValueError(f"experiment name {experiment.name!r} is used twice")
-            seen.add(experiment.name)
-        return experiments
+        return _unique_names(experiments, "experiment")
 
 
 # SLOs: objectives over the gateway's own metrics (gateway/edge/metrics.py), turned into
@@ -691,12 +694,17 @@ class SloObjective(_Frozen):
 
 
 def _slo_names_are_unique(slos: tuple[SloObjective, ...]) -> tuple[SloObjective, ...]:
+    return _unique_names(slos, "slo")
+
+
+def _unique_names(items: tuple[_Named, ...], what: str) -> tuple[_Named, ...]:
+    """`items`, if no two share a name (ValueError naming the first repeated one)."""
     seen: set[str] = set()
-    for slo in slos:
-        if slo.name in seen:
-            raise ValueError(f"slo name {slo.name!r} is used twice")
-        seen.add(slo.name)
-    return slos
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what} name {item.name!r} is used twice")
+        seen.add(item.name)
+    return items
 
 
 class GatewayConfig(_Frozen):

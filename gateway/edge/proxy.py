@@ -55,24 +55,14 @@ class Serving(Protocol):
     def guardrails(self) -> Guardrails: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fixed:
-    """A router and guardrails that never change."""
-
-    router: Router
-    guardrails: Guardrails
-
-
 class ProxyEndpoint:
     def __init__(
         self,
         endpoint: Endpoint,
         *,
-        router: Router | None = None,
+        serving: Serving,
         keys: KeyRing,
         max_body_bytes: int,
-        serving: Serving | None = None,
-        guardrails: Guardrails | None = None,
         limits: LimitStore | None = None,
         default_max_tokens_estimate: int = 256,
         tokens: TokenVerifier | None = None,
@@ -83,10 +73,6 @@ class ProxyEndpoint:
             Endpoint.COMPLETIONS: "completions",
             Endpoint.EMBEDDINGS: "embeddings",
         }[endpoint]
-        if serving is None:
-            if router is None:
-                raise TypeError("ProxyEndpoint needs a router, or what serves (`serving`)")
-            serving = Fixed(router, guardrails or Guardrails())
         self.serving = serving  # read once per request: see Serving
         self.keys = keys
         self.max_body_bytes = max_body_bytes

@@ -177,9 +177,9 @@ class Router:
             try:
                 stream = await self._on_route(route, plan, outcome, once, window, exclude=exclude)
             except (GatewayError, AttemptFailed, _RouteExhausted) as exc:
-                reason = reason or _message_of(exc)
-                if outcome.attempts > attempts_before:
-                    reason = _message_of(exc)  # a real attempt's failure says the most
+                # A real attempt's failure says more than a route with nothing to try.
+                if not reason or outcome.attempts > attempts_before:
+                    reason = _message_of(exc)
                 continue
             return stream, mode
         if outcome.attempts == attempts_before:
