@@ -386,6 +386,15 @@ class TracingConfig(_Frozen):
     keep_slow_s: float | None = Field(10.0, gt=0)
 
 
+class MetricsConfig(_Frozen):
+    """What /metrics serves besides the current metric names."""
+
+    # The names issue 13 renamed (vgate_request_duration_seconds,
+    # vgate_time_to_first_token_seconds, vgate_tokens_total) served as well, copied at scrape
+    # time from the new ones: for one deprecation period, until rules and dashboards move.
+    legacy_names: bool = True
+
+
 # The signature algorithms a JWT may use: HMAC with a shared secret, or a public key from a
 # JWKS. Never "none", and never both kinds at once (an HS check keyed with a public key's
 # bytes is the classic algorithm-confusion forgery).
@@ -722,6 +731,7 @@ class GatewayConfig(_Frozen):
     jwt: JwtConfig = JwtConfig()  # JWT bearer tokens beside API keys; off by default
     chaos: ChaosConfig = ChaosConfig()  # fault injection at the adapter seam; off by default
     slos: Annotated[tuple[SloObjective, ...], AfterValidator(_slo_names_are_unique)] = ()
+    metrics: MetricsConfig = MetricsConfig()  # legacy metric names on /metrics; restart
     source: str = "<memory>"
     # Settings that load but may not do what they seem to: deprecated names, timeouts that
     # leave a fallback no time. Logged at start-up, printed by `vgate check-config`.

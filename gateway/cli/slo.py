@@ -7,7 +7,8 @@ long and its short window exceeds its burn rate times the error budget. The long
 makes it significant; the short one makes it stop soon after the burning does.
 
 The rules read only what gateway/edge/metrics.py exports: `vgate_requests_total`,
-`vgate_request_duration_seconds` and `vgate_time_to_first_token_seconds`, whose `model`
+`vgate_request_latency_seconds` and `vgate_ttft_seconds` (the names issue 13 asked for; before
+it `vgate_request_duration_seconds` and `vgate_time_to_first_token_seconds`), whose `model`
 label is the route's name.
 """
 
@@ -105,11 +106,7 @@ def error_ratio(slo: SloObjective, window: str) -> str:
             f"(sum(rate(vgate_requests_total{failed}[{window}])) or vector(0))\n"
             f"/\nsum(rate(vgate_requests_total{counted}[{window}]))"
         )
-    metric = (
-        "vgate_request_duration_seconds"
-        if latency.of == "request"
-        else "vgate_time_to_first_token_seconds"
-    )
+    metric = "vgate_request_latency_seconds" if latency.of == "request" else "vgate_ttft_seconds"
     within = _selector(f"le={_quote(bucket_bound(latency.threshold_s))}", routes)
     every = _selector(routes)
     return (

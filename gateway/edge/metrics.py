@@ -1,7 +1,8 @@
 """Prometheus metrics with bounded label sets.
 
 Labels come only from configuration (model and backend names), fixed sets (endpoint), and
-HTTP status codes. Keys, prompts and request ids never become labels. A config reload
+HTTP status codes. Prompts and request ids never become labels; a key's name (never the key)
+labels only its limit refusals, and at most `KEY_LABELS` names do (then "other"). A config reload
 extends the model and backend sets with the new config's names (`extend`): bounded by the
 configs loaded over the process's life. Chaos experiments'
 names, which an admin may add at run time, are bounded by the chaos core (at most 32 at a
@@ -15,8 +16,9 @@ from typing import NamedTuple, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
@@ -35,6 +37,26 @@ NONE = "none"
 OTHER = "other"
 CHAOS_FAULTS: frozenset[str] = frozenset(get_args(ChaosFaultKind))  # the fixed kinds
 CHAOS_EXPERIMENT_LABELS = 64  # distinct experiment names counted over the process's life
+KEY_LABELS = 500  # distinct key names whose limit refusals are counted apart, then "other"
+ATTEMPT_RESULT_LABELS = 32  # distinct attempt results ("ok", error codes), then "other"
+BREAKER_STATES = ("closed", "open", "half-open")  # pybreaker's state names
+# A refusal by the key's own limits or quota (policies/limits.py), never an upstream's.
+LIMIT_REFUSAL_CODES = frozenset(
+    {
+        "rate_limit_exceeded",
+        "concurrency_limit_exceeded",
+        "insufficient_quota",
+        "rate_limits_unavailable",
+    }
+)
+# Old name -> new name, for one deprecation period (served while metrics.legacy_names is on).
+# The old `vgate_tokens_total{model,kind}` is the two new token counters under one name,
+# kind="prompt" and kind="completion".
+LEGACY_NAMES: dict[str, str] = {
+    "vgate_request_duration_seconds": "vgate_request_latency_seconds",
+    "vgate_time_to_first_token_seconds": "vgate_ttft_seconds",
+    "vgate_tokens_total": "vgate_tokens_prompt_total, vgate_tokens_generated_total",
+}
 
 
 class _Children(NamedTuple):
@@ -47,7 +69,9 @@ class _Children(NamedTuple):
 
 
 class GatewayMetrics:
-    def __init__(self, models: Iterable[str], backends: Iterable[str]) -> None:
+    def __init__(
+        self, models: Iterable[str], backends: Iterable[str], *, legacy_names: bool = True
+    ) -> None:
         self.registry = CollectorRegistry()
         self._models = frozenset(models)
         self._backends = frozenset(backends)
@@ -59,15 +83,15 @@ class GatewayMetrics:
             registry=registry,
         )
         self.duration = Histogram(
-            "vgate_request_duration_seconds",
-            "Time from request to the end of the response.",
+            "vgate_request_latency_seconds",
+            "Time from request to the end of the response (exemplars: kept traces' ids).",
             ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.ttft = Histogram(
-            "vgate_time_to_first_token_seconds",
-            "Time to the first streamed event.",
+            "vgate_ttft_seconds",
+            "Time to the first streamed event (exemplars: kept traces' ids).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -94,10 +118,30 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.tokens = Counter(
-            "vgate_tokens",
-            "Tokens reported by upstreams' usage.",
-            ["model", "kind"],
+        self.prompt_tokens = Counter(
+            "vgate_tokens_prompt",
+            "Prompt (input) tokens reported by upstreams' usage, by model route.",
+            ["model"],
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "vgate_tokens_generated",
+            "Completion (output) tokens reported by upstreams' usage, by model route.",
+            ["model"],
+            registry=registry,
+        )
+        self.backend_attempts = Counter(
+            "vgate_backend_attempts",
+            "Upstream attempts, by backend and result: ok, or the error that ended it "
+            "(upstream_timeout, upstream_unreachable, ...; an upstream's own 4xx is ok).",
+            ["backend", "result"],
+            registry=registry,
+        )
+        self.limit_refusals = Counter(
+            "vgate_limit_refusals",
+            "Requests refused by a key's own limits or quota, by the key's name and the "
+            "refusal's code.",
+            ["key", "code"],
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -137,6 +181,15 @@ class GatewayMetrics:
             ["backend"],
             registry=registry,
         )
+        self.breaker_state = Gauge(
+            "vgate_breaker_state",
+            "1 for a backend's circuit breaker's state now (closed, open, half-open), 0 for "
+            "the others.",
+            ["backend", "state"],
+            registry=registry,
+        )
+        for backend in self._backends:
+            self._set_breaker_state(backend, "closed")
         self.breaker_shared = Counter(
             "vgate_breaker_shared_updates",
             "Breaker states taken on from other gateway processes through Redis.",
@@ -171,6 +224,9 @@ class GatewayMetrics:
             registry=registry,
         )
         self._chaos_experiments: set[str] = set()
+        self._keys: set[str] = set()
+        self._attempt_results: set[str] = set()
+        self._attempt_children: dict[tuple[str, str], Counter] = {}
         self._children: dict[tuple[str, str, int], _Children] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self._tpot_children: dict[tuple[str, str], Histogram] = {}
@@ -185,6 +241,10 @@ class GatewayMetrics:
             self.config_reloads.labels(outcome)
         self._limits = _LimitCollector([])
         registry.register(self._limits)
+        if legacy_names:
+            registry.register(
+                _LegacyNames(self.duration, self.ttft, self.prompt_tokens, self.generated_tokens)
+            )
 
     def extend(self, models: Iterable[str], backends: Iterable[str]) -> None:
         """A config reload's names join the label sets; a backend gone no longer reports
@@ -197,6 +257,8 @@ class GatewayMetrics:
         for new in backends - self._healthy_backends:
             self.backend_healthy.labels(new).set(1)
             self._healthy_backends.add(new)
+        for new in backends - self._backends:
+            self._set_breaker_state(new, "closed")
         self._models |= frozenset(models)
         self._backends |= backends
 
@@ -215,21 +277,32 @@ class GatewayMetrics:
                 self.duration.labels(endpoint, model),
                 self.overhead.labels(endpoint),
                 self.ttft.labels(model),
-                self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "completion"),
+                self.prompt_tokens.labels(model),
+                self.generated_tokens.labels(model),
             )
         children.requests.inc()
-        children.duration.observe(end - record.start)
+        trace = record.trace
+        if trace is not None and trace[3]:  # sampled, or kept at its end: exported
+            exemplar = {"trace_id": f"{trace[0]:032x}"}
+            children.duration.observe(end - record.start, exemplar)
+            if record.ttft_s is not None:
+                children.ttft.observe(record.ttft_s, exemplar)
+        else:
+            children.duration.observe(end - record.start)
+            if record.ttft_s is not None:
+                children.ttft.observe(record.ttft_s)
         if record.response_started is not None:
             children.overhead.observe(record.own_s(record.response_started))
-        if record.ttft_s is not None:
-            children.ttft.observe(record.ttft_s)
         if record.prompt_tokens:
             children.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
             children.completion_tokens.inc(record.completion_tokens)
         if record.dropped_events:
             self.dropped_events.labels(model).inc(record.dropped_events)
+        for attempt in record.tried:
+            self._count_attempt(attempt.backend, attempt.result)
+        if record.error in LIMIT_REFUSAL_CODES and not record.attempts and record.caller:
+            self._count_refusal(record.caller, record.error)
         backend = record.backend
         ttft, generated = record.ttft_s, record.completion_tokens
         if ttft is not None and generated is not None and generated > 1:
@@ -240,6 +313,34 @@ class GatewayMetrics:
                 upstream = self._upstream_children[backend] = self.upstream.labels(backend)
             if upstream is not None:
                 upstream.observe(record.backend_s)
+
+    def _count_attempt(self, backend: str, result: str) -> None:
+        key = (backend, result)
+        child = self._attempt_children.get(key)
+        if child is None:
+            if backend not in self._backends:
+                return
+            known = self._attempt_results
+            if result not in known:
+                if len(known) >= ATTEMPT_RESULT_LABELS:
+                    result = OTHER
+                else:
+                    known.add(result)
+            child = self._attempt_children[key] = self.backend_attempts.labels(backend, result)
+        child.inc()
+
+    def _count_refusal(self, key: str, code: str) -> None:
+        known = self._keys
+        if key not in known:
+            if len(known) >= KEY_LABELS:
+                key = OTHER
+            else:
+                known.add(key)
+        self.limit_refusals.labels(key, code).inc()
+
+    def _set_breaker_state(self, backend: str, state: str) -> None:
+        for each in BREAKER_STATES:
+            self.breaker_state.labels(backend, each).set(1 if each == state else 0)
 
     def _observe_tpot(self, model: str, backend: str | None, seconds: float) -> None:
         name = backend if backend in self._backends else NONE
@@ -267,6 +368,8 @@ class GatewayMetrics:
         if backend in self._backends:
             self.breaker_transitions.labels(backend, new).inc()
             self.breaker_open.labels(backend).set(0 if new == "closed" else 1)
+            if new in BREAKER_STATES:
+                self._set_breaker_state(backend, new)
 
     def breaker_applied(self, backend: str, state: str) -> None:
         if backend in self._backends:
@@ -304,7 +407,61 @@ class GatewayMetrics:
             self.backend_healthy.labels(backend).set(1 if healthy else 0)
 
     def render(self) -> bytes:
+        """The Prometheus text format (0.0.4): no exemplars."""
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The body and its content type for a scrape's Accept header: OpenMetrics (with
+        exemplars) when the scraper asks for it, as Prometheus does, else the text format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _LegacyNames(Collector):
+    """The renamed families under their old names (LEGACY_NAMES), copied at scrape time
+    from the new ones' samples, exemplars left out (the new names carry them)."""
+
+    def __init__(
+        self, duration: Histogram, ttft: Histogram, prompt: Counter, generated: Counter
+    ) -> None:
+        self._renamed = (
+            (duration, "vgate_request_duration_seconds"),
+            (ttft, "vgate_time_to_first_token_seconds"),
+        )
+        self._tokens = ((prompt, "prompt"), (generated, "completion"))
+
+    def collect(self) -> Iterator[Metric]:
+        for current, old in self._renamed:
+            for family in current.collect():
+                legacy = Metric(old, f"Deprecated: renamed {family.name}.", family.type)
+                legacy.samples = [
+                    Sample(
+                        old + sample.name[len(family.name) :],
+                        sample.labels,
+                        sample.value,
+                        sample.timestamp,
+                    )
+                    for sample in family.samples
+                ]
+                yield legacy
+        tokens = Metric(
+            "vgate_tokens",
+            "Deprecated: vgate_tokens_prompt_total (kind=prompt) and "
+            "vgate_tokens_generated_total (kind=completion).",
+            "counter",
+        )
+        for counter, kind in self._tokens:
+            for family in counter.collect():
+                tokens.samples += [
+                    Sample(
+                        "vgate_tokens" + sample.name[len(family.name) :],
+                        {**sample.labels, "kind": kind},
+                        sample.value,
+                        sample.timestamp,
+                    )
+                    for sample in family.samples
+                ]
+        yield tokens
 
 
 class _ConnectionCollector(Collector):

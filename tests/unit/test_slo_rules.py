@@ -134,16 +134,14 @@ def test_rules_use_only_exported_metrics(tmp_path: Path) -> None:
     text = render(load_config(write_config(tmp_path, SLOS), environ={}))
     rules = [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
     exprs = " ".join(rule["expr"] for rule in rules)
-    for name in ("vgate_requests_total", "vgate_request_duration_seconds_bucket"):
+    for name in ("vgate_requests_total", "vgate_request_latency_seconds_bucket"):
         assert name in exprs
     exported = metrics.GatewayMetrics(["chat"], ["b1"])
     exported.ttft.labels("chat").observe(0.1)
     exposition = exported.render().decode()
     for bucket in LATENCY_BUCKETS:  # each boundary spelt as the exposition spells it
         bound = bucket_bound(bucket)
-        assert (
-            f'vgate_time_to_first_token_seconds_bucket{{le="{bound}",model="chat"}}' in exposition
-        )
+        assert f'vgate_ttft_seconds_bucket{{le="{bound}",model="chat"}}' in exposition
     assert 'le="1.0"' in exprs
     assert 'model=~"chat|embed\\\\.v1"' in exprs  # a regex, its dot escaped in a PromQL string
     alerts = [rule for rule in rules if "alert" in rule]
@@ -284,17 +282,17 @@ def test_slow_requests_page_the_latency_objective(tmp_path: Path, promtool: str)
     # it alone would not page. Time to first token: all within 1 s.
     series = [
         *histogram(
-            "vgate_request_duration_seconds",
+            "vgate_request_latency_seconds",
             'endpoint="chat", model="chat"',
             {"1.0": "0+50x60", "2.5": "0+70x60", "+Inf": "0+100x60"},
         ),
         *histogram(
-            "vgate_request_duration_seconds",
+            "vgate_request_latency_seconds",
             'endpoint="embeddings", model="embed.v1"',
             {"1.0": "0+100x60", "2.5": "0+100x60", "+Inf": "0+100x60"},
         ),
         *histogram(
-            "vgate_time_to_first_token_seconds",
+            "vgate_ttft_seconds",
             'model="chat"',
             {"1.0": "0+100x60", "2.5": "0+100x60", "+Inf": "0+100x60"},
         ),
