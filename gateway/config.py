@@ -57,6 +57,13 @@ class ServerConfig(_Frozen):
     workers: Literal[1] = 1
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     access_log: bool = True
+    # On SIGTERM, /ready answers 503 for drain_delay_s while the gateway serves and accepts on
+    # (load balancers and Kubernetes' endpoints take it out of rotation meanwhile; responses
+    # say `Connection: close`, moving keep-alive clients to fresh connections); then the
+    # listener closes and requests in flight get graceful_shutdown_s to finish. SIGINT and a
+    # second signal skip the delay. 5 s covers endpoint propagation (kube-proxy, ingress), and
+    # with graceful_shutdown_s fits Kubernetes' default 30 s termination grace period.
+    drain_delay_s: float = Field(5.0, ge=0, le=300)
     graceful_shutdown_s: float = Field(10.0, gt=0)
     max_in_flight: int = Field(1024, ge=1)  # requests worked on at once by this process
     queue_max_waiting: int = Field(256, ge=0)  # beyond max_in_flight, at most this many wait...

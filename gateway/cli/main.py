@@ -179,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.runtime.app import create_app
+    from gateway.runtime.drain import DrainingServer
     from gateway.runtime.gateway import Gateway
 
     config = _load(args.config)
@@ -190,7 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
         return 2
     reload_on_sighup(gateway)
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         create_app(gateway),
         host=server.host,
         port=server.port,
@@ -198,7 +199,15 @@ def _serve(args: argparse.Namespace) -> int:
         http=gateway.connections.protocol_class(),
         **_uvicorn_options(config, server),
     )
-    return 0
+    # SIGTERM: /ready 503 for server.drain_delay_s while serving, then uvicorn's drain.
+    uvicorn_server = DrainingServer(
+        uvicorn_config, gateway=gateway, drain_delay_s=server.drain_delay_s
+    )
+    try:
+        uvicorn_server.run()
+    except KeyboardInterrupt:  # a Ctrl-C before uvicorn's handlers were in place
+        return 130
+    return 0 if uvicorn_server.started else 3  # 3: uvicorn's start-up failure
 
 
 if __name__ == "__main__":

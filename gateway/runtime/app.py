@@ -118,7 +118,8 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     async def ready(request: Request) -> Response:
         is_ready, models = gateway.readiness()
-        body = orjson.dumps({"status": "ready" if is_ready else "not_ready", "models": models})
+        status = "ready" if is_ready else "draining" if gateway.draining else "not_ready"
+        body = orjson.dumps({"status": status, "models": models})
         return Response(body, status_code=200 if is_ready else 503, media_type="application/json")
 
     async def metrics(request: Request) -> Response:

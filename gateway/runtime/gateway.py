@@ -110,6 +110,8 @@ class Gateway:
     # The adapter factory, without chaos's wrapper: what a reload builds new backends with.
     adapter_factory: AdapterFactory
     adapters: Adapters = field(default_factory=Adapters)  # started and not yet closed
+    # Set by `drain()` (SIGTERM): /ready answers 503 from then on, while everything serves.
+    draining: bool = field(default=False, init=False)
     _started: AsyncExitStack | None = field(default=None, init=False, repr=False)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
@@ -335,10 +337,17 @@ class Gateway:
             self._started.push_async_callback(self.loads.aclose)
             self.loads.replace_targets(targets)  # starts its task: the gateway runs
 
+    def drain(self) -> None:
+        """Leave rotation: /ready answers 503 from now on, so load balancers stop sending new
+        requests here, while everything else serves on (the server's drain delay, before its
+        listener closes). A flag write: safe from a signal handler."""
+        self.draining = True
+
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Whether every model has a backend passing its health checks, and which do."""
+        """Whether every model has a backend passing its health checks, and which do; never
+        ready while draining."""
         models: dict[str, object] = {}
-        ready = True
+        ready = not self.draining
         for route in self.router.routes:
             up = [b.name for b in route.backends if b.health.healthy]
             down = [b.name for b in route.backends if not b.health.healthy]
