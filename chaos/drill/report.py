@@ -123,10 +123,13 @@ def read_result(path: Path) -> DrillResult:
 
 
 def _percent(share: float) -> str:
-    """A share as a percentage with up to three decimals, rounded down: a measured
-    99.9996% must not read as a clean 100% next to a 99.9999% target it missed."""
-    thousandths = math.floor(share * 100_000 + 1e-6)
-    text = f"{thousandths / 1000:.3f}".rstrip("0").rstrip(".")
+    """A share as a percentage, rounded down: a measured 99.9996% must not read as a clean
+    100% next to a 99.9999% target it missed. Three decimals near 100%, where the nines
+    are the point; one below 99%, where more digits are noise."""
+    decimals = 3 if share >= 0.99 else 1
+    scale = 10**decimals
+    floored = math.floor(share * 100 * scale + 1e-6) / scale
+    text = f"{floored:.{decimals}f}".rstrip("0").rstrip(".")
     return f"{text}%"
 
 
@@ -208,15 +211,14 @@ def _verdicts_markdown(result: DrillResult) -> list[str]:
     if not result.verdicts:
         return ["No objectives were judged."]
     rows = [
-        "| Objective | Phase | Target | Measured | Requests | Result |",
-        "|---|---|---:|---:|---:|:---:|",
+        "| Objective | Target | Phase | Measured | Requests | Result |",
+        "|---|---|---|---:|---:|:---:|",
     ]
     for verdict in _ordered(result.verdicts):
         outcome = "waived" if verdict.waived else ("✅" if verdict.holds else "❌")
         rows.append(
-            f"| {_md_escape(verdict.description)} | {verdict.phase} "
-            f"| {_value(verdict, verdict.target)} | {_value(verdict, verdict.measured)} "
-            f"| {verdict.requests} | {outcome} |"
+            f"| `{verdict.objective}` | {_md_escape(verdict.description)} | {verdict.phase} "
+            f"| {_value(verdict, verdict.measured)} | {verdict.requests} | {outcome} |"
         )
     return rows
 

@@ -177,11 +177,11 @@ def test_the_markdown_has_the_verdict_rows_counts_marks_and_chart(tmp_path: Path
     assert text.startswith("# Drill: Provider outage: one of two backends down for 20 s\n")
     assert "**❌ FAIL**" in text
     assert "![" in text and "](provider-outage.png)" in text
-    assert "| availability >= 99% | before | 99% | 100% | 198 | ✅ |" in text
-    assert "| availability >= 99% | during | 99% | 89% | 200 | ❌ |" in text
-    assert "| availability >= 99% | all | 99% | 96.3% | 600 | ❌ |" in text
-    assert "| p99 latency <= 1 s | during | 99% | 97.65% | 200 | waived |" in text
-    assert "| requests lost = 0 | during | 0 | 2 | 200 | ❌ |" in text
+    assert "| `availability` | availability >= 99% | before | 100% | 198 | ✅ |" in text
+    assert "| `availability` | availability >= 99% | during | 89% | 200 | ❌ |" in text
+    assert "| `availability` | availability >= 99% | all | 96.3% | 600 | ❌ |" in text
+    assert "| `chat_p99` | p99 latency <= 1 s | during | 97.6% | 200 | waived |" in text
+    assert "| `requests_lost` | requests lost = 0 | during | 2 | 200 | ❌ |" in text
     assert (
         "| during | 20.0-40.0 s | 200 | 176 | 22 (429: 2, 503: 20) | **2** (reset: 2) "
         "| none: 24, vllm-a: 176 |"
@@ -191,7 +191,7 @@ def test_the_markdown_has_the_verdict_rows_counts_marks_and_chart(tmp_path: Path
     assert "| 30.0 s | action | reload config bad.yaml | ❌ failed |" in text
     assert "| 40.0 s | rollback | start backend vllm-b | ✅ |" in text
     # The verdicts in order: by objective, then before, during, after, all.
-    rows = re.findall(r"^\| (availability|p99|requests)[^|]*\| (\w+) \|", text, re.M)
+    rows = re.findall(r"^\| `(\w+)` \|[^|]*\| (\w+) \|", text, re.M)
     assert [phase for _, phase in rows] == [
         "before", "during", "after", "all", "during", "during", "all"
     ]  # fmt: skip
@@ -240,7 +240,7 @@ def test_a_drill_without_requests_still_gets_all_three_files(tmp_path: Path) -> 
     assert len(document["timeline"]) == 13  # 12.5 s: every second, empty ones too
     assert all(second["p99_s"] is None for second in document["timeline"])
     text = files.markdown.read_text(encoding="utf-8")
-    assert "| availability >= 99% | during | 99% | — | 0 | ✅ |" in text
+    assert "| `availability` | availability >= 99% | during | — | 0 | ✅ |" in text
     assert read_result(files.json) == drill
 
 
@@ -292,7 +292,7 @@ def test_the_verdict_table_has_a_row_per_objective_and_a_verdict_per_drill() -> 
     assert outage.split() == ["provider-outage", "availability", "100%", "✓", "89%", "✗",
                               "100%", "✓", "96.3%", "✗", "FAIL"]  # fmt: skip
     chat_p99 = next(line for line in lines if "chat_p99" in line)
-    assert chat_p99.split() == ["chat_p99", "97.65%", "—"]  # waived: the value, no verdict
+    assert chat_p99.split() == ["chat_p99", "97.6%", "—"]  # waived: the value, no verdict
     lost = next(line for line in lines if "requests_lost" in line)
     assert lost.split() == ["requests_lost", "2", "✗", "2", "✗"]
     assert cells["latency-spike"].split()[-1] == "PASS"
@@ -369,3 +369,20 @@ def test_the_progress_line_at_the_start_has_nothing_to_show_yet() -> None:
     assert progress_line(0.0, [], "before") == (
         "   0.0 s  before     0.0 req/s  ok 0  error 0  lost 0  p99 -"
     )
+
+
+@pytest.mark.parametrize(
+    ("measured", "shown"),
+    [(0.999996, "99.999% ✗"), (1.0, "100% ✓"), (0.99, "99% ✗"), (0.98765, "98.7% ✗"),
+     (0.0, "0% ✗")],
+)  # fmt: skip
+def test_shares_are_rounded_down_so_a_miss_never_reads_as_the_target(
+    measured: float, shown: str
+) -> None:
+    drill = quiet_drill()
+    drill.verdicts = [
+        Verdict("availability", "all", "availability >= 99.9999%", 0.999999, measured, 10,
+                measured >= 0.999999),
+    ]  # fmt: skip
+    row = verdict_table([drill]).splitlines()[2]
+    assert row.split()[2:4] == shown.split()
