@@ -183,6 +183,7 @@ def failure_reasons(result: DrillResult) -> list[str]:
 def report_markdown(result: DrillResult, chart: str) -> str:
     """The Markdown report; `chart` is the PNG's path relative to the Markdown file."""
     lines = [f"# Drill: {result.title}", ""]
+    alt = _md_escape(result.title).replace("[", "(").replace("]", ")")  # brackets end alt text
     word = "✅ PASS" if result.passed else "❌ FAIL"
     lines += [
         f"**{word}** · Chaos Toolkit status: `{result.status}`",
@@ -192,7 +193,7 @@ def report_markdown(result: DrillResult, chart: str) -> str:
         f"Started {result.started_at}, ran {_seconds(result.duration_s)}, "
         f"{len(result.requests)} requests. Drill file: `{result.file}`.",
         "",
-        f"![{_md_escape(result.title)}: latency, errors and backends over time]({chart})",
+        f"![{alt}: latency, errors and backends over time]({chart})",
         "",
         "## Verdicts",
         "",
@@ -426,12 +427,17 @@ def draw_chart(result: DrillResult, seconds: Sequence[Second], path: Path) -> No
     shares.set_xlabel("seconds since the drill started")
     word = _verdict_word(result)
     figure.suptitle(
-        f"{result.title} — {word}",
+        f"{_plain(result.title)} — {word}",
         fontsize=13,
         fontweight="bold",
         color="#1e8449" if result.passed else "#c0392b",
     )
     figure.savefig(path, format="png")
+
+
+def _plain(text: str) -> str:
+    """Text as written: matplotlib reads a pair of `$` as mathematics (and fails on some)."""
+    return text.replace("$", r"\$")
 
 
 def _draw_shares(axes: Axes, seconds: Sequence[Second]) -> None:
@@ -446,7 +452,7 @@ def _draw_shares(axes: Axes, seconds: Sequence[Second]) -> None:
         for name in backends:
             shares = [100 * s.backends.get(name, 0) / s.ok if s.ok else 0.0 for s in seconds]
             stacks.append([*shares, shares[-1]])  # step="post" draws up to the last edge
-        axes.stackplot(edges, stacks, labels=backends, alpha=0.85, step="post")
+        axes.stackplot(edges, stacks, labels=[_plain(b) for b in backends], alpha=0.85, step="post")
         # The top of the stack first, as the eye reads it.
         handles, labels = axes.get_legend_handles_labels()
         axes.legend(handles[::-1], labels[::-1], **_OUTSIDE)
@@ -498,7 +504,7 @@ def _label_marks(axes: Axes, marks: Sequence[Mark], span: float) -> None:
             side = "left"
         previous = (mark.at, side)
         colour = _MARK_STYLES[mark.kind][0] if mark.ok else _FAILED_MARK
-        label = mark.label if len(mark.label) <= 32 else mark.label[:31] + "…"
+        label = _plain(mark.label if len(mark.label) <= 32 else mark.label[:31] + "…")
         axes.text(
             mark.at, 0.97, f"{label}{'' if mark.ok else ' (failed)'}", transform=top,
             rotation=90, ha=side, va="top", fontsize=7, color=colour, zorder=5,

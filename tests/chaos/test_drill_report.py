@@ -275,6 +275,17 @@ def test_seconds_with_gaps_and_several_during_phases_draw(tmp_path: Path) -> Non
     assert "| during | 5.0-8.0 s, 12.0-16.0 s | 1 |" in files.markdown.read_text("utf-8")
 
 
+def test_names_are_drawn_as_written_not_as_mathematics(tmp_path: Path) -> None:
+    """matplotlib reads `$...$` as mathtext, where `$\\frac$` fails to parse."""
+    drill = outage_drill()
+    drill.title = "Budget [beta] $\\frac$"
+    drill.marks = [Mark(10.0, "set budget $\\sqrt$")]
+    drill.requests = [replace(r, backend="$\\alpha_{$") for r in drill.requests]
+    files = write_report(drill, tmp_path)
+    png_size(files.chart)
+    assert "![Budget (beta) $\\frac$: latency" in files.markdown.read_text("utf-8")
+
+
 # --- the verdict table --------------------------------------------------------------------
 
 
