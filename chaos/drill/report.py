@@ -376,15 +376,15 @@ def draw_chart(result: DrillResult, seconds: Sequence[Second], path: Path) -> No
     )
     span = len(seconds)
     x = [second.at + 0.5 for second in seconds]  # each second at its middle
+    dot = "o" if span <= 120 else None  # a dot per second shows a lone second, until crowded
 
     def nan(value: float | None) -> float:
         return math.nan if value is None else value
 
-    latency.plot(x, [nan(s.p50_s) for s in seconds], "-o", ms=2, lw=1.2, label="p50")
-    latency.plot(x, [nan(s.p99_s) for s in seconds], "-o", ms=2, lw=1.2, label="p99")
-    latency.plot(
-        x, [nan(s.ttft_p99_s) for s in seconds], "-o", ms=2, lw=1.0, label="p99 TTFT (streams)"
-    )
+    lines = {"p50": "p50_s", "p99": "p99_s", "p99 TTFT (streams)": "ttft_p99_s"}
+    for label, name in lines.items():
+        values = [nan(getattr(second, name)) for second in seconds]
+        latency.plot(x, values, "-", marker=dot, ms=2, lw=1.2, label=label)
     latency.set_ylabel("latency (s)")
     latency.set_ylim(bottom=0)
 
@@ -395,9 +395,14 @@ def draw_chart(result: DrillResult, seconds: Sequence[Second], path: Path) -> No
     errors.set_ylim(bottom=0, top=max(5.0, errors.get_ylim()[1]))
     lost_axis = errors.twinx()
     lost_at = [(second.at + 0.5, second.lost) for second in seconds if second.lost]
+    # Bars at least a few pixels wide: one lost request in a 10-minute drill must show.
     lost_axis.bar(
-        [at for at, _ in lost_at], [n for _, n in lost_at], width=0.9, color=_LOST, alpha=0.8,
-    )  # fmt: skip
+        [at for at, _ in lost_at],
+        [n for _, n in lost_at],
+        width=max(0.9, span / 250),
+        color=_LOST,
+        alpha=0.8,
+    )
     lost_axis.set_ylabel("lost (count)", color=_LOST)
     lost_axis.set_ylim(0, max([1, *(n for _, n in lost_at)]) * 1.15)
     lost_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -414,7 +419,7 @@ def draw_chart(result: DrillResult, seconds: Sequence[Second], path: Path) -> No
         _draw_marks(axes, result.marks)
         axes.grid(True, alpha=0.3)
         axes.set_xlim(0, span)
-    _label_phases(latency, result.phases)
+    _label_phases(latency, result.phases, span)
     _label_marks(latency, result.marks, span)
     kinds = sorted({mark.kind for mark in result.marks})
     mark_handles = [
@@ -477,12 +482,23 @@ def _draw_phases(axes: Axes, phases: Sequence[Phase], above: bool) -> None:
         axes.axvline(boundary, color="#555555", lw=0.8, ls=(0, (2, 2)), zorder=1)
 
 
-def _label_phases(axes: Axes, phases: Sequence[Phase]) -> None:
+def _label_phases(axes: Axes, phases: Sequence[Phase], span: float) -> None:
+    """Each phase's name above the top panel, over its middle; the fault's window first,
+    then the others where they would not run into a label already placed (a short phase
+    in a long drill: its boundaries and the Markdown's table still show it)."""
     top = axes.get_xaxis_transform()  # x in data, y in axes fraction
-    for phase in phases:
+    per_char = span * 0.0085  # a 9 pt character on a panel about 830 px wide
+    placed: list[tuple[float, float]] = []
+    for phase in sorted(phases, key=lambda p: p.name != "during"):
+        middle = (phase.start + phase.end) / 2
+        half = per_char * (len(phase.name) + 1) / 2
+        extent = (middle - half, middle + half)
+        if any(extent[0] < right and left < extent[1] for left, right in placed):
+            continue
+        placed.append(extent)
         axes.text(
-            (phase.start + phase.end) / 2, 1.01, phase.name, transform=top, ha="center",
-            va="bottom", fontsize=9, fontweight="bold" if phase.name == "during" else "normal",
+            middle, 1.01, phase.name, transform=top, ha="center", va="bottom", fontsize=9,
+            fontweight="bold" if phase.name == "during" else "normal",
         )  # fmt: skip
 
 
