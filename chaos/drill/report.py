@@ -93,6 +93,7 @@ def report_document(result: DrillResult, seconds: list[Second] | None = None) ->
         "duration_s": result.duration_s,
         "status": result.status,
         "passed": result.passed,
+        "failures": failure_reasons(result),  # why it did not pass, in words; [] if it did
         "phases": result.phases,
         "marks": result.marks,
         "verdicts": result.verdicts,

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from chaos.drill.results import Phase, RequestResult
+from chaos.drill.results import RequestResult
 
 PROGRESS_WINDOW_S = 5.0  # the progress line's rate and p99: recent enough to show a fault
 
@@ -124,12 +124,6 @@ def count(requests: Iterable[RequestResult]) -> Counts:
         backend=_sorted(Counter(r.backend or "none" for r in chosen)),
         errors=_sorted(Counter(r.error or "unknown" for r in chosen if r.outcome != "ok")),
     )
-
-
-def sent_within(requests: Iterable[RequestResult], phase: Phase) -> list[RequestResult]:
-    """The requests a phase is judged on: those sent within it (a request answered after a
-    fault began was still asked for before it)."""
-    return [r for r in requests if phase.holds(r.started)]
 
 
 def _sorted(counter: Counter[str]) -> dict[str, int]:

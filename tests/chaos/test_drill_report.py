@@ -134,6 +134,8 @@ def test_the_json_counts_each_phase_by_outcome_kind_status_and_backend(tmp_path:
     document = orjson.loads(write_report(outage_drill(), tmp_path).json.read_bytes())
     assert document["passed"] is False
     assert document["status"] == "completed"
+    assert document["failures"][0] == "action failed at 30.0 s: reload config bad.yaml"
+    assert len(document["failures"]) == 5  # the action, and four verdicts missed
     counts = document["counts"]
     assert list(counts) == ["before", "during", "after", "all"]
     assert counts["all"]["requests"] == 600
