@@ -55,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     slo_rules.add_argument("--config", help="YAML config file (default: the embedded default)")
     slo_rules.add_argument("-o", "--output", help="rule file to write (default: standard output)")
+    slo_dashboards = slo_verbs.add_parser(
+        "dashboards", help="write the Grafana dashboards (gateway, and the slos: overview)"
+    )
+    slo_dashboards.add_argument("--config", help="YAML config file (default: the embedded default)")
+    slo_dashboards.add_argument("--out", required=True, help="folder to write the JSON files into")
 
     sim = verbs.add_parser("sim", help="run one simulated vLLM worker")
     from chaos import sim as sim_module
@@ -71,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "slo":
         from gateway.cli import slo as slo_cli
 
+        if args.slo_verb == "dashboards":
+            return slo_cli.write_dashboards(_load(args.config), args.out)
         return slo_cli.run(_load(args.config), args.output)
     if args.verb == "keys":
         return keys_cli.run(args)

@@ -15,6 +15,7 @@ label is the route's name.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -120,7 +121,7 @@ def _percent(share: float) -> str:
     return f"{round(share * 100, 6):g}%"
 
 
-def _describe(slo: SloObjective) -> str:
+def describe(slo: SloObjective) -> str:
     latency = slo.latency
     if latency is None:
         what = f"availability {_percent(slo.target)}"
@@ -168,7 +169,7 @@ def rule_groups(slos: Iterable[SloObjective]) -> dict[str, Any]:
                             f" {alert.short_window}"
                         ),
                         "description": (
-                            f"SLO {slo.name} ({_describe(slo)}) is spending its"
+                            f"SLO {slo.name} ({describe(slo)}) is spending its"
                             f" {slo.window_days}-day error budget at {alert.burn_rate:g} times"
                             f" the sustainable rate: {spent:.1%} of it in {alert.long_window}."
                             f" Routes: {routes}. Error ratio over {alert.long_window}:"
@@ -227,4 +228,26 @@ def run(config: GatewayConfig, output: str | None, stdout: TextIO = sys.stdout) 
         print(f"vgate: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"{output}: {len(config.slos)} objectives, {4 * len(config.slos)} alerts")
+    return 0
+
+
+def write_dashboards(config: GatewayConfig, out: str) -> int:
+    """`vgate slo dashboards`: the Grafana dashboards (gateway/cli/dashboards.py) into `out`."""
+    try:
+        from gateway.cli import dashboards
+    except ImportError as exc:  # the builder is an optional dependency of this command only
+        print(f"vgate: {exc}; install grafana-foundation-sdk", file=sys.stderr)
+        return 2
+    built = dashboards.dashboards(config)
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name, board in built.items():
+            with open(os.path.join(out, name), "w", encoding="utf-8") as file:
+                file.write(dashboards.encode(board))
+    except OSError as exc:
+        print(f"vgate: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"{out}: {', '.join(built)}")
+    if not config.slos:
+        print(f"vgate: {config.source} has no slos: section; no SLO dashboard", file=sys.stderr)
     return 0

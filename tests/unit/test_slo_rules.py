@@ -4,8 +4,6 @@ where the alerts must fire and where they must not)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from gateway.cli.slo import BURN_ALERTS, bucket_bound, render
 from gateway.config import LATENCY_BUCKETS, load_config
 from gateway.edge import metrics
 from gateway.errors import ConfigError
+from tests.prometheus import installed
 
 BACKEND = {"provider": "vllm", "url": "http://127.0.0.1:1"}
 BASE: dict[str, Any] = {
@@ -40,23 +39,7 @@ SLOS = [
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """The promtool binary; installed with apt-get (Debian's `prometheus`) when missing and
-    this user can, as bench/wrk.py does for wrk; else the tests that need it are skipped."""
-    found = shutil.which("promtool")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for argv in (
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-            ["apt-get", "update"],
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-        ):
-            done = subprocess.run(argv, env=env, capture_output=True, timeout=600, check=False)
-            if argv[1] == "install" and done.returncode == 0:
-                break
-        found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool is not installed and could not be installed with apt-get")
-    return found
+    return installed("promtool")
 
 
 def write_config(tmp_path: Path, slos: object) -> Path:

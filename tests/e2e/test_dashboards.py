@@ -1,0 +1,342 @@
+"""The SLO path end to end: a real Prometheus scrapes a live `vgate serve` (in front of two
+`vgate sim` workers) every second, with the rules of `vgate slo rules` loaded, while load
+with an injected fault runs; the fast-burn alert goes pending, and every query of the
+dashboards `vgate slo dashboards` writes (parsed by promtool first) returns data.
+
+The routes are arranged so that every panel has something to show: `burning` answers every
+request with an injected 500 and has no fallback (the availability objective burns);
+`primary`'s only backend fails too and it falls back to `tiny-llama`; `tiny-llama`'s first
+backend fails and its requests are retried on the second (retries, failed attempts, a
+breaker); `tiny-embed` is healthy; the key `limited` may send 2 requests a minute.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway.cli import dashboards
+from gateway.cli.slo import render
+from gateway.config import load_config
+from gateway.edge.auth import hash_key
+from tests.otlp_receiver import OTLPReceiver
+from tests.prometheus import installed
+from tests.servers import (
+    DEMO_KEY,
+    Gateway,
+    Process,
+    backend,
+    free_port,
+    gateway_config,
+    start_gateway,
+)
+
+LIMITED_KEY = "vg-test-limited-0123456789abcdefghij"
+MESSAGES: Any = [{"role": "user", "content": "tell me about rivers"}]
+DEADLINE_S = 40.0  # for the alert and every query, from the first request
+SLOS: list[dict[str, Any]] = [
+    {"name": "availability", "availability": 0.995},
+    {
+        "name": "chat_ttft",
+        "routes": ["tiny-llama"],
+        "latency": {"threshold_s": 2.5, "target": 0.99, "of": "ttft"},
+    },
+    {
+        "name": "embed_latency",
+        "routes": ["tiny-embed"],
+        "window_days": 7,
+        "latency": {"threshold_s": 1, "target": 0.99},
+    },
+]
+FAST_BURN = "VgateSloBurnRate1h"
+
+
+def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> dict[str, Any]:
+    first, second = sims
+    no_retries = {"max_retries": 0}
+    models: list[dict[str, Any]] = [
+        {
+            "name": "tiny-llama",
+            "retries": {"max_retries": 1, "backoff_initial_s": 0.001, "budget_ratio": 1.0},
+            "backends": [
+                backend("w1", first.url, weight=1000),  # picked first, and failing
+                backend("w2", second.url),
+            ],
+        },
+        {"name": "tiny-embed", "backends": [backend("w1-embed", first.url)]},
+        {
+            "name": "burning",
+            "retries": no_retries,
+            "backends": [backend("b1", first.url, model="tiny-llama")],
+        },
+        {
+            "name": "primary",
+            "retries": no_retries,
+            "fallbacks": ["tiny-llama"],
+            "backends": [backend("p1", second.url, model="tiny-llama")],
+        },
+    ]
+    config = gateway_config(models)
+    config["keys"] = {"file": str(keys_file)}
+    config["slos"] = SLOS
+    config["chaos"] = {
+        "enabled": True,
+        "experiments": [
+            {"name": "outage", "fault": {"kind": "error", "status": 500}, "routes": ["burning"]},
+            {"name": "primary-down", "fault": {"kind": "error", "status": 503}, "backends": ["p1"]},
+            {"name": "flaky", "fault": {"kind": "error", "status": 503}, "backends": ["w1"]},
+        ],
+    }
+    # Every request traced: its trace id is an exemplar of the latency buckets.
+    config["tracing"] = {"enabled": True, "endpoint": otlp, "schedule_delay_s": 0.05}
+    return config
+
+
+class Prometheus:
+    def __init__(self, binary: str, workdir: Path, target: str, rules: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": "vgate", "static_configs": [{"targets": [target]}]},
+            ],
+        }
+        config_path = workdir / "prometheus.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "prometheus.log"
+        self.popen = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--enable-feature=exemplar-storage",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("wb"),
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"prometheus not ready after {timeout_s}s")
+
+    def get(self, path: str, **params: str) -> Any:
+        response = httpx.get(self.url + path, params=params, timeout=10)
+        response.raise_for_status()
+        body = response.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Load:
+    """Requests of every kind, in a loop on a thread until stopped: the metrics keep moving
+    while Prometheus scrapes."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.url = gateway.url
+        self.statuses: dict[tuple[str, int], int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=30) as client:
+                limited = 0
+                while not self._stop.is_set():
+                    for model in ("burning", "burning", "primary"):
+                        self._chat(client, model, DEMO_KEY)
+                    self._chat(client, "tiny-llama", DEMO_KEY, stream=True)
+                    self._post(
+                        client,
+                        "/v1/embeddings",
+                        "tiny-embed",
+                        DEMO_KEY,
+                        {"model": "tiny-embed", "input": "rivers"},
+                    )
+                    if limited < 4:  # 2 a minute: the last two are refused
+                        limited += 1
+                        self._chat(client, "tiny-llama", LIMITED_KEY)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def _chat(self, client: httpx.Client, model: str, key: str, stream: bool = False) -> None:
+        body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": 8}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        self._post(client, "/v1/chat/completions", model, key, body)
+
+    def _post(
+        self, client: httpx.Client, path: str, model: str, key: str, body: dict[str, Any]
+    ) -> None:
+        response = client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
+        response.read()
+        self.statuses[(model, response.status_code)] = (
+            self.statuses.get((model, response.status_code), 0) + 1
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def setup(
+    logs: Path, sims: tuple[Process, Process], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, Prometheus, dict[str, dict[str, Any]], Load]]:
+    prometheus_binary = installed("prometheus")
+    workdir = tmp_path_factory.mktemp("dashboards")
+    keys_file = workdir / "keys.yaml"
+    keys = [
+        {"id": "key-demo", "name": "demo", "sha256": hash_key(DEMO_KEY)},
+        {
+            "id": "key-limited",
+            "name": "limited",
+            "sha256": hash_key(LIMITED_KEY),
+            "limits": {"rpm": 2},
+        },
+    ]
+    keys_file.write_text(yaml.safe_dump({"keys": keys}))
+    receiver = OTLPReceiver()
+    gateway = start_gateway(logs, gateway_yaml(sims, keys_file, receiver.endpoint))
+    # The rules and dashboards as an operator writes them, from the gateway's own config.
+    config = load_config(
+        next(logs.glob(f"gateway-{gateway.url.rsplit(':', 1)[1]}.yaml")), environ={}
+    )
+    rules = workdir / "rules.yaml"
+    rules.write_text(render(config))
+    boards = dashboards.dashboards(config)
+    prometheus = Prometheus(prometheus_binary, workdir, gateway.url.removeprefix("http://"), rules)
+    load = Load(gateway)
+    yield gateway, prometheus, boards, load
+    load.stop()
+    prometheus.stop()
+    gateway.stop()
+    receiver.stop()
+
+
+def test_every_dashboard_query_parses_and_returns_data_and_the_fast_burn_alert_goes_pending(
+    setup: tuple[Gateway, Prometheus, dict[str, dict[str, Any]], Load], tmp_path: Path
+) -> None:
+    _, prometheus, boards, load = setup
+    assert set(boards) == {"vgate-gateway.json", "vgate-slos.json"}
+    queries = [
+        (f"{name}: {where}", dashboards.concrete(expr))
+        for name, board in boards.items()
+        for where, expr in dashboards.queries(board)
+    ]
+    check = tmp_path / "queries.yaml"
+    check.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "dashboards",
+                        "rules": [
+                            {"record": f"dashboard:query:{index}", "expr": expr}
+                            for index, (_, expr) in enumerate(queries)
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    done = subprocess.run(
+        [installed("promtool"), "check", "rules", str(check)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    deadline = time.monotonic() + DEADLINE_S
+    empty = [where for where, _ in queries]
+    pending: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and (empty or not pending):
+        assert load.error is None, load.error
+        empty = [where for where, expr in queries if not prometheus.query(expr)]
+        alerts = prometheus.get("/api/v1/alerts")["alerts"]
+        pending = [
+            alert
+            for alert in alerts
+            if alert["labels"]["alertname"] == FAST_BURN
+            and alert["labels"]["slo"] == "availability"
+        ]
+        if empty or not pending:
+            time.sleep(0.5)  # a scrape and an evaluation each second: poll twice a second
+    assert not empty, f"queries without data after {DEADLINE_S}s: {empty}; load: {load.statuses}"
+    assert pending, f"{FAST_BURN} not pending after {DEADLINE_S}s; load: {load.statuses}"
+    assert pending[0]["state"] in ("pending", "firing")  # `for: 2m`: pending in this test
+    assert pending[0]["labels"]["severity"] == "page"
+    # The other objectives are met: their fast-burn alert stays quiet.
+    alerts = prometheus.get("/api/v1/alerts")["alerts"]
+    assert not [a for a in alerts if a["labels"].get("slo") in ("chat_ttft", "embed_latency")]
+    # What made the data: the injected faults, the limited key's refusals.
+    burning = {status for model, status in load.statuses if model == "burning"}
+    assert burning and all(status >= 500 for status in burning), load.statuses
+    assert load.statuses.get(("primary", 200), 0) > 0
+    refused = prometheus.query('vgate_limit_refusals_total{key="limited"}')
+    assert [r["metric"]["code"] for r in refused] == ["rate_limit_exceeded"]
+
+
+def test_latency_exemplars_carry_trace_ids_into_prometheus(
+    setup: tuple[Gateway, Prometheus, dict[str, dict[str, Any]], Load],
+) -> None:
+    gateway, prometheus, _, load = setup
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    served = httpx.get(gateway.url + "/metrics", headers={"Accept": accept}, timeout=10)
+    if not served.headers["content-type"].startswith("application/openmetrics-text"):
+        pytest.skip(
+            "/metrics does not negotiate OpenMetrics yet: gateway/runtime/app.py must answer "
+            "with GatewayMetrics.exposition(request's Accept)"
+        )
+    deadline = time.monotonic() + DEADLINE_S
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not found:
+        assert load.error is None, load.error
+        now = time.time()
+        found = prometheus.get(
+            "/api/v1/query_exemplars",
+            query="vgate_request_latency_seconds_bucket",
+            start=str(now - 60),
+            end=str(now),
+        )
+        if not found:
+            time.sleep(0.5)
+    assert found, f"no exemplar after {DEADLINE_S}s"
+    trace_ids = {e["labels"]["trace_id"] for series in found for e in series["exemplars"]}
+    assert trace_ids and all(len(trace_id) == 32 for trace_id in trace_ids)
