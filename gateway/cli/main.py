@@ -1,5 +1,5 @@
 """`vgate`: the one command line. Verbs: serve, up, sim, check-config, route explain, keys,
-slo rules."""
+slo rules, drill."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keys_cli.add_arguments(keys)
 
+    drill = verbs.add_parser(
+        "drill", help="run chaos drills (Chaos Toolkit files) against a live gateway, judged by SLOs"
+    )
+    from gateway.cli import drill as drill_cli
+
+    drill_cli.add_arguments(drill)
+
     slo = verbs.add_parser("slo", help="service level objectives (the config's slos:)")
     slo_verbs = slo.add_subparsers(dest="slo_verb", required=True)
     slo_rules = slo_verbs.add_parser(
@@ -81,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return slo_cli.run(_load(args.config), args.output)
     if args.verb == "keys":
         return keys_cli.run(args)
+    if args.verb == "drill":
+        return drill_cli.run(args)
     if args.verb == "up":
         return _up(args)
     return _serve(args)
