@@ -64,7 +64,7 @@ from policies.breaker_sync import BreakerSync
 from policies.guardrails import Guardrails
 from policies.health import HealthChecker, Probe
 from policies.limits import LimitStore
-from policies.limits_redis import create_limits
+from policies.limits_redis import FailoverLimits, create_limits
 from policies.load import LoadScraper, ScrapeTarget
 from policies.redis_state import RedisHealth, create_client
 from providers import AdapterFactory, create_adapter
@@ -298,6 +298,8 @@ class Gateway:
         # The swap: one step, no await in it. Requests started before keep the old router.
         self.config, self.router, self.guardrails = config, router, guardrails
         self.keys.adopt(keys)  # later keys-file edits may name the new models and backends
+        if isinstance(self.limits, FailoverLimits):
+            self.limits.mode = config.limits.redis_failure
         if self.breaker_sync is not None:
             self.breaker_sync.replace(b.breaker for b in router.backends if b.breaker.config.shared)
         self.health.replace_probes(_probes(router))

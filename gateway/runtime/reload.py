@@ -2,8 +2,9 @@
 across reloads, and the triggers (the file changing on disk, SIGHUP).
 
 What applies at once: `models` (routes, backends, aliases, fallbacks, strategies, timeouts,
-retries, breakers, health checks, resumption), `guardrails`, and `chaos.experiments` while
-chaos is enabled. The rest holds what was built once at start-up (the listening socket,
+retries, breakers, health checks, resumption), `guardrails`, `chaos.experiments` while
+chaos is enabled, and `limits.redis_failure` (so an operator can make the limits fail
+closed, or open, in the middle of an incident). The rest holds what was built once at start-up (the listening socket,
 the connection limits, the admission queue, the Redis client, the limit store, the tracer,
 the admin key, the keys file and its watcher, the upstream answer buffer, the workers...):
 a change there is reported (`restart_fields`) and the old value stays in force
@@ -44,6 +45,10 @@ RESTART_SECTIONS = (
 )
 
 
+# Fields of those sections that apply at once all the same.
+RELOADABLE_FIELDS: dict[str, frozenset[str]] = {"limits": frozenset({"redis_failure"})}
+
+
 def restart_fields(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """The fields `new` changes that take effect only on a restart, as dotted paths."""
     changed = []
@@ -55,7 +60,12 @@ def restart_fields(old: GatewayConfig, new: GatewayConfig) -> list[str]:
             changed.append(section)
             continue
         was, now = before.model_dump(), after.model_dump()
-        changed += [f"{section}.{name}" for name in was if was[name] != now.get(name)]
+        reloadable = RELOADABLE_FIELDS.get(section, frozenset())
+        changed += [
+            f"{section}.{name}"
+            for name in was
+            if was[name] != now.get(name) and name not in reloadable
+        ]
     if old.chaos.enabled != new.chaos.enabled:
         changed.append("chaos.enabled")
     elif not old.chaos.enabled and old.chaos.experiments != new.chaos.experiments:
@@ -66,6 +76,9 @@ def restart_fields(old: GatewayConfig, new: GatewayConfig) -> list[str]:
 def effective(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     """`new`, with what only a restart changes kept as `old` has it."""
     kept: dict[str, Any] = {section: getattr(old, section) for section in RESTART_SECTIONS}
+    for section, names in RELOADABLE_FIELDS.items():
+        update = {name: getattr(getattr(new, section), name) for name in names}
+        kept[section] = kept[section].model_copy(update=update)
     if not old.chaos.enabled or not new.chaos.enabled:
         kept["chaos"] = old.chaos
     return new.model_copy(update=kept)

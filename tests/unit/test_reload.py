@@ -299,3 +299,17 @@ async def test_a_reload_lets_the_keys_file_name_the_new_models(setup: Any, tmp_p
     keys.write_text(KEYS_FILE.read_text().replace("keys:\n", limited + "  \n", 1))
     counts = await s.gateway.keys.reload()
     assert counts["keys"] == 2 and "k2" in s.gateway.keys.ids()
+
+
+async def test_the_limits_failure_mode_applies_at_once(setup: Any) -> None:
+    # Redis is never reached here (nothing listens there): only the mode is looked at.
+    redis = {"url": "redis://127.0.0.1:1", "socket_timeout_s": 0.05}
+    s = await setup(config(vllm("a"), redis=redis, limits={"redis_failure": "open"}))
+    assert s.gateway.limits.mode == "open"
+    s.write(config(vllm("a"), redis=redis, limits={"redis_failure": "closed", "lease_s": 60}))
+    report = await s.gateway.reload("admin")
+
+    assert report.restart_required == ("limits.lease_s",)
+    assert s.gateway.limits.mode == "closed"
+    assert s.gateway.config.limits.redis_failure == "closed"
+    assert s.gateway.config.limits.lease_s == 600  # kept until a restart
