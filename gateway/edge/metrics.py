@@ -248,17 +248,19 @@ class GatewayMetrics:
 
     def extend(self, models: Iterable[str], backends: Iterable[str]) -> None:
         """A config reload's names join the label sets; a backend gone no longer reports
-        its health (its other series stay, as counters do)."""
+        its health and breaker state (its other series stay, as counters do); a backend new
+        (or back) starts healthy, its breaker closed, as a new Backend does."""
         backends = frozenset(backends)
         for gone in self._backends - backends:
             if gone in self._healthy_backends:
                 self.backend_healthy.remove(gone)
+                for state in BREAKER_STATES:
+                    self.breaker_state.remove(gone, state)
                 self._healthy_backends.discard(gone)
         for new in backends - self._healthy_backends:
             self.backend_healthy.labels(new).set(1)
-            self._healthy_backends.add(new)
-        for new in backends - self._backends:
             self._set_breaker_state(new, "closed")
+            self._healthy_backends.add(new)
         self._models |= frozenset(models)
         self._backends |= backends
 
