@@ -28,13 +28,12 @@ from gateway.cli.slo import render
 from gateway.config import load_config
 from gateway.edge.auth import hash_key
 from tests.otlp_receiver import OTLPReceiver
-from tests.prometheus import installed
+from tests.prometheus import Prometheus, installed
 from tests.servers import (
     DEMO_KEY,
     Gateway,
     Process,
     backend,
-    free_port,
     gateway_config,
     start_gateway,
 )
@@ -98,67 +97,6 @@ def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> d
     # Every request traced: its trace id is an exemplar of the latency buckets.
     config["tracing"] = {"enabled": True, "endpoint": otlp, "schedule_delay_s": 0.05}
     return config
-
-
-class Prometheus:
-    def __init__(self, binary: str, workdir: Path, target: str, rules: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [
-                {"job_name": "vgate", "static_configs": [{"targets": [target]}]},
-            ],
-        }
-        config_path = workdir / "prometheus.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "prometheus.log"
-        self.popen = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--enable-feature=exemplar-storage",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log_path.open("wb"),
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"prometheus not ready after {timeout_s}s")
-
-    def get(self, path: str, **params: str) -> Any:
-        response = httpx.get(self.url + path, params=params, timeout=10)
-        response.raise_for_status()
-        body = response.json()
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.get("/api/v1/query", query=expr)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
 
 
 class Load:
@@ -234,13 +172,14 @@ def setup(
     receiver = OTLPReceiver()
     gateway = start_gateway(logs, gateway_yaml(sims, keys_file, receiver.endpoint))
     # The rules and dashboards as an operator writes them, from the gateway's own config.
-    config = load_config(
-        next(logs.glob(f"gateway-{gateway.url.rsplit(':', 1)[1]}.yaml")), environ={}
-    )
+    port = gateway.url.rsplit(":", 1)[1]
+    config = load_config(logs / f"gateway-{port}.yaml", environ={})  # as start_gateway wrote it
     rules = workdir / "rules.yaml"
     rules.write_text(render(config))
     boards = dashboards.dashboards(config)
-    prometheus = Prometheus(prometheus_binary, workdir, gateway.url.removeprefix("http://"), rules)
+    prometheus = Prometheus(
+        prometheus_binary, workdir, gateway.url.removeprefix("http://"), rules, interval="1s"
+    )
     load = Load(gateway)
     yield gateway, prometheus, boards, load
     load.stop()
