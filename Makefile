@@ -25,7 +25,7 @@ RUN_ENV = VGATE_SERVER__PORT=$(PORT) \
   VGATE_MODELS__1__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
   VGATE_MODELS__1__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT)
 
-.PHONY: run run-vllm vllm test test-fast lint redis-server bench constraints clean
+.PHONY: run run-vllm vllm test test-fast lint redis-server bench drill drill-vllm constraints clean
 
 # Installs the versions CI tested (deploy/constraints.txt), so that a new release of a
 # dependency or of a lint tool never breaks a fresh clone; `make constraints` moves them on.
@@ -105,6 +105,52 @@ redis-server:
 	      "dnf install redis or brew install redis"; \
 	    exit 1; \
 	  fi; }
+
+# `make drill`: the drill catalogue (config/drills/*.yaml; DRILLS=... picks others) against
+# `make run`'s stack on ports of its own (the gateway on 8100, its workers on 18180 and
+# 18181, Redis on 16390), served from a copy of config/drills/stack/ in .run/drill/, which
+# drills may swap. Reports (JSON, Markdown, a chart) in .run/drill/reports/; the verdict
+# table at the end; the exit status is 0 only if every drill passed.
+DRILLS ?= config/drills/*.yaml
+DRILL_DIR := .run/drill
+DRILL_PORT := 8100
+DRILL_WORKER_PORTS := 18180 18181
+DRILL_REDIS_PORT := 16390
+DRILL_ENV = VGATE_DRILL_KEY=vg-drill-load-0123456789abcdef \
+  VGATE_DRILL_ADMIN_KEY=vg-drill-admin-0123456789abcdef \
+  VGATE_DRILL_BUDGET_KEY=vg-drill-budget-0123456789abcd \
+  VGATE_DRILL_REDIS_PORT=$(DRILL_REDIS_PORT)
+DRILL_GATEWAY_ENV = VGATE_SERVER__PORT=$(DRILL_PORT) \
+  VGATE_REDIS__URL=redis://127.0.0.1:$(DRILL_REDIS_PORT) \
+  VGATE_MODELS__0__BACKENDS__0__URL=http://127.0.0.1:$(word 1,$(DRILL_WORKER_PORTS)) \
+  VGATE_MODELS__0__BACKENDS__1__URL=http://127.0.0.1:$(word 2,$(DRILL_WORKER_PORTS)) \
+  VGATE_MODELS__1__BACKENDS__0__URL=http://127.0.0.1:$(word 1,$(DRILL_WORKER_PORTS)) \
+  VGATE_MODELS__1__BACKENDS__1__URL=http://127.0.0.1:$(word 2,$(DRILL_WORKER_PORTS))
+
+drill: $(STAMP) redis-server
+	@rm -rf $(DRILL_DIR) && mkdir -p $(DRILL_DIR)/logs && cp config/drills/stack/*.yaml $(DRILL_DIR)/
+	@trap 'kill $$(jobs -p) 2>/dev/null; redis-cli -p $(DRILL_REDIS_PORT) shutdown nosave >/dev/null 2>&1; wait' EXIT INT TERM; \
+	for port in $(DRILL_WORKER_PORTS); do \
+	  $(BIN)/vgate sim --port $$port --model tiny-llama --model tiny-embed --ttft-ms 20 \
+	    --tokens-per-s 400 > $(DRILL_DIR)/logs/sim-$$port.log 2>&1 & \
+	done; \
+	redis-server --port $(DRILL_REDIS_PORT) --bind 127.0.0.1 --save '' --appendonly no \
+	  > $(DRILL_DIR)/logs/redis.log 2>&1 & \
+	$(DRILL_GATEWAY_ENV) $(BIN)/vgate serve --config $(DRILL_DIR)/gateway.yaml \
+	  > $(DRILL_DIR)/logs/gateway.log 2>&1 & \
+	$(DRILL_ENV) $(BIN)/vgate drill --url http://127.0.0.1:$(DRILL_PORT) \
+	  --config $(DRILL_DIR)/gateway.yaml --wait-ready 30 --out $(DRILL_DIR)/reports $(DRILLS)
+
+# The provider-outage drill in front of real CPU vLLM workers (config/drills/stack/vllm.yaml:
+# two chat workers, one embeddings worker, started by `vgate up`; the gateway on 8200), with
+# 2 load clients: what two shared cores serve. Reports in .run/drill-vllm/reports/.
+drill-vllm: $(STAMP) vllm
+	@mkdir -p .run/drill-vllm/logs
+	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
+	$(BIN)/vgate up --config config/drills/stack/vllm.yaml > .run/drill-vllm/logs/gateway.log 2>&1 & \
+	$(DRILL_ENV) VGATE_DRILL_OUTAGE_BACKENDS=w1 $(BIN)/vgate drill --url http://127.0.0.1:8200 \
+	  --config config/drills/stack/vllm.yaml --clients 2 --wait-ready 300 \
+	  --out .run/drill-vllm/reports config/drills/provider-outage.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

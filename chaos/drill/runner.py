@@ -74,9 +74,10 @@ class Drill:
         return str(self.experiment.get("title", self.name))
 
 
-def load_drill(path: Path, config: GatewayConfig) -> Drill:
+def load_drill(path: Path, config: GatewayConfig, *, clients: int | None = None) -> Drill:
     """The drill file at `path`, checked against the gateway's config; ConfigError naming
-    the file, the field and the reason if anything is wrong with it."""
+    the file, the field and the reason if anything is wrong with it. `clients` replaces
+    the file's own number of load clients (one catalogue, scaled to each stack)."""
     source = str(path)
     if not path.is_file():
         raise ConfigError(source, "", "no such file")
@@ -94,6 +95,8 @@ def load_drill(path: Path, config: GatewayConfig) -> Drill:
     if len(found) != 1:
         raise ConfigError(source, "extensions", "give one extension named 'vgate' (its load)")
     index, raw = found[0]
+    if clients is not None:
+        raw = {**raw, "load": {**(raw.get("load") or {}), "clients": clients}}
     try:
         extension = DrillExtension.model_validate(raw)
         extension.load.check()

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)"
     )
     parser.add_argument(
+        "--clients",
+        type=int,
+        metavar="N",
+        help="the load's clients, for every drill (default: each drill file's own)",
+    )
+    parser.add_argument(
         "--wait-ready",
         type=float,
         default=0.0,
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     config_file = Path(args.config)
     try:
         config = load_config(config_file)
-        drills = [load_drill(Path(file), config) for file in args.files]
+        drills = [load_drill(Path(file), config, clients=args.clients) for file in args.files]
     except ConfigError as error:
         print(f"vgate drill: {error}", file=sys.stderr)
         return 2
