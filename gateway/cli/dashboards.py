@@ -59,8 +59,8 @@ class Panel:
     kind: str = "timeseries"  # or "stat"
     width: int = 12
     height: int = 8
-    thresholds: tuple[tuple[float | None, str], ...] = ()  # (from value, colour), ascending
-    min: float | None = None
+    # (from value, colour), ascending; drawn as lines on a time series
+    thresholds: tuple[tuple[float | None, str], ...] = ()
 
 
 def concrete(expr: str, rate_interval: str = "1m") -> str:
@@ -334,7 +334,7 @@ def slo_rows(slos: Iterable[SloObjective]) -> list[tuple[str, list[Panel]]]:
         ratio = error_ratio(slo, window)
         budget = f"{slo.error_budget:g}"
         selector = f'{{slo="{slo.name}"}}'
-        pages = sorted({alert.burn_rate for alert in BURN_ALERTS}, reverse=True)
+        fast, slow = BURN_ALERTS[0], BURN_ALERTS[1]  # the two pages
         rows.append(
             (
                 f"{slo.name}: {describe(slo)}",
@@ -375,14 +375,13 @@ def slo_rows(slos: Iterable[SloObjective]) -> list[tuple[str, list[Panel]]]:
                         height=6,
                         thresholds=(
                             (None, "green"),
-                            *(
-                                (rate, "red" if rate == pages[0] else "orange")
-                                for rate in pages[:2]
-                            ),
+                            (slow.burn_rate, "orange"),
+                            (fast.burn_rate, "red"),
                         ),
                         description="The error ratio over each window the alerts read, in "
-                        "error budgets: the fast-burn page fires above 14.4 over 1h and 5m, the "
-                        "slow one above 6 over 6h and 30m.",
+                        f"error budgets: the fast-burn page fires above {fast.burn_rate:g} over "
+                        f"{fast.long_window} and {fast.short_window}, the slower one above "
+                        f"{slow.burn_rate:g} over {slow.long_window} and {slow.short_window}.",
                     ),
                     Panel(
                         "Alerts pending or firing",
@@ -432,8 +431,10 @@ def _panel(panel: Panel, panel_id: int) -> Any:
     )
     if panel.description:
         built = built.description(panel.description)
-    if panel.min is not None:
-        built = built.min(panel.min)
+    if panel.thresholds and panel.kind != "stat":
+        built = built.thresholds_style(
+            common.GraphThresholdsStyleConfig().mode(common_model.GraphTresholdsStyleMode.LINE)
+        )
     if panel.thresholds:
         steps = [model.Threshold(value=value, color=colour) for value, colour in panel.thresholds]
         built = built.thresholds(
