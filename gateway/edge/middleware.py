@@ -105,9 +105,10 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.dec()
             end = time.perf_counter()
-            self.metrics.observe(record, end)
             if tracer is not None:
-                tracer.end(record, end)  # first: a trace kept at the end gets its id logged
+                # First: a trace kept at the end gets its id logged, and its exemplars.
+                tracer.end(record, end)
+            self.metrics.observe(record, end)
             if self.access_log is not None:
                 self.access_log.write(record, end)
             if record.key_id is not None and self.usage is not None:

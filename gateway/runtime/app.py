@@ -123,9 +123,9 @@ def create_app(gateway: Gateway) -> ASGIApp:
         return Response(body, status_code=200 if is_ready else 503, media_type="application/json")
 
     async def metrics(request: Request) -> Response:
-        return Response(
-            gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        # OpenMetrics (with exemplars) to a scraper that asks for it, as Prometheus does.
+        body, content_type = gateway.metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     async def openapi(request: Request) -> Response:
         # It depends on the config alone.

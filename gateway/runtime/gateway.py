@@ -378,6 +378,7 @@ def _metrics(config: GatewayConfig) -> GatewayMetrics:
     return GatewayMetrics(
         [model.name for model in config.models],
         [backend.name for model in config.models for backend in model.backends],
+        legacy_names=config.metrics.legacy_names,
     )
 
 

@@ -42,6 +42,7 @@ RESTART_SECTIONS = (
     "upstream",
     "load_scrape",
     "workers",
+    "metrics",
 )
 
 
