@@ -237,6 +237,15 @@ class LoadScrapeConfig(_Frozen):
         return self
 
 
+class RouteCacheConfig(_Frozen):
+    """A route's own cache settings; each one left out is the `cache:` section's."""
+
+    enabled: bool | None = None
+    ttl_s: float | None = Field(None, gt=0, le=30 * 86400)
+    scope: Literal["key", "global"] | None = None  # global: every key shares the answers
+    cache_all: bool | None = None  # also requests that did not ask for a deterministic answer
+
+
 class ModelRoute(_Frozen):
     name: str = Field(min_length=1, max_length=128)
     aliases: tuple[str, ...] = ()
@@ -253,6 +262,7 @@ class ModelRoute(_Frozen):
     # request as it is, bounded by total_s alone (vLLM sends nothing until it has finished).
     non_stream: Literal["assemble", "passthrough"] = "assemble"
     fallbacks: tuple[str, ...] = ()  # model names tried in order when this one cannot answer
+    cache: RouteCacheConfig = RouteCacheConfig()  # overrides of the `cache:` section
     context_window: int | None = Field(
         None, ge=1
     )  # tokens; lets a too-long prompt go to a larger fallback
@@ -340,6 +350,26 @@ class RedisConfig(_Frozen):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
         return url
+
+
+class CacheConfig(_Frozen):
+    """The response cache (policies/cache.py): off by default. Only complete successful
+    answers are kept, by default only those asked for deterministically (temperature 0 or
+    a seed); with backend redis, the `redis:` connection, shared by every process."""
+
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"
+    ttl_s: float = Field(300.0, gt=0, le=30 * 86400)
+    max_entry_bytes: int = Field(1024 * 1024, ge=1024)  # larger answers are not kept
+    maxsize: int = Field(10_000, ge=1)  # memory: entries at most
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # memory: bytes of answers at most
+    cache_all: bool = False  # every request, deterministic or not (per route: cache.cache_all)
+    scope: Literal["key", "global"] = "key"  # key: each key's own answers (its name)
+    coalesce: bool = True  # identical cacheable requests in flight share one upstream call
+    # redis: a lookup slower than this is a bypass; while Redis is down, one lookup per
+    # probe_interval_s tries it and the others bypass at once.
+    redis_timeout_s: float = Field(0.05, gt=0, le=5)
+    probe_interval_s: float = Field(1.0, gt=0)
 
 
 class LimitsConfig(_Frozen):
@@ -732,6 +762,7 @@ class GatewayConfig(_Frozen):
     load_scrape: LoadScrapeConfig = LoadScrapeConfig()
     tracing: TracingConfig = TracingConfig()
     limits: LimitsConfig = LimitsConfig()
+    cache: CacheConfig = CacheConfig()  # response cache and coalescing; off by default
     admin: AdminConfig = AdminConfig()  # no key: /admin/... does not exist (404)
     guardrails: GuardrailsConfig = GuardrailsConfig()
     upstream: UpstreamConfig = UpstreamConfig()  # caps on what upstreams send
@@ -843,6 +874,12 @@ class GatewayConfig(_Frozen):
                         f"{where}.backends: {name!r} is a backend of route {route_of[name]!r},"
                         " which the experiment's routes leave out: it would never be hit"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_backend_has_redis(self) -> GatewayConfig:
+        if self.cache.enabled and self.cache.backend == "redis" and self.redis.url is None:
+            raise ValueError("cache.backend: redis needs redis.url")
         return self
 
     @model_validator(mode="after")

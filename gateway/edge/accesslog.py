@@ -40,6 +40,8 @@ class AccessLog:
             "error": record.error,
             "decisions": [decision.to_json() for decision in record.decisions],
         }
+        if record.cache is not None:  # absent where the response cache is not in play
+            line["cache"] = record.cache
         if record.chaos:  # absent, not empty, where chaos left the request alone
             line["chaos"] = record.chaos
         trace = record.trace

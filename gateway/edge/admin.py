@@ -21,6 +21,11 @@ Starlette routes. Never answers with a secret or a hash.
                                kept as they were), or 400 `invalid_config` naming the file,
                                field and reason (503 `config_not_applied` where a new
                                backend's adapter cannot start), and the config in force stays
+    GET    /admin/cache         the response cache: entries, bytes, this process's hits,
+                               misses, hit ratio, bypasses by reason, evictions
+    DELETE /admin/cache         drop every cached answer, or those of one route
+                               (?route=<route name>) or one scope (?scope=<key name>, or
+                               ?scope=global): 200 with how many
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ from gateway.errors import (
     ServiceUnavailable,
     clip,
 )
+from gateway.wire.cachekey import GLOBAL_SCOPE, tag
 from gateway.wire.headers import bearer_token
+from policies.cache import CacheUnavailable, ResponseCache
 from policies.limits import LimitStore, is_unlimited
 
 logger = logging.getLogger("vgate.keys")
@@ -90,6 +97,7 @@ def admin_routes(
     limits: LimitStore | None = None,
     chaos: Chaos | None = None,
     reload_config: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    cache: ResponseCache | None = None,
 ) -> list[Route]:
     """`usage`: this process's counters; `limits`: the limit store, whose figures (shared
     through Redis when there is one) are each key's `limits_usage`; `chaos`: the gateway's
@@ -166,7 +174,46 @@ def admin_routes(
         routes += _chaos_routes(chaos, authorize)
     if reload_config is not None:
         routes.append(_config_reload_route(reload_config, authorize))
-    return routes
+    return routes + _cache_routes(cache, authorize)
+
+
+def _cache_routes(cache: ResponseCache | None, authorize: Callable[[Request], None]) -> list[Route]:
+    async def describe(request: Request) -> Response:
+        authorize(request)
+        if cache is None:
+            return _json({"object": "cache", "enabled": False})
+        return _json(await cache.describe())
+
+    async def clear(request: Request) -> Response:
+        authorize(request)
+        route = request.query_params.get("route")
+        scope = request.query_params.get("scope")
+        deleted = 0
+        if cache is not None:
+            owner = None
+            if scope is not None:
+                owner = tag(GLOBAL_SCOPE if scope == GLOBAL_SCOPE else f"key:{scope}")
+            try:
+                deleted = await cache.store.clear(None if route is None else tag(route), owner)
+            except CacheUnavailable:
+                raise ServiceUnavailable(
+                    "The response cache's store (Redis) did not answer; nothing was deleted.",
+                    code="cache_unavailable",
+                ) from None
+            logger.warning(
+                "admin: response cache cleared (route %r, scope %r): %d entries",
+                route,
+                scope,
+                deleted,
+            )
+        return _json(
+            {"object": "cache.deleted", "route": route, "scope": scope, "deleted": deleted}
+        )
+
+    return [
+        Route("/admin/cache", describe, methods=["GET"]),
+        Route("/admin/cache", clear, methods=["DELETE"]),
+    ]
 
 
 def _config_reload_route(

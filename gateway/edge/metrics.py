@@ -24,6 +24,7 @@ from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
+from policies.cache import ResponseCache
 from policies.limits import LimitStore
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
@@ -32,7 +33,7 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 # Time per output token: a fast GPU's few milliseconds to a loaded CPU worker's second.
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
-_REDIS_COMPONENTS = frozenset({"breaker", "limits"})  # what shares state through Redis
+_REDIS_COMPONENTS = frozenset({"breaker", "cache", "limits"})  # what shares state through Redis
 NONE = "none"
 OTHER = "other"
 CHAOS_FAULTS: frozenset[str] = frozenset(get_args(ChaosFaultKind))  # the fixed kinds
@@ -399,6 +400,10 @@ class GatewayMetrics:
         elif isinstance(store, LocalLimits):
             self.registry.register(_LimitStoreCollector(store, None))
 
+    def watch_cache(self, cache: ResponseCache) -> None:
+        """The response cache's own counters and its store's size, read at scrape time."""
+        self.registry.register(_CacheCollector(cache))
+
     def watch_concurrency_limits(self, limits: Iterable[tuple[str, Callable[[], int]]]) -> None:
         """Each backend's concurrency limit in force, read at scrape time (per backend name);
         called again after a config reload, with the backends in force then."""
@@ -540,6 +545,54 @@ class _LimitStoreCollector(Collector):
             "Settles queued or in flight to Redis.",
             shared.pending_settles,
         )
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        families = {
+            result: CounterMetricFamily(
+                f"vgate_cache_{name}",
+                f"Cacheable requests {what}, by model route.",
+                labels=["model"],
+            )
+            for result, name, what in (
+                ("hit", "hits", "answered from the response cache"),
+                ("miss", "misses", "not found in the response cache (sent upstream)"),
+                ("coalesced", "coalesced", "that shared an identical request's upstream call"),
+            )
+        }
+        for (result, route), count in list(cache.counts.items()):
+            families[result].add_metric([route], count)
+        yield from families.values()
+        bypasses = CounterMetricFamily(
+            "vgate_cache_bypasses",
+            "Requests that bypassed the response cache, by reason (not_deterministic, "
+            "no_store, not_cacheable, unavailable: the store did not answer in time).",
+            labels=["reason"],
+        )
+        for reason, count in cache.bypasses.items():
+            bypasses.add_metric([reason], count)
+        yield bypasses
+        yield CounterMetricFamily(
+            "vgate_cache_stored", "Answers handed to the response cache's store.", cache.stored
+        )
+        yield CounterMetricFamily(
+            "vgate_cache_evictions",
+            "Entries dropped from this process's cache to make room (memory backend).",
+            cache.store.evictions,
+        )
+        size = cache.store.size()
+        if size is not None:
+            yield GaugeMetricFamily(
+                "vgate_cache_entries", "Entries in this process's response cache.", size[0]
+            )
+            yield GaugeMetricFamily(
+                "vgate_cache_bytes", "Bytes of answers in this process's response cache.", size[1]
+            )
 
 
 class _LimitCollector(Collector):

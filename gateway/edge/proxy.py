@@ -159,7 +159,9 @@ class ProxyEndpoint:
                 record.absorb(outcome)
                 record.chaos = plan.context.injected
                 if verdict.ticket is not None:
-                    self.limits.settle_nowait(verdict.ticket, outcome.tokens, failed=failed)
+                    # A cached or shared answer counts as a request, but costs no tokens.
+                    tokens = 0 if outcome.cache in _NO_UPSTREAM else outcome.tokens
+                    self.limits.settle_nowait(verdict.ticket, tokens, failed=failed)
         except GatewayError as error:
             record.error = error.code or error.type
             await send_error(send, error)
@@ -225,6 +227,7 @@ class ProxyEndpoint:
                     (b"x-vgate-model", completion.route.encode()),
                     (b"x-vgate-backend", completion.backend.encode()),
                     *limit_headers,
+                    *_cache_headers(outcome),
                 ],
             }
         )
@@ -252,6 +255,7 @@ class ProxyEndpoint:
                         (b"x-vgate-model", stream.route.name.encode()),
                         (b"x-vgate-backend", stream.backend.name.encode()),
                         *limit_headers,
+                        *_cache_headers(outcome),
                     ],
                 }
             )
@@ -269,6 +273,19 @@ class ProxyEndpoint:
             return False
         finally:
             stream.close()
+
+
+_NO_UPSTREAM = ("hit", "coalesced")  # answers that cost no upstream tokens of their own
+
+
+def _cache_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
+    """X-VGate-Cache where the response cache was in play, and a hit's Age."""
+    if outcome.cache is None:
+        return []
+    headers = [(b"x-vgate-cache", outcome.cache.encode())]
+    if outcome.cache_age is not None:
+        headers.append((b"age", str(outcome.cache_age).encode()))
+    return headers
 
 
 def client_fault(error: GatewayError) -> bool:

@@ -15,6 +15,7 @@ class RequestRecord:
         "attempts",
         "backend",
         "backend_s",
+        "cache",
         "caller",
         "chaos",
         "completion_tokens",
@@ -80,6 +81,7 @@ class RequestRecord:
         self.response_started: float | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cache: str | None = None  # the response cache's part (Outcome.cache)
 
     def own_s(self, until: float) -> float:
         """The gateway's own time from the request's start to `until`."""
@@ -101,3 +103,4 @@ class RequestRecord:
         self.waited_s = outcome.waited_s
         self.prompt_tokens = outcome.prompt_tokens
         self.completion_tokens = outcome.completion_tokens
+        self.cache = outcome.cache

@@ -19,6 +19,7 @@ from gateway.router import AnswerBounds, Backend, Route, Router, RouterHooks
 from policies.adaptive import AdaptiveLimit
 from policies.admission import Admission
 from policies.breaker import BackendBreaker
+from policies.cache import ResponseCache
 from policies.retry import RetryPolicy
 from providers import AdapterFactory, create_adapter
 from providers.http1 import ByteBudget
@@ -33,6 +34,7 @@ def build_router(
     hooks: RouterHooks | None = None,
     on_breaker_change: BreakerListener | None = None,
     reuse: Router | None = None,
+    cache: ResponseCache | None = None,
 ) -> Router:
     """The router `config` describes; a backend the factory cannot build (a credential
     missing) or an impossible adaptive limit is a ConfigError naming its field.
@@ -41,7 +43,8 @@ def build_router(
     kept, and a backend of the same name on a route of the same name, whose own config and
     the route settings it depends on (timeouts, breaker) are unchanged, is that router's
     `Backend` object, its adapter not asked of the factory again; so is a route's retry
-    policy (its budget) where the route's retries are unchanged.
+    policy (its budget) where the route's retries are unchanged, and so is its response
+    cache (`cache`: the process's, where `cache.enabled`).
     """
     kept = _reusable(reuse)
     retries = {route.name: route.retry for route in reuse.routes} if reuse else {}
@@ -69,6 +72,7 @@ def build_router(
         admission=reuse.admission if reuse else Admission.from_config(config.server),
         answers=reuse.answers if reuse else AnswerBounds(config.upstream.max_body_bytes, budget),
         hooks=hooks if hooks is not None or reuse is None else reuse.hooks,
+        cache=reuse.cache if reuse is not None else cache,
     )
 
 

@@ -60,6 +60,8 @@ class Outcome:
         "attempts",
         "backend",
         "backend_s",
+        "cache",
+        "cache_age",
         "completion_tokens",
         "decisions",
         "dropped_events",
@@ -90,6 +92,10 @@ class Outcome:
         self.waited_s = 0.0
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        # The response cache's part: None (not in play), "hit", "miss", "bypass" or
+        # "coalesced"; and a hit's age in whole seconds.
+        self.cache: str | None = None
+        self.cache_age: int | None = None
 
     def add_upstream(self, seconds: float) -> None:
         self.backend_s = seconds

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import orjson
 
 from gateway.errors import (
     BreakerOpen,
@@ -23,14 +25,24 @@ from gateway.errors import (
 )
 from gateway.router import exchange
 from gateway.router.backend import Backend
+from gateway.router.caching import (
+    CachedStream,
+    CachePlan,
+    Tee,
+    answer_events,
+    cache_plan,
+    complete_answer,
+)
 from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
 from gateway.router.outcome import AttemptRecord, Completion, Outcome
 from gateway.router.plan import Call, Plan, plan
 from gateway.router.route import Route
 from gateway.router.streams import ClientStream, ResumableStream, ResumeFailed, UpstreamStream
+from gateway.wire.assemble import Assembler, Incomplete
 from gateway.wire.validation import Endpoint, ProxyRequest
 from policies.admission import Admission
+from policies.cache import CacheUnavailable, ResponseCache
 from policies.resume import Transcript, prefill_payload
 from policies.retry import AttemptFailed
 
@@ -47,8 +59,10 @@ class Router:
         admission: Admission | None = None,
         answers: AnswerBounds | None = None,
         hooks: RouterHooks | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.routes = tuple(routes)
+        self.cache = cache  # the process's response cache (None: off); outlives a reload
         self.hooks = hooks or RouterHooks()
         self.answers = answers or AnswerBounds()
         self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
@@ -92,7 +106,54 @@ class Router:
         return plan(request, call, self.route_for(request.model, call.models))
 
     async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
-        """A whole answer: tried under the route's retry policy, then on its fallbacks."""
+        """A whole answer: from the cache where it has one, else tried under the route's
+        retry policy, then on its fallbacks (and kept, where it is whole)."""
+        cache = self.cache
+        caching = None if cache is None else cache_plan(cache, plan, outcome)
+        if caching is None:
+            return await self._complete(plan, outcome)
+        assert cache is not None
+        if caching.read:
+            found = await self._look_up(cache, caching, plan, outcome)
+            if found is not None:
+                return Completion(found[0], "application/json", plan.route.name, "cache")
+        else:
+            self._missed(cache, plan, outcome)
+        completion = await self._complete(plan, outcome)
+        kept = outcome.cache == "miss" and completion.route == plan.route.name
+        if kept and complete_answer(completion.body) is not None:
+            cache.keep(caching.key, completion.body, caching.ttl_s)
+        return completion
+
+    async def _look_up(
+        self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
+    ) -> tuple[bytes, dict[str, Any]] | None:
+        """The cached answer (its body, parsed) for the request; None on a miss, or when
+        the store cannot tell in time (a bypass: the request goes on uncached)."""
+        try:
+            entry = await cache.store.get(caching.key)
+        except CacheUnavailable:
+            cache.bypass("unavailable")
+            outcome.cache = "bypass"
+            return None
+        answer = None if entry is None else complete_answer(entry.body)
+        if entry is None or answer is None:
+            self._missed(cache, plan, outcome)
+            return None
+        cache.count("hit", plan.route.name)
+        outcome.cache = "hit"
+        outcome.cache_age = max(0, int(time.time() - entry.created))
+        outcome.route = plan.route.name
+        outcome.request = plan.request
+        outcome.record_usage(answer["usage"])
+        return entry.body, answer
+
+    @staticmethod
+    def _missed(cache: ResponseCache, plan: Plan, outcome: Outcome) -> None:
+        cache.count("miss", plan.route.name)
+        outcome.cache = "miss"
+
+    async def _complete(self, plan: Plan, outcome: Outcome) -> Completion:
         await self._admit(plan, outcome)
         outcome.request = plan.request
         answers = self.answers
@@ -114,18 +175,34 @@ class Router:
         of the route that answered, where the route allows it (see `ResumableStream`).
         Closing the stream settles its outcome and frees its admission slot.
         """
+        chat = plan.request.endpoint is Endpoint.CHAT
+        cache = self.cache
+        caching = None if cache is None else cache_plan(cache, plan, outcome)
+        if caching is not None:
+            assert cache is not None
+            if caching.read:
+                found = await self._look_up(cache, caching, plan, outcome)
+                if found is not None:
+                    answer = found[1]
+                    with_usage = plan.request.client_wants_usage
+                    events = answer_events(answer, chat=chat, with_usage=with_usage)
+                    return CachedStream(plan.route, events, answer["usage"])
+            else:
+                self._missed(cache, plan, outcome)
         await self._admit(plan, outcome)
         outcome.request = plan.request
         resumable = plan.request.payload.get("n") in (None, 1)
-        chat = plan.request.endpoint is Endpoint.CHAT
 
         async def once(
             route: Route, backend: Backend, window: Window, tried: AttemptRecord
         ) -> UpstreamStream:
             settings = route.config.resume
-            recorder = None
+            transcript = None
             if resumable and settings.enabled:
-                recorder = Transcript(chat=chat, max_chars=settings.max_text_chars)
+                transcript = Transcript(chat=chat, max_chars=settings.max_text_chars)
+            recorder: Transcript | Tee | None = transcript
+            if caching is not None:  # its answer assembled as it passes, to be kept
+                recorder = Tee(Assembler(chat=chat), transcript)
             return await exchange.open_stream(
                 plan, outcome, route, backend, window, tried, recorder
             )
@@ -135,11 +212,18 @@ class Router:
         except BaseException:
             self.admission.release()
             raise
-        transcript = upstream.observer.recorder
+        recorder = upstream.observer.recorder
+        assembler = None
+        if isinstance(recorder, Tee):
+            assembler = recorder.assembler
+            recorder = recorder.transcript
         stream: ClientStream = upstream
-        if isinstance(transcript, Transcript):
-            stream = ResumableStream(self, plan, outcome, upstream, transcript)
-        stream.finish = self._finisher(outcome)
+        if isinstance(recorder, Transcript):
+            stream = ResumableStream(self, plan, outcome, upstream, recorder)
+        keep = None
+        if caching is not None and assembler is not None and upstream.route is plan.route:
+            keep = (caching, assembler)  # a fallback's answer is not the route's to keep
+        stream.finish = self._finisher(outcome, keep)
         return stream
 
     async def resume(
@@ -216,13 +300,18 @@ class Router:
             await admission.acquire(plan.call.priority)
             outcome.waited_s += time.perf_counter() - queued
 
-    def _finisher(self, outcome: Outcome) -> Callable[[ClientStream], None]:
+    def _finisher(
+        self, outcome: Outcome, keep: tuple[CachePlan, Assembler] | None = None
+    ) -> Callable[[ClientStream], None]:
         admission = self.admission
+        cache = self.cache
 
         def finish(stream: ClientStream) -> None:
             outcome.record_usage(stream.usage)
             outcome.dropped_events = stream.dropped_events
             admission.release()
+            if keep is not None and cache is not None and outcome.cache == "miss":
+                _keep_stream(cache, keep[0], keep[1], stream, outcome)
 
         return finish
 
@@ -328,6 +417,29 @@ class Router:
             hooks.on_retry(route.name, delay)
 
         return await route.retry.run(attempt, deadline=window.answer_by, on_retry=on_retry)
+
+
+def _keep_stream(
+    cache: ResponseCache,
+    caching: CachePlan,
+    assembler: Assembler,
+    stream: ClientStream,
+    outcome: Outcome,
+) -> None:
+    """Keep a stream's answer if it ran whole to its end on the backend that started it:
+    never one resumed elsewhere, cut off, ended by an error or missing events."""
+    if outcome.resumptions or isinstance(stream, CachedStream):
+        return
+    observer = stream.observer
+    if not observer.done or observer.error is not None or observer.malformed:
+        return
+    try:
+        answer = assembler.answer(observer.usage)
+    except Incomplete:
+        return
+    body = orjson.dumps(answer)
+    if complete_answer(body) is not None:
+        cache.keep(caching.key, body, caching.ttl_s)
 
 
 def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:

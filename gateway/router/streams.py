@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import StreamInterrupted, UpstreamBroken
 from gateway.router.backend import Backend
+from gateway.router.caching import CachedStream
 from gateway.router.outcome import AttemptRecord, Outcome
 from gateway.router.readtimer import ReadTimer
 from gateway.router.route import Route
@@ -246,6 +247,11 @@ class ResumableStream:
     def dropped_events(self) -> int:
         return self._dropped + self._stream.observer.malformed
 
+    @property
+    def observer(self) -> SSEObserver:
+        """The observer of the upstream stream now being read."""
+        return self._stream.observer
+
     async def rest(self) -> AsyncIterator[bytes]:
         """Events after the first, across resumptions; raises `StreamInterrupted` as
         `UpstreamStream.rest` does when the stream cannot be continued."""
@@ -326,7 +332,7 @@ class ResumableStream:
             finish(self)
 
 
-ClientStream = UpstreamStream | ResumableStream
+ClientStream = UpstreamStream | ResumableStream | CachedStream
 
 
 def _sentence(text: str) -> str:

@@ -161,6 +161,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
             gateway.limits,
             chaos=gateway.chaos,
             reload_config=gateway_reload(gateway),
+            cache=gateway.cache,
         )
 
     @asynccontextmanager

@@ -61,6 +61,8 @@ from gateway.runtime.reload import (
     restart_fields,
 )
 from policies.breaker_sync import BreakerSync
+from policies.cache import ResponseCache, memory_cache
+from policies.cache_redis import redis_cache
 from policies.guardrails import Guardrails
 from policies.health import HealthChecker, Probe
 from policies.limits import LimitStore
@@ -93,6 +95,7 @@ class Gateway:
     loads: LoadScraper | None  # vLLM's own running/waiting, scraped as a load signal
     tracer: Tracer | None  # with tracing.enabled: request spans over OTLP
     redis: Redis | None  # with redis.url: one pooled client, from start to aclose
+    cache: ResponseCache | None  # with cache.enabled; kept across reloads (restart to change)
     breaker_sync: BreakerSync | None  # with redis.url: breakers shared by every process
     limits: LimitStore  # per key: rpm, tpm, day, in flight
     guardrails: Guardrails
@@ -136,18 +139,20 @@ class Gateway:
         )
         metrics = _metrics(config)
         chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
+        # The client connects on first use: building it here neither blocks nor fails.
+        redis = create_client(config.redis) if config.redis.url is not None else None
+        cache = _response_cache(config, redis, metrics)
         router = build_router(
             config,
             adapters=_with_chaos(adapters, chaos, config),
             hooks=_router_hooks(metrics),
             on_breaker_change=metrics.breaker_changed,
+            cache=cache,
         )
         connections = ConnectionGuard(connection_limits(config.server))
         _watch(metrics, router, connections)
         usage = KeyUsage(keys)
         keys.on_reload = lambda ring: usage.retain(ring.ids())
-        # The client connects on first use: building it here neither blocks nor fails.
-        redis = create_client(config.redis) if config.redis.url is not None else None
         limits = create_limits(
             config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
         )
@@ -168,6 +173,7 @@ class Gateway:
             loads=_load_scraper(config.load_scrape, router),
             tracer=Tracer(config.tracing) if config.tracing.enabled else None,
             redis=redis,
+            cache=cache,
             breaker_sync=_breaker_sync(config.redis, redis, router, metrics),
             limits=limits,
             guardrails=Guardrails.from_config(config.guardrails),
@@ -212,6 +218,8 @@ class Gateway:
         tracer's export thread) is closed after everything started on top of it."""
         if self.redis is not None:
             stack.push_async_callback(self.redis.aclose)
+        if self.cache is not None:  # before the client: fills in flight go out first
+            stack.push_async_callback(self.cache.store.aclose)
         # Before the client: settles still queued go out first, within their deadline.
         stack.push_async_callback(self.limits.aclose)
         if self.tracer is not None:
@@ -364,6 +372,22 @@ async def _start(stack: AsyncExitStack, component: Component | None) -> None:
         return
     await component.start()
     stack.push_async_callback(component.aclose)
+
+
+def _response_cache(
+    config: GatewayConfig, redis: Redis | None, metrics: GatewayMetrics
+) -> ResponseCache | None:
+    """With cache.enabled: this process's store, or the shared one on the Redis client."""
+    settings = config.cache
+    if not settings.enabled:
+        return None
+    if settings.backend == "redis":
+        assert redis is not None  # the config requires redis.url
+        cache = redis_cache(settings, config.redis, redis, on_redis_change=metrics.redis_changed)
+    else:
+        cache = memory_cache(settings)
+    metrics.watch_cache(cache)
+    return cache
 
 
 def _key_ring(config: GatewayConfig) -> KeyRing:

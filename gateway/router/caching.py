@@ -1,0 +1,191 @@
+"""The response cache's policy: what a request may take from it and what it may leave there.
+
+The router asks `cache_plan` before it admits a request: None when the request bypasses the
+cache (the reason counted), else where its answer lives (`CachePlan`). The key is the
+request as it goes upstream, after the gateway's rewrites (gateway.wire.cachekey), in the
+caller's scope (its key's name) unless the route shares answers globally.
+
+Only complete answers are kept (`complete_answer`): 200, every choice with a
+`finish_reason`, whole `usage`. A stream is kept only when it ran to its end on the backend
+that started it (never one resumed elsewhere, cut off or ending in an error): its chunks
+are assembled as they pass (`Tee`), so streams and non-streams share entries. A hit for a
+stream is sent as SSE (`answer_events`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.wire.assemble import Assembler
+from gateway.wire.cachekey import GLOBAL_SCOPE, cache_key, directives, is_deterministic
+from gateway.wire.sse import DONE_EVENT, data_event
+from gateway.wire.validation import Endpoint
+from policies.cache import ResponseCache
+from policies.resume import Transcript
+
+if TYPE_CHECKING:
+    from gateway.router.outcome import Outcome
+    from gateway.router.plan import Plan
+    from gateway.router.route import Route
+    from gateway.router.streams import Finish
+
+
+@dataclass(slots=True)
+class CachePlan:
+    """Where one cacheable request's answer lives, and what the client allows."""
+
+    key: str
+    ttl_s: float
+    read: bool  # False with Cache-Control: no-cache (a refresh: the answer is kept anew)
+
+
+def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan | None:
+    """The request's place in the cache, or None (and `outcome.cache` "bypass") when it
+    bypasses it; a route that turns the cache off is not counted at all."""
+    settings = cache.config
+    route_cache = plan.route.config.cache
+    if route_cache.enabled is False:
+        return None
+    request = plan.request
+    reason = None
+    no_cache, no_store = directives(plan.call.headers)
+    cache_all = settings.cache_all if route_cache.cache_all is None else route_cache.cache_all
+    if request.endpoint is Endpoint.EMBEDDINGS:
+        reason = "not_cacheable"
+    elif no_store:
+        reason = "no_store"
+    elif not cache_all and not is_deterministic(request.payload):
+        reason = "not_deterministic"
+    if reason is not None:
+        cache.bypass(reason)
+        outcome.cache = "bypass"
+        return None
+    scope = settings.scope if route_cache.scope is None else route_cache.scope
+    owner = GLOBAL_SCOPE if scope == "global" else f"key:{plan.call.caller or ''}"
+    ttl_s = settings.ttl_s if route_cache.ttl_s is None else route_cache.ttl_s
+    key = cache_key(request.endpoint.value, plan.route.name, owner, request.payload)
+    return CachePlan(key, ttl_s, read=not no_cache)
+
+
+def complete_answer(body: bytes) -> dict[str, Any] | None:
+    """The answer in `body` if it is whole (every choice finished, usage counted), else None."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(answer) is not dict:
+        return None
+    choices = answer.get("choices")
+    if type(choices) is not list or not choices:
+        return None
+    for choice in choices:
+        if type(choice) is not dict or choice.get("finish_reason") is None:
+            return None
+    usage = answer.get("usage")
+    if type(usage) is not dict:
+        return None
+    if type(usage.get("prompt_tokens")) is not int:
+        return None
+    if type(usage.get("completion_tokens")) is not int:
+        return None
+    return answer
+
+
+class Tee:
+    """The stream's recorder when it is cacheable: the assembler of its answer beside the
+    transcript resumption keeps (either may be absent)."""
+
+    __slots__ = ("assembler", "transcript")
+
+    def __init__(self, assembler: Assembler | None, transcript: Transcript | None) -> None:
+        self.assembler = assembler
+        self.transcript = transcript
+
+    def record(self, payload: dict[str, Any]) -> None:
+        if self.assembler is not None:
+            self.assembler.record(payload)
+        if self.transcript is not None:
+            self.transcript.record(payload)
+
+
+def answer_events(answer: dict[str, Any], *, chat: bool, with_usage: bool) -> bytes:
+    """A whole answer as the stream that would have carried it: per choice its role (chat),
+    its content and its finish; then the usage if the client asked for it, and [DONE]."""
+    head = {
+        "id": answer.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": answer.get("created"),
+        "model": answer.get("model"),
+    }
+    events: list[bytes] = []
+
+    def chunk(choice: dict[str, Any]) -> None:
+        events.append(data_event(orjson.dumps({**head, "choices": [choice]})))
+
+    for choice in answer.get("choices") or ():
+        index = choice.get("index", 0)
+        finish = {"finish_reason": choice.get("finish_reason")}
+        if "stop_reason" in choice:
+            finish["stop_reason"] = choice["stop_reason"]
+        if chat:
+            message = dict(choice.get("message") or {})
+            role = message.pop("role", "assistant")
+            chunk({"index": index, "delta": {"role": role}, "finish_reason": None})
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                message["tool_calls"] = [
+                    {"index": i, **call} if isinstance(call, dict) else call
+                    for i, call in enumerate(calls)
+                ]
+            delta = {k: v for k, v in message.items() if v is not None}
+            content = {"index": index, "delta": delta, "finish_reason": None}
+            if choice.get("logprobs") is not None:
+                content["logprobs"] = choice["logprobs"]
+            chunk(content)
+            chunk({"index": index, "delta": {}, **finish})
+        else:
+            text = {"index": index, "text": choice.get("text") or "", "finish_reason": None}
+            text["logprobs"] = choice.get("logprobs")
+            chunk(text)
+            chunk({"index": index, "text": "", **finish})
+    if with_usage:
+        events.append(data_event(orjson.dumps({**head, "choices": [], "usage": answer["usage"]})))
+    events.append(DONE_EVENT)
+    return b"".join(events)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What a response's X-VGate-Backend names when no backend answered it."""
+
+    name: str
+
+
+CACHE_SOURCE = Source("cache")
+
+
+class CachedStream:
+    """A stream answered from the cache: every event at once, in `first`."""
+
+    __slots__ = ("backend", "dropped_events", "finish", "first", "route", "usage")
+
+    def __init__(self, route: Route, first: bytes, usage: dict[str, Any]) -> None:
+        self.route = route
+        self.backend = CACHE_SOURCE
+        self.first = first
+        self.usage: dict[str, Any] | None = usage
+        self.dropped_events = 0
+        self.finish: Finish | None = None
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        return
+        yield  # an async generator with nothing after its first events
+
+    def close(self) -> None:
+        finish, self.finish = self.finish, None
+        if finish is not None:
+            finish(self)

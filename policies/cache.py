@@ -1,0 +1,194 @@
+"""The response cache's stores, and its counters.
+
+An entry is one complete answer: the JSON body of a non-streaming response (a stream's is
+assembled into one), and the wall-clock time it was made, for `Age`. Keys come from
+`gateway.wire.cachekey` (`<route tag>:<scope tag>:<hash>`); the router decides what is
+looked up and what is kept (gateway/router/caching.py); a store only keeps.
+
+- `MemoryStore`: this process's LRU, bounded by entries (`cache.maxsize`) and by the bytes
+  of its answers (`cache.max_bytes`), each entry living `ttl_s` (by a clock tests can set).
+- `policies.cache_redis.RedisStore`: shared by every process through the `redis:`
+  connection, entries expiring by Redis TTL; a lookup that fails or is slow raises
+  `CacheUnavailable` (the request goes upstream as if uncached), a fill never waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.config import CacheConfig
+
+
+class CacheUnavailable(Exception):
+    """The store could not answer in time: the request bypasses the cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    body: bytes  # the answer, as a non-streaming response's JSON body
+    created: float  # wall-clock seconds (time.time()) when it was kept
+
+
+class CacheStore(Protocol):
+    evictions: int  # entries dropped to make room (not those expired)
+
+    async def get(self, key: str) -> Entry | None:
+        """The entry under `key`, or None; raises `CacheUnavailable` when it cannot tell."""
+        ...
+
+    def put(self, key: str, body: bytes, ttl_s: float) -> None:
+        """Keep `body` under `key` for `ttl_s`; never waits (a shared store writes in the
+        background, and a write that fails is dropped)."""
+        ...
+
+    async def clear(self, route_tag: str | None = None, scope_tag: str | None = None) -> int:
+        """Drop every entry, or those of one route or one scope (their tags); how many."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """{"entries": int, "bytes": int} now (a shared store: as far as it could count)."""
+        ...
+
+    def size(self) -> tuple[int, int] | None:
+        """(entries, bytes) at no cost, for the metrics; None where it would cost a walk."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryStore:
+    """This process's LRU of answers, bounded by entries and by bytes."""
+
+    __slots__ = ("_bytes", "_clock", "_entries", "evictions", "max_bytes", "maxsize")
+
+    def __init__(
+        self, maxsize: int, max_bytes: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self._clock = clock
+        # key -> (entry, expires at); most recently used last
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
+
+    async def get(self, key: str) -> Entry | None:
+        held = self._entries.get(key)
+        if held is None:
+            return None
+        entry, expires = held
+        if self._clock() >= expires:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, body: bytes, ttl_s: float) -> None:
+        if len(body) > self.max_bytes:
+            return
+        now = self._clock()
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (Entry(body, now), now + ttl_s)
+        self._bytes += len(body)
+        entries = self._entries
+        while len(entries) > self.maxsize or self._bytes > self.max_bytes:
+            oldest = next(iter(entries))
+            self._drop(oldest)
+            self.evictions += 1
+
+    def _drop(self, key: str) -> None:
+        entry, _ = self._entries.pop(key)
+        self._bytes -= len(entry.body)
+
+    async def clear(self, route_tag: str | None = None, scope_tag: str | None = None) -> int:
+        doomed = [key for key in self._entries if _matches(key, route_tag, scope_tag)]
+        for key in doomed:
+            self._drop(key)
+        return len(doomed)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"entries": len(self._entries), "bytes": self._bytes}
+
+    def size(self) -> tuple[int, int] | None:
+        return len(self._entries), self._bytes
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+def _matches(key: str, route_tag: str | None, scope_tag: str | None) -> bool:
+    route, scope, _ = key.split(":", 2)
+    return (route_tag is None or route == route_tag) and (scope_tag is None or scope == scope_tag)
+
+
+RESULTS = ("hit", "miss", "coalesced")
+# Why a cacheable-looking request did not use the cache, a fixed set (bounded labels).
+BYPASS_REASONS = ("not_deterministic", "no_store", "unavailable", "not_cacheable")
+
+
+@dataclass(slots=True)
+class ResponseCache:
+    """The cache a gateway process has: its settings, its store, and what it did (counted
+    here, read by the metrics at scrape time: nothing on the request's path but an add).
+
+    Lives as long as the process: a config reload keeps it (its section needs a restart),
+    while each route's own `cache:` overrides apply as soon as the route is reloaded."""
+
+    config: CacheConfig
+    store: CacheStore
+    # (result, route) -> count: route names come from the config, so the set is bounded.
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    bypasses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYPASS_REASONS, 0))
+    stored: int = 0  # answers handed to the store
+    too_large: int = 0  # answers over max_entry_bytes, not kept
+
+    def count(self, result: str, route: str) -> None:
+        key = (result, route)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def bypass(self, reason: str) -> None:
+        self.bypasses[reason] += 1
+
+    def total(self, result: str) -> int:
+        return sum(n for (kind, _), n in self.counts.items() if kind == result)
+
+    def keep(self, key: str, body: bytes, ttl_s: float) -> bool:
+        """Hand a complete answer to the store, unless it is too large; whether it was."""
+        if len(body) > self.config.max_entry_bytes:
+            self.too_large += 1
+            return False
+        self.store.put(key, body, ttl_s)
+        self.stored += 1
+        return True
+
+    async def describe(self) -> dict[str, Any]:
+        """GET /admin/cache: the store's size now and this process's hit ratio."""
+        hits, misses = self.total("hit"), self.total("miss")
+        coalesced = self.total("coalesced")
+        looked = hits + misses + coalesced
+        try:
+            size: dict[str, Any] = await self.store.stats()
+        except CacheUnavailable:
+            size = {"entries": None, "bytes": None}
+        return {
+            "object": "cache",
+            "enabled": self.config.enabled,
+            "backend": self.config.backend,
+            **size,
+            "hits": hits,
+            "misses": misses,
+            "coalesced": coalesced,
+            "hit_ratio": None if not looked else round((hits + coalesced) / looked, 4),
+            "bypasses": dict(self.bypasses),
+            "evictions": self.store.evictions,
+        }
+
+
+def memory_cache(config: CacheConfig, *, clock: Callable[[], float] = time.time) -> ResponseCache:
+    return ResponseCache(config, MemoryStore(config.maxsize, config.max_bytes, clock=clock))
