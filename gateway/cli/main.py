@@ -1,5 +1,5 @@
 """`vgate`: the one command line. Verbs: serve, up, sim, check-config, route explain, keys,
-slo rules, drill."""
+slo rules and dashboards, drill."""
 
 from __future__ import annotations
 

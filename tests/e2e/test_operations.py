@@ -64,9 +64,9 @@ def test_metrics_count_requests_tokens_and_overhead(
 
     assert delta("vgate_requests_total", endpoint="chat", model="tiny-llama", status="200") == 1
     assert delta("vgate_requests_total", endpoint="chat", model="none", status="404") == 1
-    assert delta("vgate_tokens_total", model="tiny-llama", kind="completion") == 3
+    assert delta("vgate_tokens_generated_total", model="tiny-llama") == 3
     assert (
-        delta("vgate_tokens_total", model="tiny-llama", kind="prompt")
+        delta("vgate_tokens_prompt_total", model="tiny-llama")
         == completion.usage.prompt_tokens
     )
     assert delta("vgate_gateway_overhead_seconds_count", endpoint="chat") == 2
@@ -111,13 +111,13 @@ def test_latency_histograms_count_every_request_and_hold_no_id_or_key(
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     chat = {"endpoint": "chat", "model": "tiny-llama"}
-    assert delta("vgate_request_duration_seconds_count", **chat) == 4
-    assert delta("vgate_request_duration_seconds_bucket", **chat, le="+Inf") == 4
-    assert delta("vgate_request_duration_seconds_sum", **chat) > 0
+    assert delta("vgate_request_latency_seconds_count", **chat) == 4
+    assert delta("vgate_request_latency_seconds_bucket", **chat, le="+Inf") == 4
+    assert delta("vgate_request_latency_seconds_sum", **chat) > 0
     # Only streams have a first token to time.
-    assert delta("vgate_time_to_first_token_seconds_count", model="tiny-llama") == 2
-    assert delta("vgate_time_to_first_token_seconds_bucket", model="tiny-llama", le="+Inf") == 2
-    assert delta("vgate_time_to_first_token_seconds_sum", model="tiny-llama") > 0
+    assert delta("vgate_ttft_seconds_count", model="tiny-llama") == 2
+    assert delta("vgate_ttft_seconds_bucket", model="tiny-llama", le="+Inf") == 2
+    assert delta("vgate_ttft_seconds_sum", model="tiny-llama") > 0
     assert delta("vgate_gateway_overhead_seconds_count", endpoint="chat") == 4
     assert (
         sum(delta("vgate_upstream_duration_seconds_count", backend=name) for name in ("w1", "w2"))
