@@ -1,0 +1,279 @@
+"""The response cache against real processes: gateways, a simulated vLLM worker, Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from tests.servers import (
+    Gateway,
+    Process,
+    RedisServer,
+    backend,
+    gateway_config,
+    poll_until,
+    start_gateway,
+    start_redis,
+    start_sim,
+)
+
+ALICE = "vg-alice-0123456789abcdef"
+BOB = "vg-bob-0123456789abcdef"
+ADMIN = "vg-admin-0123456789abcdefghijklmnop"
+DETERMINISTIC = {"temperature": 0, "max_tokens": 4}
+
+
+def sha(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sim(logs: Path) -> Iterator[Process]:
+    process = start_sim(logs)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(logs: Path) -> Iterator[RedisServer]:
+    server = start_redis(logs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache-keys") / "keys.yaml"
+    keys = [
+        {"id": "key-alice", "name": "alice", "sha256": sha(ALICE)},
+        {"id": "key-bob", "name": "bob", "sha256": sha(BOB)},
+    ]
+    path.write_text(yaml.safe_dump({"keys": keys}))
+    return path
+
+
+def config(sim: Process, keys_file: Path, **cache: Any) -> dict[str, Any]:
+    route = {
+        "name": "tiny-llama",
+        "aliases": ["default"],
+        "retries": {"max_retries": 0},
+        "breaker": {"consecutive_failures": 1000},
+        "backends": [backend("w1", sim.url)],
+    }
+    settings = gateway_config([route])
+    settings["keys"] = {"file": str(keys_file)}
+    settings["admin"] = {"key_sha256": sha(ADMIN)}
+    settings["cache"] = {"enabled": True, **cache}
+    return settings
+
+
+@pytest.fixture(scope="module")
+def gateway(logs: Path, sim: Process, keys_file: Path) -> Iterator[Gateway]:
+    process = start_gateway(logs, config(sim, keys_file))
+    yield process
+    process.stop()
+
+
+def chat(
+    gateway: Gateway, key: str = ALICE, headers: dict[str, str] | None = None, **body: Any
+) -> httpx.Response:
+    payload = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], **body}
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=payload,
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        timeout=10,
+    )
+
+
+def admin(gateway: Gateway, method: str, path: str) -> dict[str, Any]:
+    response = httpx.request(
+        method, gateway.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def sim_requests(sim: Process) -> int:
+    return int(httpx.get(sim.url + "/sim/stats", timeout=5).json()["requests"])
+
+
+def content(response: httpx.Response) -> str:
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def streamed_text(response: httpx.Response) -> str:
+    events = [e[6:] for e in response.content.split(b"\n\n") if e.startswith(b"data: {")]
+    chunks = [orjson.loads(e) for e in events]
+    return "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
+    )
+
+
+def test_hit_miss_and_bypass(gateway: Gateway, sim: Process) -> None:
+    before = sim_requests(sim)
+    miss = chat(gateway, messages=[{"role": "user", "content": "one"}], **DETERMINISTIC)
+    hit = chat(gateway, messages=[{"role": "user", "content": "one"}], **DETERMINISTIC)
+    assert miss.status_code == hit.status_code == 200
+    assert miss.headers["x-vgate-cache"] == "miss" and "age" not in miss.headers
+    assert hit.headers["x-vgate-cache"] == "hit" and int(hit.headers["age"]) >= 0
+    assert hit.headers["x-vgate-backend"] == "cache"
+    assert hit.json() == miss.json()  # the original answer, usage included
+    sampled = chat(gateway, messages=[{"role": "user", "content": "one"}], temperature=0.9)
+    assert sampled.headers["x-vgate-cache"] == "bypass"
+    assert sim_requests(sim) - before == 2
+    lines = gateway.wait_for_log(3)
+    assert [line.get("cache") for line in lines[-3:]] == ["miss", "hit", "bypass"]
+    assert lines[-2]["prompt_tokens"] == lines[-3]["prompt_tokens"]
+
+
+def test_streams_and_whole_answers_share_entries(gateway: Gateway, sim: Process) -> None:
+    messages = [{"role": "user", "content": "two"}]
+    before = sim_requests(sim)
+    streamed = chat(gateway, messages=messages, stream=True, **DETERMINISTIC)
+    assert streamed.headers["x-vgate-cache"] == "miss"
+    whole = chat(gateway, messages=messages, **DETERMINISTIC)
+    assert whole.headers["x-vgate-cache"] == "hit"
+    assert content(whole) == streamed_text(streamed)
+    again = chat(
+        gateway,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        **DETERMINISTIC,
+    )
+    assert again.headers["x-vgate-cache"] == "hit"
+    assert again.headers["content-type"].startswith("text/event-stream")
+    assert streamed_text(again) == content(whole)
+    assert again.content.endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' in again.content
+    assert sim_requests(sim) - before == 1
+
+
+def test_keys_do_not_share_answers(gateway: Gateway) -> None:
+    messages = [{"role": "user", "content": "three"}]
+    assert chat(gateway, ALICE, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"] == (
+        "miss"
+    )
+    assert chat(gateway, BOB, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"] == (
+        "miss"
+    )
+    assert chat(gateway, BOB, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"] == "hit"
+
+
+def test_cache_control_from_the_client(gateway: Gateway) -> None:
+    messages = [{"role": "user", "content": "four"}]
+    chat(gateway, messages=messages, **DETERMINISTIC)
+    refresh = chat(
+        gateway, headers={"Cache-Control": "no-cache"}, messages=messages, **DETERMINISTIC
+    )
+    assert refresh.headers["x-vgate-cache"] == "miss"
+    no_store = chat(
+        gateway, headers={"Cache-Control": "no-store"}, messages=messages, **DETERMINISTIC
+    )
+    assert no_store.headers["x-vgate-cache"] == "bypass"
+
+
+def test_failures_are_never_cached(gateway: Gateway, sim: Process) -> None:
+    messages = [{"role": "user", "content": "five"}]
+    faults = [{"error_status": 500}, {"cut_after_chunks": 2}, {"error_event_first": True}]
+    try:
+        for fault in faults:
+            httpx.put(sim.url + "/sim/faults", json=fault, timeout=5).raise_for_status()
+            for stream in (False, True):
+                response = chat(gateway, messages=messages, stream=stream, **DETERMINISTIC)
+                if response.status_code == 200:
+                    assert stream  # a stream that started, then broke: an error event
+                    assert not response.content.endswith(b"data: [DONE]\n\n")
+    finally:
+        httpx.delete(sim.url + "/sim/faults", timeout=5).raise_for_status()
+    first = chat(gateway, messages=messages, **DETERMINISTIC)
+    assert first.status_code == 200 and first.headers["x-vgate-cache"] == "miss"
+
+
+def test_admin_reports_and_clears_the_cache(gateway: Gateway) -> None:
+    chat(gateway, messages=[{"role": "user", "content": "six"}], **DETERMINISTIC)
+    described = admin(gateway, "GET", "/admin/cache")
+    assert described["enabled"] is True and described["backend"] == "memory"
+    assert described["entries"] >= 1 and described["bytes"] > 0
+    assert 0 < described["hit_ratio"] < 1
+    assert admin(gateway, "DELETE", "/admin/cache?scope=nobody")["deleted"] == 0
+    assert admin(gateway, "DELETE", "/admin/cache?route=tiny-llama&scope=bob")["deleted"] == 1
+    left = admin(gateway, "GET", "/admin/cache")["entries"]
+    assert admin(gateway, "DELETE", "/admin/cache")["deleted"] == left
+    assert admin(gateway, "GET", "/admin/cache")["entries"] == 0
+    response = chat(gateway, messages=[{"role": "user", "content": "six"}], **DETERMINISTIC)
+    assert response.headers["x-vgate-cache"] == "miss"
+    metrics = httpx.get(gateway.url + "/metrics", timeout=5).text
+    assert 'vgate_cache_hits_total{model="tiny-llama"}' in metrics
+    assert 'vgate_cache_misses_total{model="tiny-llama"}' in metrics
+    assert 'vgate_cache_bypasses_total{reason="not_deterministic"} 1.0' in metrics
+    assert "vgate_cache_entries 1.0" in metrics
+
+
+def test_redis_shares_answers_and_its_loss_is_a_bypass(
+    logs: Path, sim: Process, keys_file: Path, redis: RedisServer
+) -> None:
+    settings = config(sim, keys_file, backend="redis", probe_interval_s=0.2)
+    settings["redis"] = {"url": redis.url, "key_prefix": "e2e-cache", "socket_timeout_s": 0.5}
+    first, second = start_gateway(logs, settings), start_gateway(logs, settings)
+    try:
+        messages = [{"role": "user", "content": "seven"}]
+        assert chat(first, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"] == "miss"
+        # The fill is written in the background: the other process sees it once it lands.
+        poll_until(
+            lambda: (
+                chat(second, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"] == "hit"
+            ),
+            timeout_s=10,
+        )
+        described = admin(second, "GET", "/admin/cache")
+        assert described["backend"] == "redis" and described["entries"] == 1
+
+        # Redis killed in the middle of load: every request still answered, bypassing.
+        statuses: list[int] = []
+        caches: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                response = chat(first, messages=messages, **DETERMINISTIC)
+                statuses.append(response.status_code)
+                caches.append(response.headers.get("x-vgate-cache", ""))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        poll_until(lambda: len(statuses) >= 5, timeout_s=10)
+        redis.kill()
+        poll_until(lambda: caches.count("bypass") >= 5, timeout_s=10)
+        stop.set()
+        worker.join(10)
+        assert set(statuses) == {200}
+        assert set(caches) <= {"hit", "bypass"}
+        assert "redis unreachable for cache" in first.log()
+
+        # Back where the gateways expect it: the cache recovers by itself.
+        revived = start_redis(logs, port=redis.port)
+        try:
+            chat(first, messages=messages, **DETERMINISTIC)  # a probe, then a miss refills
+            poll_until(
+                lambda: (
+                    chat(first, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"]
+                    == "hit"
+                ),
+                timeout_s=10,
+            )
+            assert "redis reachable again for cache" in first.log()
+        finally:
+            revived.stop()
+    finally:
+        first.stop()
+        second.stop()
