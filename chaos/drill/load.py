@@ -206,9 +206,12 @@ class Load:
                 finish: str | None = None
                 usage = False
                 async for chunk in raw_stream.parse():
+                    # The first event with a choice, as the gateway's vgate_ttft_seconds
+                    # times it (what the SLO's rules read): a tiny model's first tokens may
+                    # decode to no text at all.
+                    if ttft is None and chunk.choices:
+                        ttft = time.monotonic() - began
                     for choice in chunk.choices:
-                        if ttft is None and choice.delta.content:
-                            ttft = time.monotonic() - began
                         finish = choice.finish_reason or finish
                     usage = usage or chunk.usage is not None
                 if finish is None:

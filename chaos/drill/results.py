@@ -22,7 +22,7 @@ class RequestResult:
     route: str | None  # the model route it names in the config, None if none
     started: float
     duration_s: float  # to the end of the answer (a stream's last event)
-    ttft_s: float | None  # streams: to the first content event
+    ttft_s: float | None  # streams: to the first event with a choice (the gateway's TTFT)
     # The HTTP status; None where no response came, or where a stream broke after its start
     # (an error event after a 200: a failure, not a refusal).
     status: int | None
