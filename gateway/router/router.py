@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import orjson
@@ -28,11 +28,13 @@ from gateway.router.backend import Backend
 from gateway.router.caching import (
     CachedStream,
     CachePlan,
+    Source,
     Tee,
     answer_events,
     cache_plan,
     complete_answer,
 )
+from gateway.router.coalesce import Flight, FlightStream, pump
 from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
 from gateway.router.outcome import AttemptRecord, Completion, Outcome
@@ -47,6 +49,8 @@ from policies.resume import Transcript, prefill_payload
 from policies.retry import AttemptFailed
 
 T = TypeVar("T")
+# What a stream's end keeps: where, its assembler, and who else takes the whole answer.
+Keep = tuple[CachePlan, Assembler, Callable[[bytes], None] | None]
 # One attempt on one backend of a route, within the request's time, noting its facts.
 Attempt = Callable[[Route, Backend, Window, AttemptRecord], Awaitable[T]]
 
@@ -63,6 +67,7 @@ class Router:
     ) -> None:
         self.routes = tuple(routes)
         self.cache = cache  # the process's response cache (None: off); outlives a reload
+        self.flights: dict[str, Flight] = {}  # identical requests in flight, by cache key
         self.hooks = hooks or RouterHooks()
         self.answers = answers or AnswerBounds()
         self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
@@ -106,8 +111,9 @@ class Router:
         return plan(request, call, self.route_for(request.model, call.models))
 
     async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
-        """A whole answer: from the cache where it has one, else tried under the route's
-        retry policy, then on its fallbacks (and kept, where it is whole)."""
+        """A whole answer: from the cache where it has one, else shared with an identical
+        request in flight (gateway.router.coalesce), else tried under the route's retry
+        policy, then on its fallbacks (and kept, where it is whole)."""
         cache = self.cache
         caching = None if cache is None else cache_plan(cache, plan, outcome)
         if caching is None:
@@ -117,13 +123,89 @@ class Router:
             found = await self._look_up(cache, caching, plan, outcome)
             if found is not None:
                 return Completion(found[0], "application/json", plan.route.name, "cache")
-        else:
-            self._missed(cache, plan, outcome)
+        if cache.config.coalesce:
+            flight = self._flight(caching.key)
+            if flight is None:
+                return await self._lead(cache, caching, plan, outcome)
+            if flight.joinable:
+                await flight.outcome()
+                if flight.body is not None:
+                    answer = self._coalesced(cache, flight.body, plan, outcome)
+                    if answer is not None:
+                        backend = flight.backend or "cache"
+                        return Completion(flight.body, "application/json", plan.route.name, backend)
+            # The leader failed: one attempt of its own, never joining another flight.
+        self._missed(cache, plan, outcome)
+        return (await self._complete_kept(cache, caching, plan, outcome))[0]
+
+    async def _complete_kept(
+        self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
+    ) -> tuple[Completion, bool]:
+        """An answer from upstream, kept where it is whole and the route's own; whether it
+        is (so that followers may share it)."""
         completion = await self._complete(plan, outcome)
-        kept = outcome.cache == "miss" and completion.route == plan.route.name
-        if kept and complete_answer(completion.body) is not None:
+        whole = completion.route == plan.route.name and complete_answer(completion.body) is not None
+        if whole and outcome.cache == "miss":
             cache.keep(caching.key, completion.body, caching.ttl_s)
-        return completion
+        return completion, whole
+
+    async def _lead(
+        self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
+    ) -> Completion:
+        """The first of identical requests: its call runs in a task of its own, which its
+        client leaving cancels only when no follower waits for it."""
+        flight = Flight(streaming=False, lag_bytes=cache.config.max_entry_bytes)
+        self._missed(cache, plan, outcome)
+
+        async def call() -> Completion:
+            completion, whole = await self._complete_kept(cache, caching, plan, outcome)
+            if whole:
+                flight.body, flight.backend = completion.body, completion.backend
+            return completion
+
+        task = self._fly(caching.key, flight, call())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not flight.wanted():
+                task.cancel()
+            raise
+
+    def _flight(self, key: str) -> Flight | None:
+        """The flight of `key` still in the air (one that has just ended is not joined)."""
+        flight = self.flights.get(key)
+        return None if flight is None or flight.done else flight
+
+    def _fly(self, key: str, flight: Flight, call: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run a flight's call; it leaves the registry when it ends."""
+        flights = self.flights
+        flights[key] = flight
+
+        def landed(task: asyncio.Task[T]) -> None:
+            if flights.get(key) is flight:
+                del flights[key]
+            if not task.cancelled():
+                task.exception()  # retrieved: the leader, or nobody, sees it
+            flight.end()
+
+        task = asyncio.get_running_loop().create_task(call)
+        flight.task = task
+        task.add_done_callback(landed)
+        return task
+
+    def _coalesced(
+        self, cache: ResponseCache, body: bytes, plan: Plan, outcome: Outcome
+    ) -> dict[str, Any] | None:
+        """A follower's share of its leader's whole answer (None: not whole after all)."""
+        answer = complete_answer(body)
+        if answer is None:
+            return None
+        cache.count("coalesced", plan.route.name)
+        outcome.cache = "coalesced"
+        outcome.route = plan.route.name
+        outcome.request = plan.request
+        outcome.record_usage(answer["usage"])
+        return answer
 
     async def _look_up(
         self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
@@ -138,7 +220,6 @@ class Router:
             return None
         answer = None if entry is None else complete_answer(entry.body)
         if entry is None or answer is None:
-            self._missed(cache, plan, outcome)
             return None
         cache.count("hit", plan.route.name)
         outcome.cache = "hit"
@@ -150,8 +231,10 @@ class Router:
 
     @staticmethod
     def _missed(cache: ResponseCache, plan: Plan, outcome: Outcome) -> None:
-        cache.count("miss", plan.route.name)
-        outcome.cache = "miss"
+        """Counted as a miss, unless the store was bypassed (counted as that)."""
+        if outcome.cache != "bypass":
+            cache.count("miss", plan.route.name)
+            outcome.cache = "miss"
 
     async def _complete(self, plan: Plan, outcome: Outcome) -> Completion:
         await self._admit(plan, outcome)
@@ -173,22 +256,100 @@ class Router:
 
         Once it has reached the client, a stream that breaks is resumed on another backend
         of the route that answered, where the route allows it (see `ResumableStream`).
-        Closing the stream settles its outcome and frees its admission slot.
+        Closing the stream settles its outcome and frees its admission slot. A cached
+        answer is sent as the events of its stream; an identical request in flight is
+        shared (gateway.router.coalesce).
         """
         chat = plan.request.endpoint is Endpoint.CHAT
         cache = self.cache
         caching = None if cache is None else cache_plan(cache, plan, outcome)
-        if caching is not None:
-            assert cache is not None
-            if caching.read:
-                found = await self._look_up(cache, caching, plan, outcome)
-                if found is not None:
-                    answer = found[1]
-                    with_usage = plan.request.client_wants_usage
-                    events = answer_events(answer, chat=chat, with_usage=with_usage)
-                    return CachedStream(plan.route, events, answer["usage"])
-            else:
-                self._missed(cache, plan, outcome)
+        if caching is None:
+            return await self._open_stream(plan, outcome, None)
+        assert cache is not None
+        if caching.read:
+            found = await self._look_up(cache, caching, plan, outcome)
+            if found is not None:
+                answer = found[1]
+                with_usage = plan.request.client_wants_usage
+                events = answer_events(answer, chat=chat, with_usage=with_usage)
+                return CachedStream(plan.route, events, answer["usage"])
+        if cache.config.coalesce:
+            flight = self._flight(caching.key)
+            if flight is None:
+                return await self._lead_stream(cache, caching, plan, outcome)
+            if flight.joinable:
+                joined = await self._join_stream(cache, flight, plan, outcome)
+                if joined is not None:
+                    return joined
+            # The leader failed: one attempt of its own, never joining another flight.
+        self._missed(cache, plan, outcome)
+        return await self._open_stream(plan, outcome, caching)
+
+    async def _lead_stream(
+        self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
+    ) -> ClientStream:
+        """The first of identical streaming requests: its stream is read by a task of its
+        own into the flight's log, which this client reads as its followers do."""
+        flight = Flight(streaming=True, lag_bytes=cache.config.max_entry_bytes)
+        self._missed(cache, plan, outcome)
+
+        def shared(body: bytes) -> None:
+            flight.body = body
+
+        task = self._fly(
+            caching.key,
+            flight,
+            pump(flight, lambda: self._open_stream(plan, outcome, caching, shared)),
+        )
+        try:
+            opened = await flight.wait_opened()
+        except asyncio.CancelledError:
+            if not flight.wanted():
+                task.cancel()
+            raise
+        upstream = flight.upstream
+        if not opened or upstream is None:
+            await task  # raises what failed it
+            raise RuntimeError("a flight's stream neither opened nor failed")  # never
+        return FlightStream(flight, upstream.route, upstream.backend)
+
+    async def _join_stream(
+        self, cache: ResponseCache, flight: Flight, plan: Plan, outcome: Outcome
+    ) -> ClientStream | None:
+        """A streaming follower's share of a flight, or None when its leader failed."""
+        chat = plan.request.endpoint is Endpoint.CHAT
+        if flight.streaming:
+            opened = await flight.wait_opened()
+            upstream = flight.upstream
+            if not opened or upstream is None or not flight.joinable:
+                return None
+            cache.count("coalesced", plan.route.name)
+            outcome.cache = "coalesced"
+            outcome.route = plan.route.name
+            outcome.request = plan.request
+            reader = FlightStream(flight, upstream.route, upstream.backend)
+            reader.finish = lambda stream: outcome.record_usage(stream.usage)
+            return reader
+        await flight.outcome()
+        answer = None if flight.body is None else self._coalesced(cache, flight.body, plan, outcome)
+        if answer is None:
+            return None
+        with_usage = plan.request.client_wants_usage
+        events = answer_events(answer, chat=chat, with_usage=with_usage)
+        stream = CachedStream(plan.route, events, answer["usage"])
+        stream.backend = Source(flight.backend or "cache")
+        return stream
+
+    async def _open_stream(
+        self,
+        plan: Plan,
+        outcome: Outcome,
+        caching: CachePlan | None,
+        shared: Callable[[bytes], None] | None = None,
+    ) -> UpstreamStream | ResumableStream:
+        """An upstream stream for the request; with `caching`, its answer is assembled as it
+        passes and kept if whole (and handed to `shared`, for a flight's followers)."""
+        chat = plan.request.endpoint is Endpoint.CHAT
         await self._admit(plan, outcome)
         outcome.request = plan.request
         resumable = plan.request.payload.get("n") in (None, 1)
@@ -217,12 +378,12 @@ class Router:
         if isinstance(recorder, Tee):
             assembler = recorder.assembler
             recorder = recorder.transcript
-        stream: ClientStream = upstream
+        stream: UpstreamStream | ResumableStream = upstream
         if isinstance(recorder, Transcript):
             stream = ResumableStream(self, plan, outcome, upstream, recorder)
         keep = None
         if caching is not None and assembler is not None and upstream.route is plan.route:
-            keep = (caching, assembler)  # a fallback's answer is not the route's to keep
+            keep = (caching, assembler, shared)  # a fallback's answer is not the route's
         stream.finish = self._finisher(outcome, keep)
         return stream
 
@@ -301,7 +462,7 @@ class Router:
             outcome.waited_s += time.perf_counter() - queued
 
     def _finisher(
-        self, outcome: Outcome, keep: tuple[CachePlan, Assembler] | None = None
+        self, outcome: Outcome, keep: Keep | None = None
     ) -> Callable[[ClientStream], None]:
         admission = self.admission
         cache = self.cache
@@ -311,7 +472,9 @@ class Router:
             outcome.dropped_events = stream.dropped_events
             admission.release()
             if keep is not None and cache is not None and outcome.cache == "miss":
-                _keep_stream(cache, keep[0], keep[1], stream, outcome)
+                body = _keep_stream(cache, keep[0], keep[1], stream, outcome)
+                if body is not None and keep[2] is not None:
+                    keep[2](body)
 
         return finish
 
@@ -425,21 +588,24 @@ def _keep_stream(
     assembler: Assembler,
     stream: ClientStream,
     outcome: Outcome,
-) -> None:
+) -> bytes | None:
     """Keep a stream's answer if it ran whole to its end on the backend that started it:
-    never one resumed elsewhere, cut off, ended by an error or missing events."""
-    if outcome.resumptions or isinstance(stream, CachedStream):
-        return
+    never one resumed elsewhere, cut off, ended by an error or missing events. The answer
+    kept, as a non-streaming body, or None."""
+    if outcome.resumptions or not isinstance(stream, UpstreamStream | ResumableStream):
+        return None
     observer = stream.observer
     if not observer.done or observer.error is not None or observer.malformed:
-        return
+        return None
     try:
         answer = assembler.answer(observer.usage)
     except Incomplete:
-        return
+        return None
     body = orjson.dumps(answer)
-    if complete_answer(body) is not None:
-        cache.keep(caching.key, body, caching.ttl_s)
+    if complete_answer(body) is None:
+        return None
+    cache.keep(caching.key, body, caching.ttl_s)
+    return body
 
 
 def _honour_retry_after(route: Route, backend: Backend, failure: AttemptFailed, now: float) -> None:

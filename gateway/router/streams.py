@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import StreamInterrupted, UpstreamBroken
 from gateway.router.backend import Backend
 from gateway.router.caching import CachedStream
+from gateway.router.coalesce import FlightStream
 from gateway.router.outcome import AttemptRecord, Outcome
 from gateway.router.readtimer import ReadTimer
 from gateway.router.route import Route
@@ -332,7 +333,7 @@ class ResumableStream:
             finish(self)
 
 
-ClientStream = UpstreamStream | ResumableStream | CachedStream
+ClientStream = UpstreamStream | ResumableStream | CachedStream | FlightStream
 
 
 def _sentence(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -217,6 +218,40 @@ def test_admin_reports_and_clears_the_cache(gateway: Gateway) -> None:
     assert 'vgate_cache_misses_total{model="tiny-llama"}' in metrics
     assert 'vgate_cache_bypasses_total{reason="not_deterministic"} 1.0' in metrics
     assert "vgate_cache_entries 1.0" in metrics
+
+
+def test_identical_concurrent_requests_make_one_upstream_request(
+    gateway: Gateway, sim: Process
+) -> None:
+    messages = [{"role": "user", "content": "eight"}]
+    body = {"model": "tiny-llama", "messages": messages, **DETERMINISTIC}
+    headers = {"Authorization": f"Bearer {ALICE}"}
+
+    async def ask(client: httpx.AsyncClient, index: int) -> httpx.Response:
+        payload = {**body, "stream": index % 2 == 1}  # streams and whole answers alike
+        return await client.post(gateway.url + "/v1/chat/completions", json=payload)
+
+    async def load() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(headers=headers, timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(ask(client, i) for i in range(100)))
+
+    # The worker takes a second to answer, so the requests find the first still in flight.
+    httpx.put(sim.url + "/sim/faults", json={"latency_ms": 1000}, timeout=5).raise_for_status()
+    try:
+        before = sim_requests(sim)
+        responses = asyncio.run(load())
+        after = sim_requests(sim)
+    finally:
+        httpx.delete(sim.url + "/sim/faults", timeout=5).raise_for_status()
+    assert [r.status_code for r in responses] == [200] * 100
+    assert after - before == 1
+    caches = [r.headers["x-vgate-cache"] for r in responses]
+    assert caches.count("miss") == 1
+    assert set(caches) <= {"miss", "coalesced", "hit"} and "coalesced" in caches
+    texts = {content(r) for r in responses[::2]} | {streamed_text(r) for r in responses[1::2]}
+    assert len(texts) == 1
+    assert all(r.content.endswith(b"data: [DONE]\n\n") for r in responses[1::2])
 
 
 def test_redis_shares_answers_and_its_loss_is_a_bypass(
