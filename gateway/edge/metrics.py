@@ -35,6 +35,7 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "cache", "limits"})  # what shares state through Redis
 NONE = "none"
+_SHARED_ANSWERS = ("hit", "coalesced")  # the response cache's answers (RequestRecord.cache)
 OTHER = "other"
 CHAOS_FAULTS: frozenset[str] = frozenset(get_args(ChaosFaultKind))  # the fixed kinds
 CHAOS_EXPERIMENT_LABELS = 64  # distinct experiment names counted over the process's life
@@ -296,9 +297,12 @@ class GatewayMetrics:
                 children.ttft.observe(record.ttft_s)
         if record.response_started is not None:
             children.overhead.observe(record.own_s(record.response_started))
-        if record.prompt_tokens:
+        # An answer from the cache, or shared with an identical request, cost no upstream
+        # tokens or time of its own: its (original) usage is not counted again.
+        upstream_answered = record.cache not in _SHARED_ANSWERS
+        if record.prompt_tokens and upstream_answered:
             children.prompt_tokens.inc(record.prompt_tokens)
-        if record.completion_tokens:
+        if record.completion_tokens and upstream_answered:
             children.completion_tokens.inc(record.completion_tokens)
         if record.dropped_events:
             self.dropped_events.labels(model).inc(record.dropped_events)
@@ -308,7 +312,7 @@ class GatewayMetrics:
             self._count_refusal(record.caller, record.error)
         backend = record.backend
         ttft, generated = record.ttft_s, record.completion_tokens
-        if ttft is not None and generated is not None and generated > 1:
+        if ttft is not None and generated is not None and generated > 1 and upstream_answered:
             self._observe_tpot(model, backend, (end - record.start - ttft) / (generated - 1))
         if backend is not None and record.upstream_s is not None:
             upstream = self._upstream_children.get(backend)

@@ -28,6 +28,7 @@ from tests.servers import (
 
 ALICE = "vg-alice-0123456789abcdef"
 BOB = "vg-bob-0123456789abcdef"
+CAROL = "vg-carol-0123456789abcdef"  # with limits
 ADMIN = "vg-admin-0123456789abcdefghijklmnop"
 DETERMINISTIC = {"temperature": 0, "max_tokens": 4}
 
@@ -56,6 +57,12 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     keys = [
         {"id": "key-alice", "name": "alice", "sha256": sha(ALICE)},
         {"id": "key-bob", "name": "bob", "sha256": sha(BOB)},
+        {
+            "id": "key-carol",
+            "name": "carol",
+            "sha256": sha(CAROL),
+            "limits": {"rpm": 6, "tokens_per_day": 1_000_000},  # 1 request back per 10 s
+        },
     ]
     path.write_text(yaml.safe_dump({"keys": keys}))
     return path
@@ -198,6 +205,38 @@ def test_failures_are_never_cached(gateway: Gateway, sim: Process) -> None:
         httpx.delete(sim.url + "/sim/faults", timeout=5).raise_for_status()
     first = chat(gateway, messages=messages, **DETERMINISTIC)
     assert first.status_code == 200 and first.headers["x-vgate-cache"] == "miss"
+
+
+def generated_tokens(gateway: Gateway) -> float:
+    series = 'vgate_tokens_generated_total{model="tiny-llama"} '
+    for line in httpx.get(gateway.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(series):
+            return float(line[len(series) :])
+    return 0.0
+
+
+def test_a_hit_counts_as_a_request_but_charges_no_tokens(gateway: Gateway) -> None:
+    def used() -> dict[str, Any]:
+        return dict(admin(gateway, "GET", "/admin/keys/key-carol")["limits_usage"])
+
+    messages = [{"role": "user", "content": "limits"}]
+    before = used()
+    miss = chat(gateway, CAROL, messages=messages, **DETERMINISTIC)
+    total = miss.json()["usage"]["total_tokens"]
+    after_miss = poll_until(lambda: (u := used())["tokens_today"] > before["tokens_today"] and u)
+    assert after_miss["tokens_today"] - before["tokens_today"] == total
+    generated = generated_tokens(gateway)
+    for _ in range(2):
+        hit = chat(gateway, CAROL, messages=messages, **DETERMINISTIC)
+        assert hit.headers["x-vgate-cache"] == "hit"
+        assert hit.json()["usage"]["total_tokens"] == total  # the original usage, reported
+    # Settled after each response: once settled, the day's tokens are the miss's alone.
+    after_hits = poll_until(
+        lambda: (u := used())["tokens_today"] == after_miss["tokens_today"] and u, timeout_s=5
+    )
+    assert after_hits["requests_remaining"] < after_miss["requests_remaining"]  # counted
+    # Upstreams' tokens: counted for the answer they gave, not again for the hits.
+    assert generated > 0 and generated_tokens(gateway) == generated
 
 
 def test_admin_reports_and_clears_the_cache(gateway: Gateway) -> None:
