@@ -293,14 +293,18 @@ class Bench:
         *,
         policies: bool = True,
         non_stream: str | None = None,
+        traces_to: str | None = None,
     ) -> tuple[Server, Path]:
         """The gateway with its default policies on (retries, breakers, health checks, stream
         resumption's transcript, vLLM load scraping, decision logging), or with every policy
         that can be switched off switched off: the difference is what the router adds.
-        `non_stream` sets the routes' mode (default: the plan's, else the config's)."""
+        `non_stream` sets the routes' mode (default: the plan's, else the config's);
+        `traces_to`, an OTLP/HTTP endpoint, turns tracing on with every request sampled."""
         name = "gateway" if policies else "gateway-bare"
         if non_stream is not None:
             name += f"-{non_stream}"
+        if traces_to is not None:
+            name += "-traced"
         port = free_port()
         config = self.workdir / f"{name}.yaml"
         route_extra: dict[str, Any] = {}
@@ -318,6 +322,8 @@ class Bench:
         mode = non_stream or self.plan.non_stream
         if mode is not None:
             route_extra["non_stream"] = mode
+        if traces_to is not None:
+            top_extra["tracing"] = {"enabled": True, "endpoint": traces_to, "sample_ratio": 1.0}
 
         def route(model: str, backend: str, url: str) -> dict[str, Any]:
             return {
@@ -607,6 +613,7 @@ class Bench:
                 )
             )
             self.procs.stop(whole.popen)
+        self.run_traced(fast, stream)
         self.procs.stop(stream.popen)
         if plan.transports:
             self.run_transports(fast)
@@ -639,6 +646,7 @@ class Bench:
             "rows": self.rows(),
             "router_cost": self.router_cost(),
             "non_stream_modes": self.non_stream_modes(),
+            "tracing_cost": self.tracing_cost(),
             "targets": self.targets(),
             "transports": self.transport_rows,
             "checks": self.checks,
@@ -670,6 +678,59 @@ class Bench:
             self.warnings.append("vgate_requests_total not found in the gateway's /metrics")
         elif counted < served:
             raise BenchError(f"/metrics counted {counted:.0f} requests for {served}")
+
+    def run_traced(self, fast: Server, stream: Server) -> None:
+        """The same loads with tracing on and every request sampled (each exports a span per
+        request and one per upstream attempt) to a receiver that keeps nothing."""
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.otlpsink", "--port", str(port)]
+        sink = self.procs.server(
+            "otlp-sink", pinned(self.load_core, argv), port=port, ready_path="/count"
+        )
+        traced, _ = self.start_gateway(fast, stream, traces_to=f"{sink.url}/v1/traces")
+        check_completion("gateway-traced", traced.url, AUTH_HEADERS)
+        c = TARGET_RPS_CONCURRENCY
+        observed = [traced, fast, stream, sink]
+        self.note(
+            self.wrk_phase(
+                "non-stream", "traced", traced, traced.url, AUTH_HEADERS, c, observed, traced
+            )
+        )
+        self.note(
+            self.stream_phase("traced", traced, traced.url, AUTH_HEADERS, c, observed, traced)
+        )
+        self.procs.stop(traced.popen)  # its exporter flushes what is queued on the way out
+        with urllib.request.urlopen(sink.url + "/count", timeout=5) as answer:
+            received = json.loads(answer.read())
+        self.checks["traced_exports_received"] = received
+        if not received["exports"]:
+            self.warnings.append("tracing on: the receiver got no spans; the traced rows are void")
+        self.procs.stop(sink.popen)
+
+    def tracing_cost(self) -> list[dict[str, Any]]:
+        """Gateway CPU per request with tracing off (the default) and on at a 100% sample."""
+        c = TARGET_RPS_CONCURRENCY
+        out = []
+        for mode in ("non-stream", "stream"):
+            off, on = self.find(mode, "gateway", c), self.find(mode, "traced", c)
+            if off is None or on is None:
+                continue
+            out.append(
+                {
+                    "mode": mode,
+                    "concurrency": c,
+                    "off_rps": off.rps,
+                    "on_rps": on.rps,
+                    "off_cpu_us_per_request": off.cpu_us_per_request,
+                    "on_cpu_us_per_request": on.cpu_us_per_request,
+                    "tracing_cpu_us_per_request": _diff(
+                        on.cpu_us_per_request, off.cpu_us_per_request
+                    ),
+                    "off_ttft_p50_ms": off.ttft_p50_ms,
+                    "on_ttft_p50_ms": on.ttft_p50_ms,
+                }
+            )
+        return out
 
     # -- transports --------------------------------------------------------------------------
 
@@ -943,6 +1004,42 @@ def render_table(report: dict[str, Any]) -> str:
             for m in report["non_stream_modes"]
         ]
         lines.append(_grid(["non_stream", "c", "req/s", "p50 ms", "us/req"], rows))
+    if report.get("tracing_cost"):
+        lines.append("")
+        lines.append(
+            "Tracing (a span per request and per upstream attempt, exported over OTLP/HTTP), "
+            "off against on with every request sampled:"
+        )
+        rows = [
+            [
+                r["mode"],
+                str(r["concurrency"]),
+                _f(r["off_rps"], 0),
+                _f(r["on_rps"], 0),
+                _f(r["off_cpu_us_per_request"], 0),
+                _f(r["on_cpu_us_per_request"], 0),
+                _f(r["tracing_cpu_us_per_request"], 0),
+                f"{_f(r['off_ttft_p50_ms'])} / {_f(r['on_ttft_p50_ms'])}"
+                if r["off_ttft_p50_ms"] is not None
+                else "-",
+            ]
+            for r in report["tracing_cost"]
+        ]
+        lines.append(
+            _grid(
+                [
+                    "mode",
+                    "c",
+                    "off req/s",
+                    "on req/s",
+                    "off us/req",
+                    "on us/req",
+                    "cost",
+                    "TTFT p50 off/on ms",
+                ],
+                rows,
+            )
+        )
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
         value = "-" if t["value"] is None else f"{t['value']:,.3f}".rstrip("0").rstrip(".")
