@@ -51,6 +51,7 @@ class Flight:
         "opened",
         "readers",
         "size",
+        "stream_options",
         "streaming",
         "task",
         "upstream",
@@ -59,6 +60,7 @@ class Flight:
 
     def __init__(self, *, streaming: bool, lag_bytes: int) -> None:
         self.streaming = streaming  # the leader streams: its events are logged
+        self.stream_options: object = None  # a streaming leader's (what its events carry)
         self.lag_bytes = lag_bytes
         self.task: asyncio.Task[Any] | None = None
         self.upstream: UpstreamStream | ResumableStream | None = (

@@ -291,6 +291,7 @@ class Router:
         """The first of identical streaming requests: its stream is read by a task of its
         own into the flight's log, which this client reads as its followers do."""
         flight = Flight(streaming=True, lag_bytes=cache.config.max_entry_bytes)
+        flight.stream_options = plan.request.payload.get("stream_options")
         self._missed(cache, plan, outcome)
 
         def shared(body: bytes) -> None:
@@ -318,7 +319,9 @@ class Router:
     ) -> ClientStream | None:
         """A streaming follower's share of a flight, or None when its leader failed."""
         chat = plan.request.endpoint is Endpoint.CHAT
-        if flight.streaming:
+        # Its events as they come only where they are what this client asked for (the
+        # usage chunk, vLLM's continuous usage): else its whole answer, as a hit's events.
+        if flight.streaming and flight.stream_options == plan.request.payload.get("stream_options"):
             opened = await flight.wait_opened()
             upstream = flight.upstream
             if not opened or upstream is None or not flight.joinable:

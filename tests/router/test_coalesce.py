@@ -170,3 +170,25 @@ async def test_a_broken_shared_stream_ends_every_reader_with_its_error(
     assert isinstance(led.interrupted, StreamInterrupted)
     assert isinstance(followed.interrupted, StreamInterrupted)
     assert cache.stored == 0
+
+
+async def test_stream_followers_get_the_usage_they_asked_for(fakes: FakeAdapters) -> None:
+    release = asyncio.Event()
+    fakes["a"].add(held_answer(release, "Hel", "lo"))
+    router, _ = cached_router(fakes)
+    plain = chat(stream=True, **DETERMINISTIC)
+    with_usage = chat(stream=True, stream_options={"include_usage": True}, **DETERMINISTIC)
+    leader = asyncio.create_task(stream(router, plain, Outcome(), ALICE))
+    await until(lambda: router.flights, what="the flight")
+    await until(lambda: next(iter(router.flights.values())).opened, what="opened")
+    outcome = Outcome()
+    follower = asyncio.create_task(stream(router, with_usage, outcome, ALICE))
+    same = asyncio.create_task(stream(router, plain, Outcome(), ALICE))
+    await until(lambda: next(iter(router.flights.values())).waiting == 1, what="a follower")
+    release.set()
+    led, followed, alike = await asyncio.gather(leader, follower, same)
+    assert led.text == followed.text == alike.text == "Hello"
+    assert not any("usage" in chunk for chunk in led.chunks + alike.chunks)
+    assert followed.chunks[-1]["usage"]["completion_tokens"] == 2  # asked for: sent
+    assert outcome.cache == "coalesced"
+    assert len(fakes["a"].requests) == 1
