@@ -14,7 +14,7 @@ cd "$ROOT"
 
 need() {  # need TOOL HINT: the tool's path, or a clear failure saying how to get it
     local found
-    found="$(PATH="$BIN:$PATH" command -v "$1" || true)"
+    found="$(PATH="$BIN:$PATH:/usr/sbin:/usr/local/sbin" command -v "$1" || true)"
     [[ -n "$found" ]] || { echo "deploy/lint.sh: $1 not found: $2" >&2; exit 1; }
     echo "$found"
 }
