@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from gateway.config import load_config
 from gateway.errors import ConfigError
 
@@ -124,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ready(url: str, timeout_s: float) -> bool:
+    import httpx  # the drill extra's, as everything `vgate drill` uses beyond the gateway's
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

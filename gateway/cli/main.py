@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys_cli.add_arguments(keys)
 
     drill = verbs.add_parser(
-        "drill", help="run chaos drills (Chaos Toolkit files) against a live gateway, judged by SLOs"
+        "drill", help="run chaos drills (Chaos Toolkit files) on a live gateway, judged by SLOs"
     )
     from gateway.cli import drill as drill_cli
 

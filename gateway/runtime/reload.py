@@ -4,9 +4,10 @@ across reloads, and the triggers (the file changing on disk, SIGHUP).
 What applies at once: `models` (routes, backends, aliases, fallbacks, strategies, timeouts,
 retries, breakers, health checks, resumption), `guardrails`, `chaos.experiments` while
 chaos is enabled, and `limits.redis_failure` (so an operator can make the limits fail
-closed, or open, in the middle of an incident). The rest holds what was built once at start-up (the listening socket,
-the connection limits, the admission queue, the Redis client, the limit store, the tracer,
-the admin key, the keys file and its watcher, the upstream answer buffer, the workers...):
+closed, or open, in the middle of an incident). The rest holds what was built once at
+start-up (the listening socket, the connection limits, the admission queue, the Redis
+client, the limit store, the tracer, the admin key, the keys file and its watcher, the
+upstream answer buffer, the workers...):
 a change there is reported (`restart_fields`) and the old value stays in force
 (`effective`) until the process restarts.
 """

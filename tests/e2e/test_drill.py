@@ -268,7 +268,10 @@ def test_an_interrupted_drill_runs_its_rollbacks_and_reports_itself_interrupted(
         ),
         ({"load": {"clients": 0}}, "extensions[0].load.clients: Input should be greater than"),
         ({"load": {"model": "gpt-9"}}, "extensions[0].load: 'gpt-9' is not a model"),
-        ({"load": {"mix": {"chat": 0, "stream": 0, "embed": 0}}}, "extensions[0].load.mix: every weight is 0"),
+        (
+            {"load": {"mix": {"chat": 0, "stream": 0, "embed": 0}}},
+            "extensions[0].load.mix: every weight is 0",
+        ),
         ({"steady-state-hypothesis": None}, "steady-state-hypothesis: give a probe of"),
         (
             {

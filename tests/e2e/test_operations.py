@@ -65,10 +65,7 @@ def test_metrics_count_requests_tokens_and_overhead(
     assert delta("vgate_requests_total", endpoint="chat", model="tiny-llama", status="200") == 1
     assert delta("vgate_requests_total", endpoint="chat", model="none", status="404") == 1
     assert delta("vgate_tokens_generated_total", model="tiny-llama") == 3
-    assert (
-        delta("vgate_tokens_prompt_total", model="tiny-llama")
-        == completion.usage.prompt_tokens
-    )
+    assert delta("vgate_tokens_prompt_total", model="tiny-llama") == completion.usage.prompt_tokens
     assert delta("vgate_gateway_overhead_seconds_count", endpoint="chat") == 2
     assert after[("vgate_requests_in_flight", frozenset())] == 0
     # Unknown model names, keys and request ids never become label values.
