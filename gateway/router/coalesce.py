@@ -121,10 +121,16 @@ class Flight:
         self.notify()
 
     def _trim(self) -> None:
-        """Drop what every reader has taken (nobody new will ask for it)."""
-        if not self.readers:
-            return
-        taken = min(reader.cursor for reader in self.readers)
+        """Drop what every reader has taken (nobody new will ask for it). A reader busy
+        elsewhere (sending to its client) more than `lag_bytes` behind is cut off, and holds
+        nothing back; one waiting for events is never behind: it takes them all at once."""
+        held = []
+        for reader in self.readers:
+            if not reader.waiting and self.size - reader.taken > self.lag_bytes:
+                reader.cut = True
+            if not reader.cut:
+                held.append(reader.cursor)
+        taken = min(held, default=self.base + len(self.events))
         if taken > self.base:
             del self.events[: taken - self.base]
             self.base = taken
@@ -174,7 +180,17 @@ async def pump(
 class FlightStream:
     """One client's view of a flight's stream: the events so far at once, then the rest."""
 
-    __slots__ = ("_flight", "backend", "cursor", "finish", "first", "route", "taken")
+    __slots__ = (
+        "_flight",
+        "backend",
+        "cursor",
+        "cut",
+        "finish",
+        "first",
+        "route",
+        "taken",
+        "waiting",
+    )
 
     def __init__(self, flight: Flight, route: Route, backend: Backend) -> None:
         self._flight = flight
@@ -184,6 +200,8 @@ class FlightStream:
         self.first = b"".join(flight.events)
         self.cursor = flight.base + len(flight.events)
         self.taken = flight.size  # bytes of the stream this reader has had
+        self.waiting = False  # parked until the next events: it has had every one so far
+        self.cut = False  # fell too far behind (Flight._trim)
         self.finish: Finish | None = None
 
     @property
@@ -198,25 +216,34 @@ class FlightStream:
 
     async def rest(self) -> AsyncIterator[bytes]:
         flight = self._flight
+        woken = False  # what arrived while it waited is taken at once, however much
         while True:
-            if self.cursor < flight.base + len(flight.events):
-                if flight.size - self.taken > flight.lag_bytes:
-                    raise StreamInterrupted(
-                        f"This client fell more than {flight.lag_bytes} bytes behind the "
-                        "shared upstream stream it was reading (cache.max_entry_bytes); "
-                        "the stream was cut off.",
-                        code="coalesced_reader_too_slow",
-                    )
-                pending = flight.events[self.cursor - flight.base :]
-                self.cursor += len(pending)
+            pending = self.cursor < flight.base + len(flight.events)
+            behind = pending and not woken and flight.size - self.taken > flight.lag_bytes
+            if self.cut or behind:
+                raise StreamInterrupted(
+                    f"This client fell more than {flight.lag_bytes} bytes behind the "
+                    "shared upstream stream it was reading (cache.max_entry_bytes); "
+                    "the stream was cut off.",
+                    code="coalesced_reader_too_slow",
+                )
+            if pending:
+                events = flight.events[self.cursor - flight.base :]
+                self.cursor += len(events)
                 self.taken = flight.size
-                yield b"".join(pending)
+                woken = False
+                yield b"".join(events)
                 continue
             if flight.done:
                 if flight.error is not None:
                     raise StreamInterrupted(flight.error.message, code=flight.error.code)
                 return
-            await flight.changed()
+            self.waiting = True
+            try:
+                await flight.changed()
+            finally:
+                self.waiting = False
+            woken = True
 
     def close(self) -> None:
         self._flight.leave(self)

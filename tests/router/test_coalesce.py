@@ -192,3 +192,30 @@ async def test_stream_followers_get_the_usage_they_asked_for(fakes: FakeAdapters
     assert followed.chunks[-1]["usage"]["completion_tokens"] == 2  # asked for: sent
     assert outcome.cache == "coalesced"
     assert len(fakes["a"].requests) == 1
+
+
+async def test_a_reader_too_far_behind_is_cut_off(
+    fakes: FakeAdapters,
+) -> None:
+    release = asyncio.Event()
+    big = "x" * 600
+    fakes["a"].add(held_answer(release, big, big, big))
+    cache = memory_cache(CacheConfig(enabled=True, max_entry_bytes=1024))
+    router = build_router(gateway_config(route("m", "a")), adapters=fakes, cache=cache)
+    request = chat(stream=True, **DETERMINISTIC)
+    slow = await router.open_stream(router.plan(request, ALICE), Outcome())  # reads nothing yet
+    flight = next(iter(router.flights.values()))
+    follower = asyncio.create_task(stream(router, request, Outcome(), ALICE))
+    await until(lambda: len(flight.readers) == 2, what="the follower joined")
+    release.set()
+    followed = await follower
+    assert followed.done and followed.text == big * 3  # it kept up
+    assert not flight.joinable  # the log outgrew max_entry_bytes
+    try:
+        with pytest.raises(StreamInterrupted) as cut:
+            async for _ in slow.rest():
+                pass
+        assert cut.value.code == "coalesced_reader_too_slow"
+    finally:
+        slow.close()
+    assert len(fakes["a"].requests) == 1

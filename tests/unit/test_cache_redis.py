@@ -1,0 +1,147 @@
+"""The response cache's Redis store against a real redis-server: entries, TTL, clearing,
+counting, and a Redis that fails or stalls being a bypass, never an error."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.config import RedisConfig
+from gateway.wire.cachekey import cache_key, tag
+from policies.cache import CacheUnavailable
+from policies.cache_redis import RedisStore
+from policies.redis_state import RedisHealth, create_client
+from tests.servers import RedisServer, start_redis
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("cache-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = create_client(RedisConfig(url=redis_server.url, socket_timeout_s=1.0))
+    await redis.flushall()
+    yield redis
+    await redis.aclose()
+
+
+def store(redis: Redis, clock: Clock | None = None, timeout_s: float = 0.5) -> RedisStore:
+    return RedisStore(
+        redis,
+        key_prefix="t",
+        timeout_s=timeout_s,
+        probe_interval_s=1.0,
+        health=RedisHealth("cache"),
+        clock=clock or Clock(),
+    )
+
+
+def key(route: str, scope: str, text: str) -> str:
+    return cache_key("/v1/chat/completions", route, scope, {"prompt": text})
+
+
+async def settled(shared: RedisStore) -> None:
+    await shared.aclose()  # the fills in flight have landed
+
+
+async def test_an_entry_round_trips_with_its_ttl_and_no_prompt_in_its_name(
+    client: Redis,
+) -> None:
+    shared = store(client)
+    name = key("m", "key:alice", "a secret prompt")
+    assert await shared.get(name) is None
+    shared.put(name, b'{"answer": 1}', 30)
+    await settled(shared)
+    entry = await shared.get(name)
+    assert entry is not None and entry.body == b'{"answer": 1}' and entry.created > 0
+    (stored,) = await client.keys("t:cache:*")
+    assert b"secret" not in stored and b"alice" not in stored
+    assert 29_000 < await client.pttl(stored) <= 30_000
+
+
+async def test_clear_by_route_or_scope_and_count(client: Redis) -> None:
+    shared = store(client)
+    for route, scope in (("m", "key:a"), ("m", "key:b"), ("n", "key:a"), ("n", "global")):
+        shared.put(key(route, scope, "x"), b"12345", 60)
+    await settled(shared)
+    assert await shared.stats() == {"entries": 4, "bytes": 4 * (len(b"12345") + 15)}
+    assert await shared.clear(route_tag=tag("m")) == 2
+    assert await shared.clear(scope_tag=tag("key:a")) == 1
+    assert await shared.clear() == 1
+    assert (await shared.stats())["entries"] == 0
+
+
+async def test_a_redis_that_is_gone_is_a_bypass_probed_once_per_interval(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = start_redis(tmp_path_factory.mktemp("cache-redis-gone"))
+    redis = create_client(RedisConfig(url=server.url, socket_timeout_s=0.5))
+    clock = Clock()
+    shared = store(redis, clock)
+    try:
+        assert await shared.get("r:s:k") is None
+        server.kill()
+        with pytest.raises(CacheUnavailable):
+            await shared.get("r:s:k")
+        assert shared.health.up is False
+        calls = 0
+        original = redis.get
+
+        async def counted(name: str) -> object:
+            nonlocal calls
+            calls += 1
+            return await original(name)
+
+        redis.get = counted  # type: ignore[method-assign,assignment]
+        for _ in range(5):  # within the probe interval: nobody waits on Redis
+            with pytest.raises(CacheUnavailable):
+                await shared.get("r:s:k")
+        assert calls == 0
+        shared.put("r:s:k", b"x", 10)  # fills wait for Redis to be back
+        assert not shared._pending
+        revived = start_redis(tmp_path_factory.mktemp("cache-redis-back"), port=server.port)
+        try:
+            clock.now += 1.0  # the next probe is due
+            assert await shared.get("r:s:k") is None
+            assert shared.health.up is True and calls == 1
+        finally:
+            revived.stop()
+    finally:
+        server.stop()
+        await redis.aclose()
+
+
+async def test_a_stalled_redis_is_a_bypass_after_the_lookup_timeout(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = start_redis(tmp_path_factory.mktemp("cache-redis-stalled"))
+    redis = create_client(RedisConfig(url=server.url, socket_timeout_s=5.0))
+    shared = store(redis, timeout_s=0.05)
+    try:
+        assert await shared.get("r:s:k") is None  # connected
+        os.kill(server.popen.pid, signal.SIGSTOP)  # alive, answering nothing
+        try:
+            with pytest.raises(CacheUnavailable):
+                await shared.get("r:s:k")  # bounded by the lookup's 50 ms, not the socket's 5 s
+            assert shared.health.up is False
+        finally:
+            os.kill(server.popen.pid, signal.SIGCONT)
+    finally:
+        await redis.aclose()
+        server.stop()
