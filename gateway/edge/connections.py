@@ -217,7 +217,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected or self.parser is None:
             return
-        if self._reading == _READING_HEAD:
+        if self._reading != _READING_BODY:  # a head, or (idle) the next request's head
             # Count the head's bytes (not a body after it) before the parser keeps any.
             tail = self._tail
             window = tail + data if tail else data
@@ -250,8 +250,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_fields = 0
         if self._reading != _READING_HEAD:  # a keep-alive connection's next request
+            # Its bytes so far are counted already (data_received, from _IDLE), from the 0
+            # that on_message_complete left.
             self._reading = _READING_HEAD
-            self._head_bytes = 0
             self.read_deadline = self.loop.time() + self._head_timeout_s
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -328,7 +329,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """
         cycle = self.cycle
         self.guard.rejected[reason] += 1
-        reading_head = self._reading == _READING_HEAD
+        reading_head = self._reading != _READING_BODY  # _IDLE: the next head has begun
         if cycle is None or (
             cycle.response_complete if reading_head else not cycle.response_started
         ):

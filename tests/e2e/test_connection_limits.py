@@ -89,6 +89,28 @@ def test_a_head_past_the_cap_is_431_and_the_connection_closed(gateway: Gateway) 
         assert_error(read_answer(sock), 431, "request_header_fields_too_large")
 
 
+def test_the_head_cap_holds_for_a_keep_alive_connections_later_requests(
+    gateway: Gateway,
+) -> None:
+    """A proxy's pooled connection (nginx's upstream keep-alive) carries many requests: the
+    cap counts each one's head, not only the connection's first."""
+    with connect(gateway) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 4000) for i in range(5))  # 20 KB
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + padding + b"\r\n")
+        rest = b""  # the first answer's body (if not read yet), then the second answer
+        while chunk := sock.recv(65536):
+            rest += chunk
+        _, found, second = rest.partition(b"HTTP/1.1 ")
+        assert found and second.startswith(b"431"), rest[:300]
+        body = second.partition(b"\r\n\r\n")[2]
+        assert orjson.loads(body)["error"]["code"] == "request_header_fields_too_large"
+
+
 def test_too_many_header_fields_is_431(gateway: Gateway) -> None:
     with connect(gateway) as sock:
         fields = b"".join(b"X-%d: v\r\n" % i for i in range(150))  # small, but 150 of them

@@ -351,12 +351,6 @@ def test_nginx_own_refusals_are_openai_errors(front: Front) -> None:
         assert long_header.json()["error"]["code"] == "request_header_fields_too_large"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/edge/connections.py counts a head's bytes only from a fresh connection's "
-    "first request: on a reused keep-alive connection (nginx's upstream pool) a 40 KiB head "
-    "passes max_header_bytes (32 KiB). Remove this mark with the fix.",
-)
 def test_gateway_head_limit_holds_behind_nginx(front: Front) -> None:
     """Lines each within nginx's limit, 40 KiB in all: the gateway's own 431 (its head limit
     is for the request line and headers together), on nginx's kept-alive connections too."""
