@@ -60,6 +60,19 @@ class CacheStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+class SharedStore(CacheStore, Protocol):
+    """A store every process shares, which also coalesces across them: one process at a
+    time holds a key's lease and makes its call; the others wait for its entry."""
+
+    def put(self, key: str, body: bytes, ttl_s: float, lease: str = "") -> None: ...
+
+    async def claim(self, key: str, lease_s: float) -> str | None: ...
+
+    async def await_entry(self, key: str, within_s: float) -> Entry | None: ...
+
+    def release(self, key: str, lease: str) -> None: ...
+
+
 class MemoryStore:
     """This process's LRU of answers, bounded by entries and by bytes."""
 
@@ -142,6 +155,7 @@ class ResponseCache:
 
     config: CacheConfig
     store: CacheStore
+    shared: SharedStore | None = None  # the store again, where it coalesces across processes
     # (result, route) -> count: route names come from the config, so the set is bounded.
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     bypasses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYPASS_REASONS, 0))
@@ -158,14 +172,37 @@ class ResponseCache:
     def total(self, result: str) -> int:
         return sum(n for (kind, _), n in self.counts.items() if kind == result)
 
-    def keep(self, key: str, body: bytes, ttl_s: float) -> bool:
-        """Hand a complete answer to the store, unless it is too large; whether it was."""
+    def keep(self, key: str, body: bytes, ttl_s: float, lease: str = "") -> bool:
+        """Hand a complete answer to the store, unless it is too large; whether it was.
+        `lease`: this process's lease on the key's call, given back once the entry is in."""
         if len(body) > self.config.max_entry_bytes:
             self.too_large += 1
+            self.release(key, lease)
             return False
-        self.store.put(key, body, ttl_s)
+        if lease and self.shared is not None:
+            self.shared.put(key, body, ttl_s, lease)
+        else:
+            self.store.put(key, body, ttl_s)
         self.stored += 1
         return True
+
+    async def lease(self, key: str, lease_s: float) -> str | None:
+        """Who makes the key's upstream call: this process ("" without a shared store or
+        while it is unavailable, else its lease's token), or another (None)."""
+        if self.shared is None:
+            return ""
+        try:
+            return await self.shared.claim(key, lease_s)
+        except CacheUnavailable:
+            return ""
+
+    async def await_entry(self, key: str, within_s: float) -> Entry | None:
+        """Another process's answer to the key, once it has kept it (None: it did not)."""
+        return None if self.shared is None else await self.shared.await_entry(key, within_s)
+
+    def release(self, key: str, lease: str) -> None:
+        if lease and self.shared is not None:
+            self.shared.release(key, lease)
 
     async def describe(self) -> dict[str, Any]:
         """GET /admin/cache: the store's size now and this process's hit ratio."""

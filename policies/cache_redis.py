@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,6 +26,11 @@ from policies.cache import CacheUnavailable, Entry, ResponseCache
 from policies.redis_state import REDIS_ERRORS, RedisHealth
 
 logger = logging.getLogger("vgate.cache")
+# A lease given back only by its holder. KEYS: the lease. ARGV: its token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 MAX_PENDING_FILLS = 256  # fills in flight at once; past it, a fill is dropped (counted)
 _SCAN_LIMIT = 100_000  # keys an admin count or clear walks at most
 
@@ -55,6 +61,7 @@ class RedisStore:
         # The pool is shared with the limits and the breakers, and refuses a call beyond its
         # size rather than waiting: the cache takes at most a few of its connections.
         self._calls = asyncio.Semaphore(max_calls)
+        self._release = redis.register_script(_RELEASE)
 
     def _usable(self) -> bool:
         """Whether to try Redis now: always while it answers; while it is down, once per
@@ -81,36 +88,84 @@ class RedisStore:
             self._failed(error)
             raise CacheUnavailable from None
         self.health.ok()
-        if raw is None:
-            return None
-        data = raw.encode() if isinstance(raw, str) else raw
-        created, _, body = data.partition(b"\n")
-        try:
-            return Entry(body, float(created))
-        except ValueError:
-            return None  # not ours: never served
+        return None if raw is None else _entry(raw)
 
-    def put(self, key: str, body: bytes, ttl_s: float) -> None:
+    def put(self, key: str, body: bytes, ttl_s: float, lease: str = "") -> None:
+        """Keep `body` (in the background); then give back `lease` (this process's lease on
+        the key's call, if it holds one), so that a process waiting finds the entry first."""
         if self.health.up is False:
             return  # lookups probe; fills wait for Redis to be back
         if len(self._pending) >= MAX_PENDING_FILLS:
             self.dropped_fills += 1
             return
         value = f"{time.time():.3f}\n".encode() + body
-        task = asyncio.get_running_loop().create_task(
-            self._set(self.prefix + key, value, max(1, round(ttl_s * 1000)))
-        )
+        self._background(self._set(key, value, max(1, round(ttl_s * 1000)), lease))
+
+    def release(self, key: str, lease: str) -> None:
+        """Give back this process's lease on the key's call: its answer is not kept."""
+        if lease and len(self._pending) < MAX_PENDING_FILLS:
+            self._background(self._set(key, None, 0, lease))
+
+    def _background(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
+    async def _set(self, key: str, value: bytes | None, ttl_ms: int, lease: str) -> None:
         try:
             # A fill may take the connection's own timeout: nobody waits for it.
             async with self._calls:
-                await self.redis.set(key, value, px=ttl_ms)
+                if value is not None:
+                    await self.redis.set(self.prefix + key, value, px=ttl_ms)
+                if lease:
+                    await self._release(keys=[self._lease_key(key)], args=[lease])
         except REDIS_ERRORS as error:
             self.failed_fills += 1
             self._failed(error)
+
+    def _lease_key(self, key: str) -> str:
+        return f"{self.prefix}lease:{key}"
+
+    async def claim(self, key: str, lease_s: float) -> str | None:
+        """A lease on the key's upstream call, across processes: this process's token when
+        it takes it (it calls, keeps the answer, gives the lease back), None when another
+        process holds it. Raises `CacheUnavailable` as `get` does."""
+        if not self._usable():
+            raise CacheUnavailable
+        token = secrets.token_hex(8)
+        lease_ms = max(1, round(lease_s * 1000))
+        try:
+            async with asyncio.timeout(self.timeout_s), self._calls:
+                taken = await self.redis.set(self._lease_key(key), token, nx=True, px=lease_ms)
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+        self.health.ok()
+        return token if taken else None
+
+    async def await_entry(self, key: str, within_s: float) -> Entry | None:
+        """Wait for another process's answer under `key`: the entry once it is there; None
+        when its lease ends without one (that process failed or died), after `within_s`,
+        or when Redis does not answer (polled every 10 ms, backing off to 100 ms)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        interval = 0.01
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s), self._calls:
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.get(self.prefix + key)
+                    pipe.exists(self._lease_key(key))
+                    raw, leased = await pipe.execute()
+            except REDIS_ERRORS as error:
+                self._failed(error)
+                return None
+            if raw is not None:
+                return _entry(raw)
+            if not leased or loop.time() + interval > deadline:
+                return None
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.1)
 
     async def _keys(self, route_tag: str | None, scope_tag: str | None) -> list[bytes]:
         pattern = f"{self.prefix}{route_tag or '*'}:{scope_tag or '*'}:*"
@@ -154,6 +209,15 @@ class RedisStore:
             await asyncio.wait(set(self._pending), timeout=2.0)
 
 
+def _entry(raw: bytes | str) -> Entry | None:
+    data = raw.encode() if isinstance(raw, str) else raw
+    created, _, body = data.partition(b"\n")
+    try:
+        return Entry(body, float(created))
+    except ValueError:
+        return None  # not ours: never served
+
+
 def redis_cache(
     config: CacheConfig,
     redis_config: RedisConfig,
@@ -169,4 +233,4 @@ def redis_cache(
         health=RedisHealth("cache", on_redis_change),
         max_calls=max(2, redis_config.max_connections // 4),
     )
-    return ResponseCache(config, store)
+    return ResponseCache(config, store, shared=store)

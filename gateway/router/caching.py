@@ -41,6 +41,7 @@ class CachePlan:
     key: str
     ttl_s: float
     read: bool  # False with Cache-Control: no-cache (a refresh: the answer is kept anew)
+    lease: str = ""  # this process's lease on the call, shared through Redis (coalesce)
 
 
 def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan | None:

@@ -143,7 +143,8 @@ class Flight:
 
 
 async def pump(
-    flight: Flight, open_upstream: Callable[[], Awaitable[UpstreamStream | ResumableStream]]
+    flight: Flight,
+    open_upstream: Callable[[], Awaitable[UpstreamStream | ResumableStream | None]],
 ) -> None:
     """A streaming leader's call: open the stream, then log its events to its end. Closing
     the stream settles the leader's outcome and keeps the answer in the cache if whole."""
@@ -152,6 +153,9 @@ async def pump(
     except BaseException:
         flight.end()
         raise
+    if upstream is None:  # answered whole elsewhere (another process): in the flight's body
+        flight.end()
+        return
     flight.upstream = upstream
     flight.backend = upstream.backend.name
     flight.opened = True

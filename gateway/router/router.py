@@ -143,10 +143,16 @@ class Router:
     ) -> tuple[Completion, bool]:
         """An answer from upstream, kept where it is whole and the route's own; whether it
         is (so that followers may share it)."""
-        completion = await self._complete(plan, outcome)
+        try:
+            completion = await self._complete(plan, outcome)
+        except BaseException:
+            cache.release(caching.key, caching.lease)
+            raise
         whole = completion.route == plan.route.name and complete_answer(completion.body) is not None
         if whole and outcome.cache == "miss":
-            cache.keep(caching.key, completion.body, caching.ttl_s)
+            cache.keep(caching.key, completion.body, caching.ttl_s, caching.lease)
+        else:
+            cache.release(caching.key, caching.lease)
         return completion, whole
 
     async def _lead(
@@ -155,9 +161,12 @@ class Router:
         """The first of identical requests: its call runs in a task of its own, which its
         client leaving cancels only when no follower waits for it."""
         flight = Flight(streaming=False, lag_bytes=cache.config.max_entry_bytes)
-        self._missed(cache, plan, outcome)
 
         async def call() -> Completion:
+            if await self._remote_answer(cache, caching, plan, outcome, flight):
+                assert flight.body is not None
+                return Completion(flight.body, "application/json", plan.route.name, "cache")
+            self._missed(cache, plan, outcome)
             completion, whole = await self._complete_kept(cache, caching, plan, outcome)
             if whole:
                 flight.body, flight.backend = completion.body, completion.backend
@@ -170,6 +179,28 @@ class Router:
             if not flight.wanted():
                 task.cancel()
             raise
+
+    async def _remote_answer(
+        self,
+        cache: ResponseCache,
+        caching: CachePlan,
+        plan: Plan,
+        outcome: Outcome,
+        flight: Flight,
+    ) -> bool:
+        """Whether another process making the same call gave the answer (then the flight's
+        body); else this process holds the call's lease (`caching.lease`), or makes its own
+        call where that process failed, or where no store is shared."""
+        total_s = plan.route.timeouts.total_s
+        lease = await cache.lease(caching.key, total_s + 1.0)
+        if lease is not None:
+            caching.lease = lease
+            return False
+        entry = await cache.await_entry(caching.key, total_s)
+        if entry is None or self._coalesced(cache, entry.body, plan, outcome) is None:
+            return False
+        flight.body, flight.backend = entry.body, "cache"
+        return True
 
     def _flight(self, key: str) -> Flight | None:
         """The flight of `key` still in the air (one that has just ended is not joined)."""
@@ -292,16 +323,21 @@ class Router:
         own into the flight's log, which this client reads as its followers do."""
         flight = Flight(streaming=True, lag_bytes=cache.config.max_entry_bytes)
         flight.stream_options = plan.request.payload.get("stream_options")
-        self._missed(cache, plan, outcome)
 
         def shared(body: bytes) -> None:
             flight.body = body
 
-        task = self._fly(
-            caching.key,
-            flight,
-            pump(flight, lambda: self._open_stream(plan, outcome, caching, shared)),
-        )
+        async def open_upstream() -> UpstreamStream | ResumableStream | None:
+            if await self._remote_answer(cache, caching, plan, outcome, flight):
+                return None  # another process's answer, in the flight's body
+            self._missed(cache, plan, outcome)
+            try:
+                return await self._open_stream(plan, outcome, caching, shared)
+            except BaseException:
+                cache.release(caching.key, caching.lease)
+                raise
+
+        task = self._fly(caching.key, flight, pump(flight, open_upstream))
         try:
             opened = await flight.wait_opened()
         except asyncio.CancelledError:
@@ -309,23 +345,29 @@ class Router:
                 task.cancel()
             raise
         upstream = flight.upstream
-        if not opened or upstream is None:
-            await task  # raises what failed it
-            raise RuntimeError("a flight's stream neither opened nor failed")  # never
-        return FlightStream(flight, upstream.route, upstream.backend)
+        if opened and upstream is not None:
+            return FlightStream(flight, upstream.route, upstream.backend)
+        if flight.body is not None and outcome.cache == "coalesced":  # another process's
+            return self._whole_as_stream(plan, flight, complete_answer(flight.body))
+        await task  # raises what failed it
+        raise RuntimeError("a flight's stream neither opened nor failed")  # never
 
     async def _join_stream(
         self, cache: ResponseCache, flight: Flight, plan: Plan, outcome: Outcome
     ) -> ClientStream | None:
         """A streaming follower's share of a flight, or None when its leader failed."""
-        chat = plan.request.endpoint is Endpoint.CHAT
         # Its events as they come only where they are what this client asked for (the
         # usage chunk, vLLM's continuous usage): else its whole answer, as a hit's events.
         if flight.streaming and flight.stream_options == plan.request.payload.get("stream_options"):
             opened = await flight.wait_opened()
             upstream = flight.upstream
-            if not opened or upstream is None or not flight.joinable:
+            if not opened or upstream is None:
+                opened = False  # failed, or answered by another process: its whole answer
+            elif not flight.joinable:
                 return None
+        else:
+            opened, upstream = False, None
+        if opened and upstream is not None:
             cache.count("coalesced", plan.route.name)
             outcome.cache = "coalesced"
             outcome.route = plan.route.name
@@ -337,6 +379,13 @@ class Router:
         answer = None if flight.body is None else self._coalesced(cache, flight.body, plan, outcome)
         if answer is None:
             return None
+        return self._whole_as_stream(plan, flight, answer)
+
+    @staticmethod
+    def _whole_as_stream(plan: Plan, flight: Flight, answer: dict[str, Any] | None) -> CachedStream:
+        """A flight's whole answer, as the events of its stream."""
+        assert answer is not None
+        chat = plan.request.endpoint is Endpoint.CHAT
         with_usage = plan.request.client_wants_usage
         events = answer_events(answer, chat=chat, with_usage=with_usage)
         stream = CachedStream(plan.route, events, answer["usage"])
@@ -474,9 +523,14 @@ class Router:
             outcome.record_usage(stream.usage)
             outcome.dropped_events = stream.dropped_events
             admission.release()
-            if keep is not None and cache is not None and outcome.cache == "miss":
-                body = _keep_stream(cache, keep[0], keep[1], stream, outcome)
-                if body is not None and keep[2] is not None:
+            if keep is not None and cache is not None:
+                caching = keep[0]
+                body = None
+                if outcome.cache == "miss":
+                    body = _keep_stream(cache, caching, keep[1], stream, outcome)
+                if body is None:
+                    cache.release(caching.key, caching.lease)
+                elif keep[2] is not None:
                     keep[2](body)
 
         return finish
@@ -607,7 +661,8 @@ def _keep_stream(
     body = orjson.dumps(answer)
     if complete_answer(body) is None:
         return None
-    cache.keep(caching.key, body, caching.ttl_s)
+    if not cache.keep(caching.key, body, caching.ttl_s, caching.lease):
+        return None  # too large: given back
     return body
 
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,50 @@ def test_identical_concurrent_requests_make_one_upstream_request(
     texts = {content(r) for r in responses[::2]} | {streamed_text(r) for r in responses[1::2]}
     assert len(texts) == 1
     assert all(r.content.endswith(b"data: [DONE]\n\n") for r in responses[1::2])
+
+
+def test_identical_requests_to_four_processes_make_one_upstream_request(
+    logs: Path, sim: Process, keys_file: Path, redis: RedisServer
+) -> None:
+    settings = config(sim, keys_file, backend="redis", scope="global")
+    settings["redis"] = {"url": redis.url, "key_prefix": "e2e-flights", "socket_timeout_s": 1.0}
+    with ThreadPoolExecutor(4) as pool:
+        gateways = list(pool.map(lambda _: start_gateway(logs, settings), range(4)))
+    messages = [{"role": "user", "content": "nine"}]
+    body = {"model": "tiny-llama", "messages": messages, **DETERMINISTIC}
+
+    async def ask(client: httpx.AsyncClient, index: int) -> httpx.Response:
+        gateway = gateways[index % 4]
+        payload = {**body, "stream": index % 3 == 1}
+        key = (ALICE, BOB)[index % 2]  # a global route: keys share its answers
+        headers = {"Authorization": f"Bearer {key}"}
+        return await client.post(
+            gateway.url + "/v1/chat/completions", json=payload, headers=headers
+        )
+
+    async def load() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(ask(client, i) for i in range(100)))
+
+    try:
+        httpx.put(sim.url + "/sim/faults", json={"latency_ms": 1000}, timeout=5).raise_for_status()
+        try:
+            before = sim_requests(sim)
+            responses = asyncio.run(load())
+            after = sim_requests(sim)
+        finally:
+            httpx.delete(sim.url + "/sim/faults", timeout=5).raise_for_status()
+        assert [r.status_code for r in responses] == [200] * 100
+        assert after - before == 1
+        caches = [r.headers["x-vgate-cache"] for r in responses]
+        assert caches.count("miss") == 1 and set(caches) <= {"miss", "coalesced", "hit"}
+        whole = [content(r) for i, r in enumerate(responses) if i % 3 != 1]
+        streamed = [streamed_text(r) for i, r in enumerate(responses) if i % 3 == 1]
+        assert len(set(whole + streamed)) == 1
+    finally:
+        for gateway in gateways:
+            gateway.stop()
 
 
 def test_redis_shares_answers_and_its_loss_is_a_bypass(

@@ -3,6 +3,7 @@ counting, and a Redis that fails or stalls being a bypass, never an error."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -145,3 +146,31 @@ async def test_a_stalled_redis_is_a_bypass_after_the_lookup_timeout(
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_one_process_at_a_time_leads_a_keys_call(client: Redis) -> None:
+    first, second = store(client), store(client)
+    name = key("m", "global", "shared")
+    lease = await first.claim(name, 5.0)
+    assert lease
+    assert await second.claim(name, 5.0) is None  # the other process waits
+    waiting = asyncio.create_task(second.await_entry(name, 5.0))
+    first.put(name, b'{"whole": 1}', 30, lease)  # kept, then the lease given back
+    entry = await waiting
+    assert entry is not None and entry.body == b'{"whole": 1}'
+    await settled(first)
+    assert await client.exists(f"t:cache:lease:{name}") == 0
+    assert await second.claim(name, 5.0)  # free again
+
+
+async def test_a_failed_leader_lets_the_others_go_on_at_once(client: Redis) -> None:
+    first, second = store(client), store(client)
+    name = key("m", "global", "failed")
+    lease = await first.claim(name, 30.0)
+    assert lease and await second.claim(name, 30.0) is None
+    waiting = asyncio.create_task(second.await_entry(name, 30.0))
+    first.release(name, "not-its-token")  # only the holder gives it back
+    await settled(first)
+    assert not waiting.done()
+    first.release(name, lease)
+    assert await waiting is None  # well before the lease's 30 s
