@@ -19,13 +19,16 @@ W2_PORT = $(word 2,$(WORKER_PORTS))
 # The embedded config (config/gateway.yaml) has these ports written in; its documented
 # environment overrides point it at the ports above: the server's, and the URLs of models[0]
 # (tiny-llama: w1, w2) and models[1] (tiny-embed: w1-embed, w2-embed), w1 on the first worker.
+# The demo admin key (vg-admin-demo-0123456789abcdef) for `make run` only: never in
+# config/gateway.yaml, which the gateway image embeds.
 RUN_ENV = VGATE_SERVER__PORT=$(PORT) \
+  VGATE_ADMIN__KEY_SHA256=08e89586096cf0ee97bfc8c97117ec3f8050a77fead64cc615a9a3601178aac6 \
   VGATE_MODELS__0__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
   VGATE_MODELS__0__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT) \
   VGATE_MODELS__1__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
   VGATE_MODELS__1__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT)
 
-.PHONY: run run-vllm vllm test test-fast lint redis-server bench drill drill-vllm constraints clean
+.PHONY: run run-vllm vllm test test-fast lint redis-server nginx bench drill drill-vllm constraints clean
 
 # Installs the versions CI tested (deploy/constraints.txt), so that a new release of a
 # dependency or of a lint tool never breaks a fresh clone; `make constraints` moves them on.
@@ -78,11 +81,12 @@ run-vllm: $(STAMP) vllm
 	@echo "       -H 'Content-Type: application/json' -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
 	@exec $(BIN)/vgate up --config deploy/vllm/gateway.yaml
 
-lint: $(STAMP)
+lint: $(STAMP) nginx
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	deploy/lint.sh
 
 # Every test, the real-vLLM ones (tests/vllm, a few minutes) included: they fail, rather than
 # skip, without their venv, which `vllm` installs first.
@@ -151,6 +155,17 @@ drill-vllm: $(STAMP) vllm
 	$(DRILL_ENV) VGATE_DRILL_OUTAGE_BACKENDS=w1 $(BIN)/vgate drill --url http://127.0.0.1:8200 \
 	  --config config/drills/stack/vllm.yaml --clients 2 --wait-ready 300 \
 	  --out .run/drill-vllm/reports config/drills/provider-outage.yaml
+
+# nginx for deploy/lint.sh (nginx -t) and tests/e2e/test_nginx_front.py, as for redis-server.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing nginx (Debian package) for the lint and the tests"; \
+	    apt-get update -q >/dev/null && apt-get install -y -q nginx >/dev/null; \
+	  else \
+	    echo "deploy/lint.sh and the NGINX tests need nginx: apt-get install nginx"; \
+	    exit 1; \
+	  fi; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

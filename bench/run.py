@@ -336,7 +336,13 @@ class Bench:
         config.write_text(
             json.dumps(
                 {
-                    "server": {"host": "127.0.0.1", "port": port, "access_log": True},
+                    # No drain delay: bench/procs.py stops a server within 5 s.
+                    "server": {
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "access_log": True,
+                        "drain_delay_s": 0,
+                    },
                     "keys": {"file": str(KEYS_FILE)},
                     "models": [
                         route(FAST_MODEL, "sim-fast", fast.url),

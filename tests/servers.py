@@ -147,7 +147,8 @@ def start_gateway(
     log_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None
 ) -> Gateway:
     port = free_port()
-    config = {**config, "server": {**config.get("server", {}), "port": port}}
+    # No drain delay (a test that wants one sets it): a stop is at once, as before the drain.
+    config = {**config, "server": {"drain_delay_s": 0, **config.get("server", {}), "port": port}}
     config_path = log_dir / f"gateway-{port}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     access_log = log_dir / f"gateway-{port}.access.jsonl"

@@ -2,7 +2,7 @@
 workers and `vgate serve` on the embedded config (config/gateway.yaml), moved to free ports by
 the same environment overrides `make run` uses.
 
-The stack has the environment's keys: config/keys.yaml's, plus those of the environment it
+The stack has the environment's keys: config/demo-keys.yaml's, plus those of the environment it
 does not hold yet (the demo keys the collection needs, built here from their secrets), and
 the admin key. newman runs every request; the test checks how many requests and assertions
 ran, with none failed (newman passes a collection that runs nothing, or half of it).
@@ -57,9 +57,9 @@ def sha256(secret: str) -> str:
 
 
 def keys_file(folder: Path) -> Path:
-    """config/keys.yaml, plus the environment's keys it does not hold (by id). A key it holds
-    must be the environment's secret's."""
-    keys = yaml.safe_load((REPO / "config" / "keys.yaml").read_text())
+    """`make run`'s keys (config/demo-keys.yaml), plus the environment's keys it does not hold
+    (by id). A key it holds must be the environment's secret's."""
+    keys = yaml.safe_load((REPO / "config" / "demo-keys.yaml").read_text())
     held = {key["id"]: key for key in keys["keys"]}
     secrets = environment()
     for variable, entry in DEMO_KEYS.items():
