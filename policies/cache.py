@@ -40,6 +40,10 @@ class CacheStore(Protocol):
         """The entry under `key`, or None; raises `CacheUnavailable` when it cannot tell."""
         ...
 
+    async def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """The entries under `keys`, in order (one round trip); raises as `get` does."""
+        ...
+
     def put(self, key: str, body: bytes, ttl_s: float) -> None:
         """Keep `body` under `key` for `ttl_s`; never waits (a shared store writes in the
         background, and a write that fails is dropped)."""
@@ -99,6 +103,9 @@ class MemoryStore:
             return None
         self._entries.move_to_end(key)
         return entry
+
+    async def get_many(self, keys: list[str]) -> list[Entry | None]:
+        return [await self.get(key) for key in keys]
 
     def put(self, key: str, body: bytes, ttl_s: float) -> None:
         if len(body) > self.max_bytes:

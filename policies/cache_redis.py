@@ -90,6 +90,18 @@ class RedisStore:
         self.health.ok()
         return None if raw is None else _entry(raw)
 
+    async def get_many(self, keys: list[str]) -> list[Entry | None]:
+        if not self._usable():
+            raise CacheUnavailable
+        try:
+            async with asyncio.timeout(self.timeout_s), self._calls:
+                raws = await self.redis.mget([self.prefix + key for key in keys])
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+        self.health.ok()
+        return [None if raw is None else _entry(raw) for raw in raws]
+
     def put(self, key: str, body: bytes, ttl_s: float, lease: str = "") -> None:
         """Keep `body` (in the background); then give back `lease` (this process's lease on
         the key's call, if it holds one), so that a process waiting finds the entry first."""

@@ -42,6 +42,7 @@ class CachePlan:
     ttl_s: float
     read: bool  # False with Cache-Control: no-cache (a refresh: the answer is kept anew)
     lease: str = ""  # this process's lease on the call, shared through Redis (coalesce)
+    owner: str = ""  # the scope: "key:<name>" or "global"
 
 
 def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan | None:
@@ -55,11 +56,12 @@ def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan 
     reason = None
     no_cache, no_store = directives(plan.call.headers)
     cache_all = settings.cache_all if route_cache.cache_all is None else route_cache.cache_all
-    if request.endpoint is Endpoint.EMBEDDINGS:
+    embeddings = request.endpoint is Endpoint.EMBEDDINGS
+    if embeddings and embedding_items(request.payload) is None:
         reason = "not_cacheable"
     elif no_store:
         reason = "no_store"
-    elif not cache_all and not is_deterministic(request.payload):
+    elif not embeddings and not cache_all and not is_deterministic(request.payload):
         reason = "not_deterministic"
     if reason is not None:
         cache.bypass(reason)
@@ -69,7 +71,24 @@ def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan 
     owner = GLOBAL_SCOPE if scope == "global" else f"key:{plan.call.caller or ''}"
     ttl_s = settings.ttl_s if route_cache.ttl_s is None else route_cache.ttl_s
     key = cache_key(request.endpoint.value, plan.route.name, owner, request.payload)
-    return CachePlan(key, ttl_s, read=not no_cache)
+    return CachePlan(key, ttl_s, read=not no_cache, owner=owner)
+
+
+def embedding_items(payload: dict[str, Any]) -> list[Any] | None:
+    """An embeddings request's inputs, one per vector asked for: a string, or a list of
+    token ids; None where the input is none of the shapes OpenAI defines (not cached)."""
+    value = payload.get("input")
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(item, str) for item in value):
+        return list(value)
+    if all(type(item) is int for item in value):
+        return [value]
+    if all(isinstance(item, list) and all(type(t) is int for t in item) for item in value):
+        return list(value)
+    return None
 
 
 def complete_answer(body: bytes) -> dict[str, Any] | None:

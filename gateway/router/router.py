@@ -35,6 +35,7 @@ from gateway.router.caching import (
     complete_answer,
 )
 from gateway.router.coalesce import Flight, FlightStream, pump
+from gateway.router.embeddings import embed
 from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
 from gateway.router.outcome import AttemptRecord, Completion, Outcome
@@ -119,6 +120,8 @@ class Router:
         if caching is None:
             return await self._complete(plan, outcome)
         assert cache is not None
+        if plan.request.endpoint is Endpoint.EMBEDDINGS:  # item by item
+            return await embed(cache, caching, plan, outcome, self._complete)
         if caching.read:
             found = await self._look_up(cache, caching, plan, outcome)
             if found is not None:

@@ -77,7 +77,8 @@ def config(sim: Process, keys_file: Path, **cache: Any) -> dict[str, Any]:
         "breaker": {"consecutive_failures": 1000},
         "backends": [backend("w1", sim.url)],
     }
-    settings = gateway_config([route])
+    embed = {"name": "tiny-embed", "backends": [backend("w1-embed", sim.url)]}
+    settings = gateway_config([route, embed])
     settings["keys"] = {"file": str(keys_file)}
     settings["admin"] = {"key_sha256": sha(ADMIN)}
     settings["cache"] = {"enabled": True, **cache}
@@ -238,6 +239,39 @@ def test_a_hit_counts_as_a_request_but_charges_no_tokens(gateway: Gateway) -> No
     assert after_hits["requests_remaining"] < after_miss["requests_remaining"]  # counted
     # Upstreams' tokens: counted for the answer they gave, not again for the hits.
     assert generated > 0 and generated_tokens(gateway) == generated
+
+
+def test_embeddings_are_cached_item_by_item(gateway: Gateway, sim: Process) -> None:
+    def embed(inputs: list[str], headers: dict[str, str] | None = None) -> httpx.Response:
+        response = httpx.post(
+            gateway.url + "/v1/embeddings",
+            json={"model": "tiny-embed", "input": inputs},
+            headers={"Authorization": f"Bearer {ALICE}", **(headers or {})},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        return response
+
+    def vectors(response: httpx.Response) -> list[list[float]]:
+        data = response.json()["data"]
+        assert [item["index"] for item in data] == list(range(len(data)))
+        return [item["embedding"] for item in data]
+
+    words = ["alpha beta", "gamma", "delta epsilon zeta"]
+    reference = embed(words, {"Cache-Control": "no-store"})
+    assert reference.headers["x-vgate-cache"] == "bypass"
+    before = sim_requests(sim)
+    assert embed(words[:2]).headers["x-vgate-cache"] == "miss"
+    partial = embed([words[2], words[1], words[0]])
+    assert partial.headers["x-vgate-cache"] == "miss"
+    expected = vectors(reference)
+    assert vectors(partial) == [expected[2], expected[1], expected[0]]
+    for tokens in ("prompt_tokens", "total_tokens"):  # it adds up
+        assert partial.json()["usage"][tokens] == reference.json()["usage"][tokens]
+    hit = embed([words[0], words[2]])
+    assert hit.headers["x-vgate-cache"] == "hit"
+    assert vectors(hit) == [expected[0], expected[2]]
+    assert sim_requests(sim) - before == 2  # the first two inputs, then the third alone
 
 
 def test_admin_reports_and_clears_the_cache(gateway: Gateway) -> None:

@@ -174,3 +174,13 @@ async def test_a_failed_leader_lets_the_others_go_on_at_once(client: Redis) -> N
     assert not waiting.done()
     first.release(name, lease)
     assert await waiting is None  # well before the lease's 30 s
+
+
+async def test_many_entries_in_one_lookup(client: Redis) -> None:
+    shared = store(client)
+    names = [key("e", "key:a", text) for text in ("one", "two", "three")]
+    shared.put(names[0], b"1", 30)
+    shared.put(names[2], b"3", 30)
+    await settled(shared)
+    found = await shared.get_many(names)
+    assert [None if entry is None else entry.body for entry in found] == [b"1", None, b"3"]
