@@ -14,6 +14,7 @@ looked up and what is kept (gateway/router/caching.py); a store only keeps.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -148,6 +149,8 @@ def _matches(key: str, route_tag: str | None, scope_tag: str | None) -> bool:
 
 
 RESULTS = ("hit", "miss", "coalesced")
+# Upper bounds of the lookup-latency histogram, in seconds: a dict lookup to a slow Redis.
+LOOKUP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Why a cacheable-looking request did not use the cache, a fixed set (bounded labels).
 BYPASS_REASONS = ("not_deterministic", "no_store", "unavailable", "not_cacheable")
 
@@ -168,6 +171,28 @@ class ResponseCache:
     bypasses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYPASS_REASONS, 0))
     stored: int = 0  # answers handed to the store
     too_large: int = 0  # answers over max_entry_bytes, not kept
+    # Lookups' latency: a count per LOOKUP_BUCKETS bound (the last: above them all), the sum.
+    lookup_counts: list[int] = field(default_factory=lambda: [0] * (len(LOOKUP_BUCKETS) + 1))
+    lookup_sum_s: float = 0.0
+
+    async def get(self, key: str) -> Entry | None:
+        """The store's entry under `key` (raises `CacheUnavailable`), its latency observed."""
+        start = time.perf_counter()
+        try:
+            return await self.store.get(key)
+        finally:
+            self._observe(time.perf_counter() - start)
+
+    async def get_many(self, keys: list[str]) -> list[Entry | None]:
+        start = time.perf_counter()
+        try:
+            return await self.store.get_many(keys)
+        finally:
+            self._observe(time.perf_counter() - start)
+
+    def _observe(self, seconds: float) -> None:
+        self.lookup_counts[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
+        self.lookup_sum_s += seconds
 
     def count(self, result: str, route: str) -> None:
         key = (result, route)

@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -24,7 +29,7 @@ from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
-from policies.cache import ResponseCache
+from policies.cache import LOOKUP_BUCKETS, ResponseCache
 from policies.limits import LimitStore
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
@@ -588,6 +593,16 @@ class _CacheCollector(Collector):
             "vgate_cache_evictions",
             "Entries dropped from this process's cache to make room (memory backend).",
             cache.store.evictions,
+        )
+        buckets, total = [], 0
+        for bound, count in zip((*LOOKUP_BUCKETS, float("inf")), cache.lookup_counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), total))
+        yield HistogramMetricFamily(
+            "vgate_cache_lookup_seconds",
+            "Time to look an answer up in the response cache's store (a Redis round trip).",
+            buckets=buckets,
+            sum_value=cache.lookup_sum_s,
         )
         size = cache.store.size()
         if size is not None:

@@ -52,7 +52,7 @@ async def embed(
     oldest = None
     if caching.read:
         try:
-            entries = await cache.store.get_many(keys)
+            entries = await cache.get_many(keys)
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"

@@ -247,7 +247,7 @@ class Router:
         """The cached answer (its body, parsed) for the request; None on a miss, or when
         the store cannot tell in time (a bypass: the request goes on uncached)."""
         try:
-            entry = await cache.store.get(caching.key)
+            entry = await cache.get(caching.key)
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"

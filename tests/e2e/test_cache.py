@@ -292,6 +292,10 @@ def test_admin_reports_and_clears_the_cache(gateway: Gateway) -> None:
     assert 'vgate_cache_misses_total{model="tiny-llama"}' in metrics
     assert 'vgate_cache_bypasses_total{reason="not_deterministic"} 1.0' in metrics
     assert "vgate_cache_entries 1.0" in metrics
+    lookups = [line for line in metrics.splitlines() if line.startswith("vgate_cache_lookup")]
+    assert 'vgate_cache_lookup_seconds_bucket{le="+Inf"}' in "\n".join(lookups)
+    count = next(line for line in lookups if line.startswith("vgate_cache_lookup_seconds_count"))
+    assert float(count.split()[-1]) > 0
 
 
 def test_identical_concurrent_requests_make_one_upstream_request(
