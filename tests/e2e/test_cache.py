@@ -31,7 +31,7 @@ ALICE = "vg-alice-0123456789abcdef"
 BOB = "vg-bob-0123456789abcdef"
 CAROL = "vg-carol-0123456789abcdef"  # with limits
 ADMIN = "vg-admin-0123456789abcdefghijklmnop"
-DETERMINISTIC = {"temperature": 0, "max_tokens": 4}
+DETERMINISTIC: dict[str, Any] = {"temperature": 0, "max_tokens": 4}
 
 
 def sha(secret: str) -> str:

@@ -26,7 +26,7 @@ from tests.router.conftest import backend, chat, complete, gateway_config, route
 
 ALICE = Call("req-a", caller="alice")
 BOB = Call("req-b", caller="bob")
-DETERMINISTIC = {"temperature": 0}
+DETERMINISTIC: dict[str, Any] = {"temperature": 0}
 
 
 class Clock:

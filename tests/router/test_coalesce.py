@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
@@ -19,13 +20,14 @@ from providers.fake import (
     FakeAdapters,
     Pause,
     Refuse,
+    StreamItem,
     chat_chunk,
     usage_chunk,
 )
 from tests.router.conftest import chat, complete, gateway_config, route, stream
 
 ALICE = Call("req-a", caller="alice")
-DETERMINISTIC = {"temperature": 0}
+DETERMINISTIC: dict[str, Any] = {"temperature": 0}
 
 
 def cached_router(fakes: FakeAdapters, **fields: object) -> tuple[Router, ResponseCache]:
@@ -37,7 +39,7 @@ def cached_router(fakes: FakeAdapters, **fields: object) -> tuple[Router, Respon
 def held_answer(release: asyncio.Event, *pieces: str) -> Events:
     """A stream that sends its role chunk and first piece, then waits for `release`."""
     first, *rest = pieces
-    items = [chat_chunk(role=True), chat_chunk(first), Pause(release)]
+    items: list[StreamItem] = [chat_chunk(role=True), chat_chunk(first), Pause(release)]
     for index, piece in enumerate(rest):
         items.append(chat_chunk(piece, finish="stop" if index == len(rest) - 1 else None))
     return Events([*items, usage_chunk(5, len(pieces)), DONE])
