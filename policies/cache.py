@@ -149,6 +149,9 @@ def _matches(key: str, route_tag: str | None, scope_tag: str | None) -> bool:
 
 
 RESULTS = ("hit", "miss", "coalesced")
+# The results whose answer no upstream gave this request: they count as the key's requests,
+# never as tokens (limits, usage, token metrics).
+WITHOUT_UPSTREAM = frozenset({"hit", "coalesced"})
 # Upper bounds of the lookup-latency histogram, in seconds: a dict lookup to a slow Redis.
 LOOKUP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Why a cacheable-looking request did not use the cache, a fixed set (bounded labels).

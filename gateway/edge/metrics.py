@@ -29,7 +29,7 @@ from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
-from policies.cache import LOOKUP_BUCKETS, ResponseCache
+from policies.cache import LOOKUP_BUCKETS, WITHOUT_UPSTREAM, ResponseCache
 from policies.limits import LimitStore
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
@@ -40,7 +40,6 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "cache", "limits"})  # what shares state through Redis
 NONE = "none"
-_SHARED_ANSWERS = ("hit", "coalesced")  # the response cache's answers (RequestRecord.cache)
 OTHER = "other"
 CHAOS_FAULTS: frozenset[str] = frozenset(get_args(ChaosFaultKind))  # the fixed kinds
 CHAOS_EXPERIMENT_LABELS = 64  # distinct experiment names counted over the process's life
@@ -304,7 +303,7 @@ class GatewayMetrics:
             children.overhead.observe(record.own_s(record.response_started))
         # An answer from the cache, or shared with an identical request, cost no upstream
         # tokens or time of its own: its (original) usage is not counted again.
-        upstream_answered = record.cache not in _SHARED_ANSWERS
+        upstream_answered = record.cache not in WITHOUT_UPSTREAM
         if record.prompt_tokens and upstream_answered:
             children.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens and upstream_answered:

@@ -31,6 +31,7 @@ from gateway.router import Call, Outcome, Plan, Router
 from gateway.wire.sse import error_event
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
+from policies.cache import WITHOUT_UPSTREAM
 from policies.guardrails import Guardrails
 from policies.limits import ALLOWED, NO_LIMITS, LimitStore, estimate_tokens
 from policies.limits_local import LocalLimits
@@ -160,7 +161,7 @@ class ProxyEndpoint:
                 record.chaos = plan.context.injected
                 if verdict.ticket is not None:
                     # A cached or shared answer counts as a request, but costs no tokens.
-                    tokens = 0 if outcome.cache in _NO_UPSTREAM else outcome.tokens
+                    tokens = 0 if outcome.cache in WITHOUT_UPSTREAM else outcome.tokens
                     self.limits.settle_nowait(verdict.ticket, tokens, failed=failed)
         except GatewayError as error:
             record.error = error.code or error.type
@@ -273,9 +274,6 @@ class ProxyEndpoint:
             return False
         finally:
             stream.close()
-
-
-_NO_UPSTREAM = ("hit", "coalesced")  # answers that cost no upstream tokens of their own
 
 
 def _cache_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:

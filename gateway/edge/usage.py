@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.edge.auth import KeyRing
 from gateway.edge.record import RequestRecord
+from policies.cache import WITHOUT_UPSTREAM
 
 _DAY_S = 86_400
 
@@ -39,6 +40,8 @@ class KeyUsage:
         if counts is None:
             counts = self._counts[key_id] = [0, 0, 0]
         counts[0] += 1
+        if record.cache in WITHOUT_UPSTREAM:
+            return  # an answer from the cache, or shared: no upstream tokens, as for limits
         if record.prompt_tokens:
             counts[1] += record.prompt_tokens
         if record.completion_tokens:

@@ -44,6 +44,7 @@ RESTART_SECTIONS = (
     "load_scrape",
     "workers",
     "metrics",
+    "cache",
 )
 
 
