@@ -1,4 +1,6 @@
-"""Chaos in front of real vLLM workers: `vgate up` with an outage injected on one of them.
+"""Chaos and the response cache in front of real vLLM workers: `vgate up` with an outage
+injected on one of them, and the cache on (requests that do not ask for a deterministic
+answer bypass it, as the chaos test's do).
 
 A stack of its own for the module (tests/vllm/conftest.py's is for test_real_vllm.py, and
 takes no extra config): w1 and w2 serve the tiny random Llama as tiny-llama, and the config's
@@ -47,6 +49,7 @@ def stack(vllm_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             chat_worker("w2", free_port(), log_dir),
         ],
         "admin": {"key_sha256_env": "VGATE_TEST_ADMIN_SHA256"},
+        "cache": {"enabled": True},
         "chaos": {
             "enabled": True,
             "experiments": [
@@ -150,3 +153,31 @@ def test_an_outage_injected_on_one_vllm_worker_is_answered_by_the_other(stack: U
     line = line_of(stack, request_id)
     assert "chaos" not in line and line["attempts"] == 1
     assert injected(stack) - injected_before == 4
+
+
+def test_a_repeated_deterministic_request_is_served_from_the_cache_with_the_same_answer(
+    stack: Up,
+) -> None:
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=DEMO_KEY, max_retries=0, timeout=300)
+    asked: Any = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": f"cache me {uuid.uuid4().hex}"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": EXACT,
+    }
+    before = sum(finished(stack).values())
+    first = client.chat.completions.with_raw_response.create(**asked)
+    assert first.headers["x-vgate-cache"] == "miss"
+    poll_until(lambda: sum(finished(stack).values()) - before == 1, timeout_s=10)
+
+    second = client.chat.completions.with_raw_response.create(**asked)
+    assert second.headers["x-vgate-cache"] == "hit"
+    answer, again = first.parse(), second.parse()
+    assert again.choices[0].message.content == answer.choices[0].message.content
+    assert again.usage == answer.usage
+    # The same request as a stream: a hit too, the same text as SSE.
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    assert sum(finished(stack).values()) - before == 1  # vLLM answered once
