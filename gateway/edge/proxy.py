@@ -28,6 +28,7 @@ from gateway.errors import (
     StreamInterrupted,
 )
 from gateway.router import Call, Outcome, Plan, Router
+from gateway.router.outcome import RedisCall
 from gateway.wire.sse import error_event
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from policies.admission import Priority
@@ -35,6 +36,7 @@ from policies.cache import WITHOUT_UPSTREAM
 from policies.guardrails import Guardrails
 from policies.limits import ALLOWED, NO_LIMITS, LimitStore, estimate_tokens
 from policies.limits_local import LocalLimits
+from policies.limits_redis import FailoverLimits
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
@@ -79,6 +81,7 @@ class ProxyEndpoint:
         self.max_body_bytes = max_body_bytes
         # Not `or`: an empty LocalLimits is falsy (it has __len__), and must still be shared.
         self.limits = limits if limits is not None else LocalLimits()
+        self._redis_limits = self.limits if isinstance(self.limits, FailoverLimits) else None
         self.default_max_tokens_estimate = default_max_tokens_estimate
         self.tokens = tokens  # with jwt.enabled: bearer JWTs beside API keys
 
@@ -132,7 +135,14 @@ class ProxyEndpoint:
                     self.default_max_tokens_estimate,
                     prompt=request.prompt,  # measured once, by validation
                 )
+                started = time.perf_counter()
                 verdict = await self.limits.admit(caller.id, caller.limits, estimate)
+                shared = self._redis_limits
+                if shared is not None:  # for its span in the trace
+                    ended = time.perf_counter()
+                    record.redis_calls = [
+                        RedisCall("limits", "EVALSHA", started, ended, failed=shared.down)
+                    ]
                 if not verdict.allowed:
                     raise verdict.error()
             outcome = Outcome()

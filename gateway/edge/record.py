@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.router import Decision, Outcome
-    from gateway.router.outcome import AttemptRecord
+    from gateway.router.outcome import AttemptRecord, RedisCall
     from gateway.wire.validation import ProxyRequest
 
 
@@ -29,6 +29,7 @@ class RequestRecord:
         "model",
         "path",
         "prompt_tokens",
+        "redis_calls",
         "request",
         "request_id",
         "response_started",
@@ -82,6 +83,8 @@ class RequestRecord:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.cache: str | None = None  # the response cache's part (Outcome.cache)
+        # The calls the request made to Redis (limits, cache), for their spans; None: none.
+        self.redis_calls: list[RedisCall] | None = None
 
     def own_s(self, until: float) -> float:
         """The gateway's own time from the request's start to `until`."""
@@ -104,3 +107,8 @@ class RequestRecord:
         self.prompt_tokens = outcome.prompt_tokens
         self.completion_tokens = outcome.completion_tokens
         self.cache = outcome.cache
+        if outcome.redis_calls is not None:
+            if self.redis_calls is None:
+                self.redis_calls = outcome.redis_calls
+            else:
+                self.redis_calls += outcome.redis_calls

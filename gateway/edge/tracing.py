@@ -41,7 +41,7 @@ from opentelemetry.trace.status import Status, StatusCode
 from gateway.asgi import Scope
 from gateway.config import TracingConfig
 from gateway.edge.record import RequestRecord
-from gateway.router.outcome import AttemptRecord
+from gateway.router.outcome import AttemptRecord, RedisCall
 from gateway.wire.validation import ProxyRequest
 
 logger = logging.getLogger("vgate.tracing")
@@ -200,6 +200,8 @@ class Tracer:
                         record, attempt, number, operation, context, start_ns, end_ns
                     )
                 )
+        for call in record.redis_calls or ():
+            processor.on_end(self._redis_span(record, call, context, start_ns, end_ns))
 
     def _keeps(self, record: RequestRecord, end: float) -> bool:
         """Whether a request the ratio left out is exported all the same: it failed (a 5xx,
@@ -262,6 +264,45 @@ class Tracer:
             status=Status(StatusCode.UNSET) if ok else Status(StatusCode.ERROR, attempt.result),
             start_time=wall(attempt.start),
             end_time=end_ns if attempt.end is None else wall(attempt.end),
+            instrumentation_scope=_SCOPE,
+        )
+
+    def _redis_span(
+        self,
+        record: RequestRecord,
+        call: RedisCall,
+        parent: SpanContext,
+        start_ns: int,
+        end_ns: int,
+    ) -> ReadableSpan:
+        """A call to Redis (the limits' admission, the cache's lookup) as a child of the
+        request's span, named as OpenTelemetry's database conventions name it."""
+
+        def wall(at: float) -> int:
+            return min(max(start_ns + round((at - record.start) * 1e9), start_ns), end_ns)
+
+        attributes: dict[str, Any] = {
+            "db.system.name": "redis",
+            "db.operation.name": call.operation,
+            "vgate.request_id": record.request_id,
+            "vgate.redis.purpose": call.purpose,
+        }
+        if call.failed:
+            attributes["error.type"] = "redis_unavailable"
+        return ReadableSpan(
+            name=f"{call.operation} {call.purpose}",
+            context=SpanContext(
+                parent.trace_id, self._random.getrandbits(64) or 1, False, _SAMPLED
+            ),
+            parent=parent,
+            resource=self._resource,
+            attributes=attributes,
+            kind=SpanKind.CLIENT,
+            status=Status(StatusCode.ERROR, "redis_unavailable")
+            if call.failed
+            else Status(StatusCode.UNSET),
+            start_time=wall(call.start),
+            end_time=wall(call.end),
             instrumentation_scope=_SCOPE,
         )
 

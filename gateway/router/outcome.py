@@ -49,6 +49,19 @@ class AttemptRecord:
             self.end = time.perf_counter()
 
 
+@dataclass(frozen=True, slots=True)
+class RedisCall:
+    """One call the request's path made to Redis (the limits' admission, the cache's
+    lookup), for its span in the trace: what it was for, the command, and when
+    (`time.perf_counter()` readings)."""
+
+    purpose: str  # "limits" or "cache"
+    operation: str  # the Redis command: EVALSHA, GET, MGET
+    start: float
+    end: float
+    failed: bool = False  # Redis did not answer (in time): the request went on without it
+
+
 class Outcome:
     """What happened to one request in the router, filled in as it goes (so a request that
     fails still says what it tried); the edge copies it into its log record.
@@ -67,6 +80,7 @@ class Outcome:
         "dropped_events",
         "fallback_from",
         "prompt_tokens",
+        "redis_calls",
         "request",
         "resumptions",
         "route",
@@ -96,6 +110,13 @@ class Outcome:
         # "coalesced"; and a hit's age in whole seconds.
         self.cache: str | None = None
         self.cache_age: int | None = None
+        self.redis_calls: list[RedisCall] | None = None  # for the trace; None: none made
+
+    def add_redis_call(self, call: RedisCall) -> None:
+        if self.redis_calls is None:
+            self.redis_calls = [call]
+        else:
+            self.redis_calls.append(call)
 
     def add_upstream(self, seconds: float) -> None:
         self.backend_s = seconds

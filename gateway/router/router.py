@@ -38,7 +38,7 @@ from gateway.router.coalesce import Flight, FlightStream, pump
 from gateway.router.embeddings import embed
 from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
-from gateway.router.outcome import AttemptRecord, Completion, Outcome
+from gateway.router.outcome import AttemptRecord, Completion, Outcome, RedisCall
 from gateway.router.plan import Call, Plan, plan
 from gateway.router.route import Route
 from gateway.router.streams import ClientStream, ResumableStream, ResumeFailed, UpstreamStream
@@ -246,12 +246,15 @@ class Router:
     ) -> tuple[bytes, dict[str, Any]] | None:
         """The cached answer (its body, parsed) for the request; None on a miss, or when
         the store cannot tell in time (a bypass: the request goes on uncached)."""
+        started = time.perf_counter()
         try:
             entry = await cache.get(caching.key)
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"
+            _note_redis_call(cache, outcome, started, failed=True)
             return None
+        _note_redis_call(cache, outcome, started)
         answer = None if entry is None else complete_answer(entry.body)
         if entry is None or answer is None:
             return None
@@ -712,3 +715,12 @@ def _message_of(exc: BaseException) -> str:
     if isinstance(failure, GatewayError):
         return failure.message
     return str(failure)
+
+
+def _note_redis_call(
+    cache: ResponseCache, outcome: Outcome, started: float, *, failed: bool = False
+) -> None:
+    """A lookup that went to Redis, for its span in the trace (a memory lookup has none)."""
+    if cache.config.backend != "redis":
+        return
+    outcome.add_redis_call(RedisCall("cache", "GET", started, time.perf_counter(), failed))

@@ -11,9 +11,18 @@ import httpx
 import orjson
 import pytest
 
+from gateway.edge.auth import hash_key
 from tests.fake_upstream import FakeUpstream
 from tests.otlp_receiver import OTLPReceiver
-from tests.servers import DEMO_KEY, Gateway, backend, gateway_config, poll_until, start_gateway
+from tests.servers import (
+    DEMO_KEY,
+    Gateway,
+    backend,
+    gateway_config,
+    poll_until,
+    start_gateway,
+    start_redis,
+)
 
 REPLY = orjson.dumps(
     {
@@ -337,3 +346,62 @@ def test_each_attempt_is_a_child_span_and_the_request_has_genai_attributes(
     # The access-log line names the trace.
     [line] = [e for e in unsampled.wait_for_log(1) if e["request_id"] == request_id]
     assert line["trace_id"] == span["trace_id"]
+
+
+def test_calls_to_redis_are_child_spans(
+    logs: Path, receiver: OTLPReceiver, upstreams: dict[str, FakeUpstream], tmp_path: Path
+) -> None:
+    """A key with limits checked in Redis, and the response cache on Redis: the admission
+    and the lookup are spans of their own under the request's."""
+    limited = "vg-test-traced-limits-0123456789ab"
+    keys = tmp_path / "keys.yaml"
+    entry = {"id": "key-traced", "name": "traced", "sha256": hash_key(limited)}
+    keys.write_text(orjson.dumps({"keys": [{**entry, "limits": {"rpm": 1000}}]}).decode())
+    redis = start_redis(logs)
+    config = gateway_config(
+        [
+            {
+                "name": "tiny-llama",
+                "health": UNCHECKED,
+                "non_stream": "passthrough",
+                "backends": [backend("up", upstreams["ok"].url)],
+            }
+        ]
+    )
+    config["keys"] = {"file": str(keys)}
+    config["redis"] = {"url": redis.url}
+    config["cache"] = {"enabled": True, "backend": "redis"}
+    config["tracing"] = {
+        "enabled": True,
+        "endpoint": receiver.endpoint,
+        "schedule_delay_s": 0.05,
+    }
+    gateway = start_gateway(logs, config)
+    try:
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {limited}"},
+            json={
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "hi"}],
+                "temperature": 0,
+            },
+        )
+        assert response.status_code == 200, response.text
+        span = span_of(receiver, response.headers["x-request-id"])
+        children = children_of(receiver, span, 3)
+        calls = [c for c in children if c["attributes"].get("db.system.name") == "redis"]
+        # The admission first, then the cache's reads of the key (a miss that leads the
+        # key's call in Redis reads it more than once).
+        limits, *lookups = [(c["name"], c["kind"], c["status"]) for c in calls]
+        assert limits == ("EVALSHA limits", CLIENT, UNSET)
+        assert lookups and set(lookups) == {("GET cache", CLIENT, UNSET)}
+        for call in calls:
+            assert call["trace_id"] == span["trace_id"]
+            assert span["start"] <= call["start"] <= call["end"] <= span["end"]
+            assert call["attributes"]["vgate.request_id"] == response.headers["x-request-id"]
+        (attempt,) = [c for c in children if c not in calls]
+        assert calls[-1]["end"] <= attempt["start"]  # looked up before the upstream was asked
+    finally:
+        gateway.stop()
+        redis.stop()

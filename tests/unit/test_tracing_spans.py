@@ -16,7 +16,7 @@ from gateway.config import TracingConfig
 from gateway.edge.accesslog import AccessLog
 from gateway.edge.record import RequestRecord
 from gateway.edge.tracing import Tracer
-from gateway.router.outcome import AttemptRecord
+from gateway.router.outcome import AttemptRecord, RedisCall
 
 START = 1000.0  # the request's perf_counter start
 
@@ -100,6 +100,38 @@ def test_a_resumed_stream_shows_each_attempt_on_the_requests_clock(
     assert {child.name for child in attempts} == {"chat m"}
     assert {child.attributes["vgate.request_id"] for child in attempts} == {"r1"}  # type: ignore[index]
     assert len({child.context.span_id for child in attempts}) == 2
+
+
+def test_calls_to_redis_are_spans_of_their_own_on_the_requests_clock(
+    exporter: InMemorySpanExporter,
+) -> None:
+    record = request()
+    record.status = 200
+    record.redis_calls = [
+        RedisCall("limits", "EVALSHA", START + 0.010, START + 0.012),
+        RedisCall("cache", "GET", START + 0.020, START + 0.070, failed=True),
+    ]
+    record.tried = [attempt("w1", 0.1, 0.5)]
+    span, *children = finished(exporter, (record, START + 1.0))
+    assert span.start_time is not None
+    calls = [
+        child for child in children if child.kind is SpanKind.CLIENT and child.name != "chat m"
+    ]
+    assert [c.name for c in calls] == ["EVALSHA limits", "GET cache"]
+    assert [
+        ((c.start_time or 0) - span.start_time, (c.end_time or 0) - span.start_time) for c in calls
+    ] == [
+        (10_000_000, 12_000_000),
+        (20_000_000, 70_000_000),
+    ]
+    limits, cache = calls
+    assert limits.parent is not None and limits.parent.span_id == span.context.span_id
+    assert limits.attributes is not None and cache.attributes is not None
+    assert limits.attributes["db.system.name"] == "redis"
+    assert limits.attributes["vgate.redis.purpose"] == "limits"
+    assert limits.status.status_code is StatusCode.UNSET
+    assert cache.status.status_code is StatusCode.ERROR  # Redis did not answer in time
+    assert cache.attributes["error.type"] == "redis_unavailable"
 
 
 @pytest.mark.parametrize(
