@@ -81,6 +81,26 @@ def wait_http_ok(
     raise BenchError(f"{url} not ready after {timeout_s:.0f}s ({last})")
 
 
+def wait_redis_ok(port: int, *, timeout_s: float, alive: subprocess.Popen[bytes]) -> None:
+    """Poll a redis-server with PING until it answers PONG; bounded, and by it staying up."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if alive.poll() is not None:
+            raise BenchError(f"redis-server exited with {alive.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                answer = sock.recv(64)
+                if answer.startswith(b"+PONG"):
+                    return
+                last = repr(answer)
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.02)
+    raise BenchError(f"redis-server on port {port} not ready after {timeout_s:.0f}s ({last})")
+
+
 @dataclass
 class Server:
     name: str
@@ -168,6 +188,29 @@ class Processes:
         server = Server(name, child, f"http://127.0.0.1:{port}", log_path)
         try:
             wait_http_ok(server.url + ready_path, timeout_s=timeout_s, alive=child)
+        except BenchError as exc:
+            raise BenchError(f"{name} did not start: {exc}\n{server.log_tail()}") from None
+        return server
+
+    def redis(self, name: str, core: int | None, *, timeout_s: float = 10.0) -> Server | None:
+        """An empty redis-server of the run's own (nothing on disk) on a free port, pinned to
+        `core`; None when redis-server is not installed (the caller skips what needs it)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return None
+        port = free_port()
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            child = self.popen(
+                pinned(core, [binary, *args]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.log_dir,
+            )
+        server = Server(name, child, f"redis://127.0.0.1:{port}", log_path)
+        try:
+            wait_redis_ok(port, timeout_s=timeout_s, alive=child)
         except BenchError as exc:
             raise BenchError(f"{name} did not start: {exc}\n{server.log_tail()}") from None
         return server

@@ -9,6 +9,8 @@ generator, settings and run:
 - streaming chat at 1, 16 and 64 concurrent clients with bench/streamload.py (time to first
   token, which wrk cannot see);
 - the gateway's CPU time per request, from /proc/<pid>/stat around each phase;
+- the response cache on (memory, then Redis: a redis-server of the run's own): a hit's p50
+  with one client, and hits against proxied requests (req/s, CPU) at c=16, same gateway;
 - optionally (on by default, off with --quick) bare proxies, one per upstream HTTP client, to
   show what the choice of client costs (README, "Why a lean upstream client").
 
@@ -76,6 +78,12 @@ TARGET_RPS = 3000.0
 TARGET_RPS_CONCURRENCY = 16
 TARGET_ADDED_TTFT_MS = 1.0
 TARGET_TTFT_CONCURRENCY = 16
+# The response cache: a hit's end-to-end p50 with one client, and its CPU against a proxied
+# request's at the target concurrency (issue 16).
+CACHE_BACKENDS = ("memory", "redis")
+TARGET_CACHE_HIT_P50_MS = 1.0
+CACHE_LATENCY_CONCURRENCY = 1
+CACHE_CPU_CONCURRENCY = TARGET_RPS_CONCURRENCY
 
 PACKAGES = (
     "vgate",
@@ -93,12 +101,16 @@ PACKAGES = (
 )
 
 
-def chat_body(model: str, *, stream: bool, max_tokens: int) -> bytes:
+def chat_body(
+    model: str, *, stream: bool, max_tokens: int, temperature: float | None = None
+) -> bytes:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": "Write one short sentence about benchmarks."}],
         "max_tokens": max_tokens,
     }
+    if temperature is not None:
+        body["temperature"] = temperature
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -106,6 +118,10 @@ def chat_body(model: str, *, stream: bool, max_tokens: int) -> bytes:
 
 
 NONSTREAM_BODY = chat_body(FAST_MODEL, stream=False, max_tokens=NONSTREAM_MAX_TOKENS)
+# The same request asked deterministically: cacheable (NONSTREAM_BODY, with no temperature, is
+# not, so through a gateway with the cache on it is proxied: a bypass). Fixed, so every
+# request after the first is a hit.
+HIT_BODY = chat_body(FAST_MODEL, stream=False, max_tokens=NONSTREAM_MAX_TOKENS, temperature=0)
 STREAM_BODY = chat_body(STREAM_MODEL, stream=True, max_tokens=STREAM_MAX_TOKENS)
 JSON_HEADERS = {"Content-Type": "application/json"}
 AUTH_HEADERS = {**JSON_HEADERS, "Authorization": f"Bearer {DEMO_KEY}"}
@@ -196,6 +212,18 @@ def http(
         return int(exc.code), exc.read()
 
 
+def cache_outcome(url: str, body: bytes, headers: Mapping[str, str]) -> str | None:
+    """The X-VGate-Cache header (hit, miss, coalesced, bypass) of one request; None without."""
+    request = urllib.request.Request(url + CHAT_PATH, data=body, headers=dict(headers))
+    try:
+        with urllib.request.urlopen(request, timeout=10.0) as response:
+            response.read()
+            outcome: str | None = response.headers.get("X-VGate-Cache")
+            return outcome
+    except urllib.error.HTTPError as exc:
+        raise BenchError(f"a cacheable request got {exc.code}: {exc.read()[:300]!r}") from None
+
+
 def check_completion(label: str, url: str, headers: Mapping[str, str]) -> None:
     status, body = http(url + CHAT_PATH, NONSTREAM_BODY, headers)
     if status != 200 or b'"choices"' not in body:
@@ -219,6 +247,20 @@ def scrape_counter(url: str, name: str) -> float | None:
             total += float(line.rsplit(" ", 1)[1])
             found = True
     return total if found else None
+
+
+def settled_cache_hits(url: str, timeout_s: float = 3.0) -> float:
+    """vgate_cache_hits_total once it stops moving: requests still in flight when wrk
+    stopped (a Redis round trip each) are counted with their own phase, not the next."""
+    deadline = time.monotonic() + timeout_s
+    last = scrape_counter(url, "vgate_cache_hits_total") or 0.0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = scrape_counter(url, "vgate_cache_hits_total") or 0.0
+        if now == last:
+            break
+        last = now
+    return last
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,17 +336,22 @@ class Bench:
         policies: bool = True,
         non_stream: str | None = None,
         traces_to: str | None = None,
+        cache: str | None = None,
+        redis: Server | None = None,
     ) -> tuple[Server, Path]:
         """The gateway with its default policies on (retries, breakers, health checks, stream
         resumption's transcript, vLLM load scraping, decision logging), or with every policy
         that can be switched off switched off: the difference is what the router adds.
         `non_stream` sets the routes' mode (default: the plan's, else the config's);
-        `traces_to`, an OTLP/HTTP endpoint, turns tracing on with every request sampled."""
+        `traces_to`, an OTLP/HTTP endpoint, turns tracing on with every request sampled;
+        `cache`, a backend, turns the response cache on (`redis`: shared through `redis`)."""
         name = "gateway" if policies else "gateway-bare"
         if non_stream is not None:
             name += f"-{non_stream}"
         if traces_to is not None:
             name += "-traced"
+        if cache is not None:
+            name += f"-cache-{cache}"
         port = free_port()
         config = self.workdir / f"{name}.yaml"
         route_extra: dict[str, Any] = {}
@@ -324,6 +371,10 @@ class Bench:
             route_extra["non_stream"] = mode
         if traces_to is not None:
             top_extra["tracing"] = {"enabled": True, "endpoint": traces_to, "sample_ratio": 1.0}
+        if cache is not None:
+            top_extra["cache"] = {"enabled": True, "backend": cache}
+        if redis is not None:
+            top_extra["redis"] = {"url": redis.url, "key_prefix": "vgate-bench"}
 
         def route(model: str, backend: str, url: str) -> dict[str, Any]:
             return {
@@ -370,16 +421,17 @@ class Bench:
         concurrency: int,
         duration_s: float,
         server: Server | None,
+        body: bytes = NONSTREAM_BODY,
     ) -> WrkResult:
         result = self.wrk.run(
-            url + CHAT_PATH, NONSTREAM_BODY, headers, concurrency=concurrency, duration_s=duration_s
+            url + CHAT_PATH, body, headers, concurrency=concurrency, duration_s=duration_s
         )
         if result.error_count:
-            status, body = http(url + CHAT_PATH, NONSTREAM_BODY, headers)
+            status, answer = http(url + CHAT_PATH, body, headers)
             tail = f"\n{server.name} log:\n{server.log_tail()}" if server else ""
             raise BenchError(
                 f"{label}: wrk saw errors {result.errors} in {result.requests} requests "
-                f"(a request now gets {status}: {body[:200]!r}){tail}"
+                f"(a request now gets {status}: {answer[:200]!r}){tail}"
             )
         if result.requests == 0:
             raise BenchError(f"{label}: wrk completed no requests")
@@ -395,12 +447,15 @@ class Bench:
         concurrency: int,
         observed: Sequence[Server],
         measured: Server | None,
+        body: bytes = NONSTREAM_BODY,
     ) -> Phase:
         label = f"{mode} c={concurrency} {target}"
-        self._wrk(label + " (warm-up)", url, headers, concurrency, self.plan.warmup_s, server)
+        warm = self._wrk(
+            label + " (warm-up)", url, headers, concurrency, self.plan.warmup_s, server, body
+        )
         result, acct = accounted(
             observed,
-            lambda: self._wrk(label, url, headers, concurrency, self.plan.duration_s, server),
+            lambda: self._wrk(label, url, headers, concurrency, self.plan.duration_s, server, body),
         )
         phase = Phase(
             mode,
@@ -412,7 +467,7 @@ class Bench:
             result.p50_ms,
             result.p99_ms,
             accounting=acct,
-            raw=result.to_json(),
+            raw={**result.to_json(), "warmup_requests": warm.requests},
         )
         if measured is not None:
             self._cpu(phase, measured, acct, result.requests)
@@ -501,7 +556,8 @@ class Bench:
         print(line, file=sys.stderr, flush=True)
         if acct is not None and acct.wall_s > 0:
             load_side = (
-                sum(v for k, v in acct.servers_s.items() if k.startswith("sim")) + acct.load_s
+                sum(v for k, v in acct.servers_s.items() if k.startswith(("sim", "redis")))
+                + acct.load_s
             ) / acct.wall_s
             if load_side > 0.9 and (phase.target != "direct" or phase.mode == "stream"):
                 self.warnings.append(
@@ -620,6 +676,7 @@ class Bench:
             )
             self.procs.stop(whole.popen)
         self.run_traced(fast, stream)
+        self.run_cached(fast, stream)
         self.procs.stop(stream.popen)
         if plan.transports:
             self.run_transports(fast)
@@ -648,11 +705,15 @@ class Bench:
                     "max_tokens": STREAM_MAX_TOKENS,
                 },
                 "load": {"non-stream": "wrk -t1 (Lua POST)", "stream": "bench/streamload.py"},
+                "cache": "the gateway with `cache: {enabled: true, backend: B}` (redis: a "
+                "redis-server of the run's own on the load core); proxied: the non-streaming "
+                "request (no temperature: not cacheable); hit: the same with temperature 0",
             },
             "rows": self.rows(),
             "router_cost": self.router_cost(),
             "non_stream_modes": self.non_stream_modes(),
             "tracing_cost": self.tracing_cost(),
+            "cache": self.cache_rows(),
             "targets": self.targets(),
             "transports": self.transport_rows,
             "checks": self.checks,
@@ -736,6 +797,119 @@ class Bench:
                     "on_ttft_p50_ms": on.ttft_p50_ms,
                 }
             )
+        return out
+
+    # -- the response cache ------------------------------------------------------------------
+
+    def run_cached(self, fast: Server, stream: Server) -> None:
+        """The response cache on, each backend in turn, at c=16 and with one client: the
+        proxied load (NONSTREAM_BODY asks for no temperature, so it is not cacheable and goes
+        upstream) and then the same request asked deterministically (HIT_BODY, temperature 0),
+        every one a hit after the first, through the same gateway process."""
+        for backend in CACHE_BACKENDS:
+            redis = None
+            if backend == "redis":
+                # On the load side's core, like the workers: what is measured is the gateway.
+                redis = self.procs.redis("redis", self.load_core)
+                if redis is None:
+                    self.warnings.append(
+                        "redis-server is not installed: no cache rows for the redis backend"
+                    )
+                    continue
+            gateway, _ = self.start_gateway(fast, stream, cache=backend, redis=redis)
+            check_completion(gateway.name, gateway.url, AUTH_HEADERS)
+            self.prime_cache(gateway)
+            observed = [gateway, fast, stream, *([redis] if redis else [])]
+            for c in (CACHE_CPU_CONCURRENCY, CACHE_LATENCY_CONCURRENCY):
+                for kind, body in (("proxied", NONSTREAM_BODY), ("hit", HIT_BODY)):
+                    self.note(self.cache_phase(backend, kind, body, gateway, c, observed))
+            self.procs.stop(gateway.popen)
+            if redis is not None:
+                self.procs.stop(redis.popen)
+
+    def prime_cache(self, gateway: Server) -> None:
+        """The first deterministic request is a miss that stores its answer: ask it again
+        (bounded) until it is a hit, as the load will be; the proxied request must not be."""
+        outcomes: list[str | None] = []
+        deadline = time.monotonic() + 5
+        while not outcomes or outcomes[-1] != "hit":
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{gateway.name}: a repeated deterministic request never became a cache "
+                    f"hit (X-VGate-Cache: {outcomes[-5:]})"
+                )
+            outcomes.append(cache_outcome(gateway.url, HIT_BODY, AUTH_HEADERS))
+            if outcomes[-1] != "hit":
+                time.sleep(0.05)
+        proxied = cache_outcome(gateway.url, NONSTREAM_BODY, AUTH_HEADERS)
+        self.checks[f"{gateway.name}_x_vgate_cache"] = {"hit_body": outcomes, "proxied": proxied}
+        if proxied == "hit":
+            raise BenchError(f"{gateway.name}: the proxied request was answered from the cache")
+
+    def cache_phase(
+        self,
+        backend: str,
+        kind: str,
+        body: bytes,
+        gateway: Server,
+        concurrency: int,
+        observed: Sequence[Server],
+    ) -> Phase:
+        """One wrk phase through a cache-on gateway; /metrics' vgate_cache_hits_total around
+        it (warm-up included) says whether its requests really were hits, or none were."""
+        before = settled_cache_hits(gateway.url)
+        phase = self.wrk_phase(
+            "non-stream",
+            f"cache-{backend}-{kind}",
+            gateway,
+            gateway.url,
+            AUTH_HEADERS,
+            concurrency,
+            observed,
+            gateway,
+            body,
+        )
+        hits = settled_cache_hits(gateway.url) - before
+        served = phase.requests + int(phase.raw["warmup_requests"])
+        phase.raw["cache_hits_counted"] = hits
+        label = f"cache {backend} {kind} c={concurrency}"
+        if kind == "hit" and hits == 0:
+            raise BenchError(f"{label}: /metrics counted no cache hit in {served} requests")
+        if kind == "hit" and hits < served:
+            self.warnings.append(
+                f"{label}: /metrics counted {hits:.0f} cache hits for {served} requests: the "
+                "rest were not hits (a store lookup slower than redis_timeout_s is a bypass)"
+            )
+        if kind == "proxied" and hits > 0:
+            self.warnings.append(f"{label}: {hits:.0f} of the proxied requests were cache hits")
+        return phase
+
+    def cache_rows(self) -> list[dict[str, Any]]:
+        """Per backend and concurrency: hits against proxied requests, same gateway, same run."""
+        out = []
+        for backend in CACHE_BACKENDS:
+            for c in (CACHE_CPU_CONCURRENCY, CACHE_LATENCY_CONCURRENCY):
+                proxied = self.find("non-stream", f"cache-{backend}-proxied", c)
+                hit = self.find("non-stream", f"cache-{backend}-hit", c)
+                if proxied is None or hit is None:
+                    continue
+                out.append(
+                    {
+                        "backend": backend,
+                        "concurrency": c,
+                        "proxied_rps": proxied.rps,
+                        "hit_rps": hit.rps,
+                        "proxied_p50_ms": proxied.p50_ms,
+                        "proxied_p99_ms": proxied.p99_ms,
+                        "hit_p50_ms": hit.p50_ms,
+                        "hit_p99_ms": hit.p99_ms,
+                        "proxied_cpu_us_per_request": proxied.cpu_us_per_request,
+                        "hit_cpu_us_per_request": hit.cpu_us_per_request,
+                        "hit_cpu_core_share": hit.cpu_core_share,
+                        "hit_requests": hit.requests + int(hit.raw["warmup_requests"]),
+                        "cache_hits_counted": hit.raw["cache_hits_counted"],
+                    }
+                )
         return out
 
     # -- transports --------------------------------------------------------------------------
@@ -918,6 +1092,35 @@ class Bench:
                 "pass": (added <= TARGET_ADDED_TTFT_MS) if added is not None else None,
             }
         )
+        for backend in CACHE_BACKENDS:
+            hit = self.find("non-stream", f"cache-{backend}-hit", CACHE_LATENCY_CONCURRENCY)
+            out.append(
+                {
+                    "name": f"cache hit p50, {backend} backend, c={CACHE_LATENCY_CONCURRENCY} (ms)",
+                    "target": f"<= {TARGET_CACHE_HIT_P50_MS:g}",
+                    "value": hit.p50_ms if hit else None,
+                    "pass": (hit.p50_ms <= TARGET_CACHE_HIT_P50_MS)
+                    if hit and hit.p50_ms is not None
+                    else None,
+                }
+            )
+        for backend in CACHE_BACKENDS:
+            c = CACHE_CPU_CONCURRENCY
+            hit = self.find("non-stream", f"cache-{backend}-hit", c)
+            proxied = self.find("non-stream", f"cache-{backend}-proxied", c)
+            hit_cpu = hit.cpu_us_per_request if hit else None
+            proxied_cpu = proxied.cpu_us_per_request if proxied else None
+            out.append(
+                {
+                    "name": f"gateway CPU per cache hit, {backend} backend, c={c} (us)",
+                    "target": "< proxied"
+                    + ("" if proxied_cpu is None else f" ({proxied_cpu:,.0f})"),
+                    "value": hit_cpu,
+                    "pass": (hit_cpu < proxied_cpu)
+                    if hit_cpu is not None and proxied_cpu is not None
+                    else None,
+                }
+            )
         return out
 
 
@@ -1042,6 +1245,42 @@ def render_table(report: dict[str, Any]) -> str:
                     "on us/req",
                     "cost",
                     "TTFT p50 off/on ms",
+                ],
+                rows,
+            )
+        )
+    if report.get("cache"):
+        lines.append("")
+        lines.append(
+            "Response cache on: proxied requests (not cacheable) against hits (the same "
+            "request at temperature 0), same gateway:"
+        )
+        rows = [
+            [
+                r["backend"],
+                str(r["concurrency"]),
+                _f(r["proxied_rps"], 0),
+                _f(r["hit_rps"], 0),
+                f"{_f(r['proxied_p50_ms'])} / {_f(r['proxied_p99_ms'])}",
+                f"{_f(r['hit_p50_ms'])} / {_f(r['hit_p99_ms'])}",
+                _f(r["proxied_cpu_us_per_request"], 0),
+                _f(r["hit_cpu_us_per_request"], 0),
+                f"{r['cache_hits_counted']:,.0f} / {r['hit_requests']:,}",
+            ]
+            for r in report["cache"]
+        ]
+        lines.append(
+            _grid(
+                [
+                    "backend",
+                    "c",
+                    "proxied req/s",
+                    "hit req/s",
+                    "proxied p50/p99 ms",
+                    "hit p50/p99 ms",
+                    "proxied us/req",
+                    "hit us/req",
+                    "hits counted",
                 ],
                 rows,
             )
