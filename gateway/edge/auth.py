@@ -54,6 +54,7 @@ class Caller:
     models: frozenset[str] | None = None
     limits: KeyLimits = NO_LIMITS
     guardrails: KeyGuardrails | None = None  # None: only the global guardrails apply
+    cache: bool = True  # False: the response cache never reads, keeps or shares its answers
 
 
 class _Limits(BaseModel):
@@ -81,6 +82,9 @@ class _KeyEntry(BaseModel):
     pin: tuple[str, ...] = ()  # backend names; a route with one of them always uses it
     may_pin: bool = False  # the right to send X-VGate-Pin
     may_chaos: bool = False  # the right to send X-VGate-Chaos (an on_request experiment)
+    # false: this key's requests bypass the response cache (never read, kept or shared), a
+    # tenant whose answers must not be stored even where its routes cache.
+    cache: bool = True
     models: tuple[str, ...] = ()  # model names or aliases this key may use; empty: all
     limits: _Limits = _Limits()
     guardrails: _Guardrails = _Guardrails()
@@ -102,6 +106,7 @@ class _KeyEntry(BaseModel):
             "pin": list(self.pin) or None,
             "may_pin": self.may_pin,
             "may_chaos": self.may_chaos,
+            "cache": self.cache,
             "disabled": self.disabled,
         }
 
@@ -375,6 +380,7 @@ def _callers(
             pins=entry.pin,
             may_pin=entry.may_pin,
             may_chaos=entry.may_chaos,
+            cache=entry.cache,
             models=allowed,
             limits=_limits(entry),
             guardrails=None

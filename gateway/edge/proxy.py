@@ -199,6 +199,7 @@ class ProxyEndpoint:
             priority=Priority.BATCH if caller.tier == "batch" else Priority.INTERACTIVE,
             caller=caller.name,
             chaos=None if chaos is None else chaos.decode("latin-1").strip() or None,
+            cache=caller.cache,
         )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:

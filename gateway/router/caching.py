@@ -47,10 +47,11 @@ class CachePlan:
 
 def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan | None:
     """The request's place in the cache, or None (and `outcome.cache` "bypass") when it
-    bypasses it; a route that turns the cache off is not counted at all."""
+    bypasses it; a route that turns the cache off, or a key that opted out, is not counted
+    at all."""
     settings = cache.config
     route_cache = plan.route.config.cache
-    if route_cache.enabled is False:
+    if route_cache.enabled is False or not plan.call.cache:
         return None
     request = plan.request
     reason = None

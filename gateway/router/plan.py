@@ -33,6 +33,7 @@ class Call:
     priority: Priority = Priority.INTERACTIVE
     caller: str | None = None  # the key's name
     chaos: str | None = None  # the chaos experiment asked for, by a key allowed to
+    cache: bool = True  # False: the caller's key keeps its requests out of the response cache
 
 
 @dataclass(slots=True)

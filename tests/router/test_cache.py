@@ -114,6 +114,22 @@ async def test_a_global_route_shares_answers_between_keys(fakes: FakeAdapters) -
     assert outcome.cache == "hit"
 
 
+async def test_a_key_that_opted_out_is_never_read_kept_or_shared(fakes: FakeAdapters) -> None:
+    fakes["a"].then = chat_completion("private")
+    shared = RouteCacheConfig(scope="global")  # even where every key shares answers
+    router, cache = cached_router(fakes, route("m", "a", non_stream="passthrough", cache=shared))
+    private = Call("req-p", caller="private", cache=False)
+    for _ in range(2):
+        outcome = Outcome()
+        await complete(router, chat(**DETERMINISTIC), outcome, private)
+        assert outcome.cache is None  # not in play: no header, not counted
+    assert len(fakes["a"].requests) == 2
+    outcome = Outcome()
+    await complete(router, chat(**DETERMINISTIC), outcome, ALICE)
+    assert outcome.cache == "miss"  # nothing of the private key's was kept
+    assert cache.total("hit") == 0
+
+
 async def test_a_route_may_turn_the_cache_off(fakes: FakeAdapters) -> None:
     fakes["a"].then = chat_completion("x")
     off = RouteCacheConfig(enabled=False)

@@ -126,3 +126,16 @@ def test_may_chaos_is_a_right_a_key_must_be_given(tmp_path: Path) -> None:
 )
 def test_only_a_clients_own_errors_are_charged(error: GatewayError, charged: bool) -> None:
     assert client_fault(error) is charged
+
+
+def test_a_key_may_opt_out_of_the_response_cache(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        f"  - {{id: private, name: private, sha256: {hash_key('q')}, cache: false}}\n"
+        f"  - {{id: plain, name: plain, sha256: {hash_key('p')}}}\n"
+    )
+    keys = KeyRing.load(path)
+    assert keys.authenticate(b"Bearer q").cache is False
+    assert keys.authenticate(b"Bearer p").cache is True  # the cache's own settings decide
+    assert {key["id"]: key["cache"] for key in keys.describe()} == {"private": False, "plain": True}
