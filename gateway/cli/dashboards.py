@@ -9,7 +9,8 @@ typed builders for the dashboard schema):
   and its alerts;
 - `vgate-gateway`: requests, errors, latency, TTFT, TPOT and tokens per route, attempts,
   breakers and health per backend, retries, fallbacks, chaos injections (also as
-  annotations), limit refusals per key, requests in flight and queued.
+  annotations), limit refusals per key, requests in flight and queued, and the response
+  cache (hit ratio, hits/misses/coalesced per route, bypasses, lookup latency, size).
 
 Every query reads the Prometheus data source `PROMETHEUS_UID`; the latency panels ask for
 exemplars, whose `trace_id` the data source's provisioning (deploy/grafana/provisioning)
@@ -81,11 +82,13 @@ def _rate(metric: str, selector: str = "", by: str = "") -> str:
 def _quantiles(
     metric: str, selector: str, by: str, legend: str, *, exemplar: bool = False
 ) -> tuple[Query, ...]:
-    """p50 and p99; `exemplar`: the histogram's buckets carry trace ids (metrics.py)."""
+    """p50 and p99 (`by` "": over all series); `exemplar`: the histogram's buckets carry trace
+    ids (metrics.py)."""
+    grouping = f"{by}, le" if by else "le"
     return tuple(
         Query(
-            f"histogram_quantile({q}, {_rate(metric + '_bucket', selector, by + ', le')})",
-            f"{legend} p{round(q * 100)}",
+            f"histogram_quantile({q}, {_rate(metric + '_bucket', selector, grouping)})",
+            f"{legend} p{round(q * 100)}".strip(),
             exemplar=exemplar,
         )
         for q in (0.5, 0.99)
@@ -95,6 +98,77 @@ def _quantiles(
 _ROUTE = 'model=~"$model"'
 _BACKEND = 'backend=~"$backend"'
 _EXEMPLARS = " Exemplars (dots) link to the request's trace in Jaeger."
+# What the response cache did with a cacheable request, one counter each (metrics.py).
+_CACHE_RESULTS = ("hits", "misses", "coalesced")
+
+
+def _cache_hit_ratio() -> str:
+    """Hits / (hits + misses + coalesced) per route. A route's series of each counter exists
+    only once that happened to it, and `a + b` drops a route that `b` lacks, so each term is
+    filled with 0 for every route with any of the three. (Selecting the three by `__name__`
+    in one rate() fails: without their names their series collide.)"""
+    rates = {
+        result: f"rate(vgate_cache_{result}_total{{{_ROUTE}}}[{RATE}])" for result in _CACHE_RESULTS
+    }
+    zero = f"0 * sum by (model) ({' or '.join(rates.values())})"
+    terms = {result: f"(sum by (model) ({rate}) or {zero})" for result, rate in rates.items()}
+    return f"{terms['hits']}\n/\n(\n" + "\n+ ".join(terms.values()) + "\n)"
+
+
+def cache_row() -> tuple[str, list[Panel]]:
+    """The response cache (README "Cache"): its effect per route, why requests skip it, the
+    store's latency and size. Evictions are left off: a test gateway cannot show them cheaply."""
+    return (
+        "Response cache",
+        [
+            Panel(
+                "Cache hit ratio by route",
+                (Query(_cache_hit_ratio(), "{{model}}"),),
+                unit="percentunit",
+                description="Hits / (hits + misses + coalesced) of the cacheable requests. "
+                "Bypasses (not cacheable, no-store, store unavailable) are not counted.",
+            ),
+            Panel(
+                "Cache hits, misses and coalesced by route",
+                tuple(
+                    Query(
+                        _rate(f"vgate_cache_{result}_total", _ROUTE, "model"),
+                        f"{{{{model}}}} {result}",
+                    )
+                    for result in _CACHE_RESULTS
+                ),
+                unit="reqps",
+                description="Coalesced: shared an identical request's upstream call in flight.",
+            ),
+            Panel(
+                "Cache bypasses by reason",
+                (Query(_rate("vgate_cache_bypasses_total", "", "reason"), "{{reason}}"),),
+                unit="reqps",
+                width=8,
+                description="not_deterministic (no temperature 0 or seed), no_store, "
+                "not_cacheable, unavailable (the store did not answer in time).",
+            ),
+            Panel(
+                "Cache lookup latency",
+                _quantiles("vgate_cache_lookup_seconds", "", "", ""),
+                unit="s",
+                width=8,
+                description="Time to look an answer up in the store (a Redis round trip with "
+                "the redis backend).",
+            ),
+            Panel(
+                "Cache entries (memory backend)",
+                (Query("sum(vgate_cache_entries)", "entries"),),
+                width=4,
+            ),
+            Panel(
+                "Cache bytes (memory backend)",
+                (Query("sum(vgate_cache_bytes)", "bytes"),),
+                unit="bytes",
+                width=4,
+            ),
+        ],
+    )
 
 
 def gateway_rows() -> list[tuple[str, list[Panel]]]:
@@ -320,6 +394,7 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
                 ),
             ],
         ),
+        cache_row(),
     ]
 
 
@@ -510,7 +585,8 @@ def gateway_dashboard() -> dict[str, Any]:
         GATEWAY_UID,
         "vgate: gateway",
         "Requests, errors, latency, tokens per route; attempts, breakers and health per "
-        "backend; retries, fallbacks, chaos and limits. Generated by `vgate slo dashboards`.",
+        "backend; retries, fallbacks, chaos and limits; the response cache. Generated by "
+        "`vgate slo dashboards`.",
         gateway_rows(),
     )
     board = board.with_variable(_variable("model", "route", "vgate_requests_total"))

@@ -7,7 +7,11 @@ The routes are arranged so that every panel has something to show: `burning` ans
 request with an injected 500 and has no fallback (the availability objective burns);
 `primary`'s only backend fails too and it falls back to `tiny-llama`; `tiny-llama`'s first
 backend fails and its requests are retried on the second (retries, failed attempts, a
-breaker); `tiny-embed` is healthy; the key `limited` may send 2 requests a minute.
+breaker); `tiny-embed` is healthy (and opts out of the cache); the key `limited` may send 2
+requests a minute. The response cache (memory backend) is on: `cached` answers after an
+injected 300 ms, so two identical requests sent together share one call (coalesced); the
+same temperature-0 request in every round of the load is a hit after its first miss, the
+others' requests (no temperature) bypass it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,8 @@ SLOS: list[dict[str, Any]] = [
     },
 ]
 FAST_BURN = "VgateSloBurnRate1h"
+DETERMINISTIC: dict[str, Any] = {"temperature": 0, "max_tokens": 8}
+COALESCE_TRIES = 5  # pairs sent together until one is coalesced (300 ms apart at worst)
 
 
 def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> dict[str, Any]:
@@ -70,7 +77,11 @@ def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> d
                 backend("w2", second.url),
             ],
         },
-        {"name": "tiny-embed", "backends": [backend("w1-embed", first.url)]},
+        {
+            "name": "tiny-embed",
+            "cache": {"enabled": False},  # its upstream keeps answering every request
+            "backends": [backend("w1-embed", first.url)],
+        },
         {
             "name": "burning",
             "retries": no_retries,
@@ -82,6 +93,11 @@ def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> d
             "fallbacks": ["tiny-llama"],
             "backends": [backend("p1", second.url, model="tiny-llama")],
         },
+        {
+            "name": "cached",
+            "retries": no_retries,
+            "backends": [backend("c1", second.url, model="tiny-llama")],
+        },
     ]
     config = gateway_config(models)
     config["keys"] = {"file": str(keys_file)}
@@ -92,8 +108,11 @@ def gateway_yaml(sims: tuple[Process, Process], keys_file: Path, otlp: str) -> d
             {"name": "outage", "fault": {"kind": "error", "status": 500}, "routes": ["burning"]},
             {"name": "primary-down", "fault": {"kind": "error", "status": 503}, "backends": ["p1"]},
             {"name": "flaky", "fault": {"kind": "error", "status": 503}, "backends": ["w1"]},
+            # Slow enough that a second identical request finds the first still in flight.
+            {"name": "slow", "fault": {"kind": "latency", "latency_ms": 300}, "routes": ["cached"]},
         ],
     }
+    config["cache"] = {"enabled": True}  # the memory backend
     # Every request traced: its trace id is an exemplar of the latency buckets.
     config["tracing"] = {"enabled": True, "endpoint": otlp, "schedule_delay_s": 0.05}
     return config
@@ -106,6 +125,7 @@ class Load:
     def __init__(self, gateway: Gateway) -> None:
         self.url = gateway.url
         self.statuses: dict[tuple[str, int], int] = {}
+        self.cache: list[str] = []  # X-VGate-Cache of the requests sent to drive the cache
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
@@ -114,10 +134,12 @@ class Load:
     def _run(self) -> None:
         try:
             with httpx.Client(base_url=self.url, timeout=30) as client:
+                self._drive_cache(client)
                 limited = 0
                 while not self._stop.is_set():
                     for model in ("burning", "burning", "primary"):
                         self._chat(client, model, DEMO_KEY)
+                    self._cached(client, "hit again")  # a hit each round: a hit ratio above 0
                     self._chat(client, "tiny-llama", DEMO_KEY, stream=True)
                     self._post(
                         client,
@@ -132,6 +154,29 @@ class Load:
         except BaseException as exc:  # reported by the test
             self.error = exc
 
+    def _drive_cache(self, client: httpx.Client) -> None:
+        """A miss, then a hit of the same body, a bypass (no temperature), and pairs of
+        identical requests sent together until one is coalesced with the other."""
+        for _ in range(2):
+            self.cache.append(self._cached(client, "hit again"))
+        self.cache.append(self._cached(client, "no temperature", deterministic=False))
+        with ThreadPoolExecutor(2) as pool:
+            for attempt in range(COALESCE_TRIES):
+                together = [f"together {attempt}"] * 2
+                pair = pool.map(lambda content: self._cached(client, content), together)
+                self.cache.extend(sorted(pair))
+                if "coalesced" in self.cache:
+                    break
+
+    def _cached(self, client: httpx.Client, content: str, deterministic: bool = True) -> str:
+        """Ask the route `cached` for `content`; its X-VGate-Cache."""
+        body: dict[str, Any] = {
+            "model": "cached",
+            "messages": [{"role": "user", "content": content}],
+            **(DETERMINISTIC if deterministic else {"max_tokens": 8}),
+        }
+        return self._post(client, "/v1/chat/completions", "cached", DEMO_KEY, body)
+
     def _chat(self, client: httpx.Client, model: str, key: str, stream: bool = False) -> None:
         body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": 8}
         if stream:
@@ -140,12 +185,15 @@ class Load:
 
     def _post(
         self, client: httpx.Client, path: str, model: str, key: str, body: dict[str, Any]
-    ) -> None:
+    ) -> str:
+        """The response's X-VGate-Cache ("" where the route has the cache off)."""
         response = client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
         response.read()
         self.statuses[(model, response.status_code)] = (
             self.statuses.get((model, response.status_code), 0) + 1
         )
+        cache: str = response.headers.get("x-vgate-cache", "")
+        return cache
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,6 +296,10 @@ def test_every_dashboard_query_parses_and_returns_data_and_the_fast_burn_alert_g
     burning = {status for model, status in load.statuses if model == "burning"}
     assert burning and all(status >= 500 for status in burning), load.statuses
     assert load.statuses.get(("primary", 200), 0) > 0
+    # The cache's traffic: a miss then a hit of the same body, a bypass, one coalesced pair.
+    assert load.cache[:3] == ["miss", "hit", "bypass"], load.cache
+    assert load.cache[-2:] == ["coalesced", "miss"], load.cache
+    assert {status for model, status in load.statuses if model == "cached"} == {200}
     refused = prometheus.query('vgate_limit_refusals_total{key="limited"}')
     assert [r["metric"]["code"] for r in refused] == ["rate_limit_exceeded"]
 

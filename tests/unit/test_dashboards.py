@@ -16,10 +16,11 @@ import yaml
 from gateway.cli import dashboards
 from gateway.cli.main import main
 from gateway.cli.slo import rule_groups
-from gateway.config import default_config_path, load_config
+from gateway.config import CacheConfig, default_config_path, load_config
 from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.record import RequestRecord
 from gateway.router.outcome import AttemptRecord
+from policies.cache import memory_cache
 from tests.prometheus import installed
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -158,6 +159,11 @@ def exported_names() -> set[str]:
     metrics.retries.labels("m").inc()
     metrics.fallbacks.labels("m", "m").inc()
     metrics.chaos_injected("x", "error")
+    cache = memory_cache(CacheConfig(enabled=True))  # the memory backend: with its size
+    for result in ("hit", "miss", "coalesced"):
+        cache.count(result, "m")
+    cache.bypass("not_deterministic")
+    metrics.watch_cache(cache)
     names = {
         line.split("{")[0].split(" ")[0]
         for line in metrics.render().decode().splitlines()
