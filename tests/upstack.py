@@ -125,7 +125,13 @@ class Up:
 
 
 def write_config(log_dir: Path, config: dict[str, Any]) -> tuple[Path, int]:
-    server = {"host": "127.0.0.1", "port": free_port(), **config.get("server", {})}
+    # No drain delay unless the test asks (a stop is at once, as for tests.servers' gateways).
+    server = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "drain_delay_s": 0,
+        **config.get("server", {}),
+    }
     port = int(server["port"])
     config = {"keys": {"file": str(KEYS_FILE)}, **config, "server": server}
     path = log_dir / f"up-{port}.yaml"

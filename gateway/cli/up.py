@@ -8,8 +8,10 @@ The order, and why:
    start stops everything, with its reason and the last lines of its log (exit status 1);
 3. the gateway serves, as `vgate serve` does (uvicorn, same settings). The supervisor keeps
    watching: a worker that dies leaves rotation at once and rejoins once it is ready again;
-4. Ctrl-C or SIGTERM: uvicorn stops accepting and drains (`server.graceful_shutdown_s`), the
-   gateway closes, then the workers are stopped (SIGTERM, `stop_timeout_s`, SIGKILL to their
+4. SIGTERM: /ready answers 503 for `server.drain_delay_s` while the gateway serves on (as
+   `vgate serve`: gateway/runtime/drain.py); then, as at once on Ctrl-C, uvicorn stops
+   accepting and drains (`server.graceful_shutdown_s`), the gateway closes, then the
+   workers are stopped (SIGTERM, `stop_timeout_s`, SIGKILL to their
    process groups). A second Ctrl-C skips the waiting. Nothing started is left running.
 
 Workers run in their own process groups, so a Ctrl-C at the terminal reaches only vgate,
@@ -31,6 +33,7 @@ from typing import Any
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import ConfigError
 from gateway.runtime.app import create_app
+from gateway.runtime.drain import DrainingServer
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.supervisor import Supervisor, WorkerStartError, port_problem
 
@@ -135,14 +138,18 @@ async def _up(
                 server.host,
                 server.port,
             )
-            uvicorn_server = uvicorn.Server(
+            # SIGTERM: /ready 503 for server.drain_delay_s while serving, then the drain
+            # (as `vgate serve`); the workers are stopped once the gateway has drained.
+            uvicorn_server = DrainingServer(
                 uvicorn.Config(
                     create_app(gateway),
                     host=server.host,
                     port=server.port,
                     http=gateway.connections.protocol_class(),
                     **options,
-                )
+                ),
+                gateway=gateway,
+                drain_delay_s=server.drain_delay_s,
             )
             try:
                 await uvicorn_server.serve()

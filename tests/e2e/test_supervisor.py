@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -170,6 +171,23 @@ def test_a_signal_drains_stops_the_workers_and_leaves_nothing(
     assert_nothing_left(up, started)
     log = up.log()
     assert log.index("stopping the workers") < log.index("workers stopped")
+
+
+def test_sigterm_leaves_rotation_first_then_stops_the_workers(tmp_path: Path) -> None:
+    """As `vgate serve`: during the drain delay /ready says draining while requests are
+    still served; then the gateway stops and the workers after it."""
+    config = two_sims(tmp_path)
+    config["server"] = {"drain_delay_s": 2}
+    up = start_up(tmp_path, config)
+    started = descendants(up.popen.pid)
+    client = client_for(up)
+    up.popen.send_signal(signal.SIGTERM)
+    poll_until(lambda: httpx.get(up.url + "/ready", timeout=5).status_code == 503)
+    assert httpx.get(up.url + "/ready", timeout=5).json()["status"] == "draining"
+    reply = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    assert reply.choices[0].finish_reason is not None  # still served while draining
+    assert up.stop(timeout_s=30) == 0
+    assert_nothing_left(up, started)
 
 
 @pytest.fixture
