@@ -223,10 +223,7 @@ class Tracer:
     ) -> ReadableSpan:
         """One upstream attempt as a child of the request's span, on its clock: its
         perf_counter readings are offsets from the request's start (`start_ns`)."""
-        start = record.start
-
-        def wall(at: float) -> int:
-            return min(max(start_ns + round((at - start) * 1e9), start_ns), end_ns)
+        wall = _on_the_requests_clock(record.start, start_ns, end_ns)
 
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
@@ -277,9 +274,7 @@ class Tracer:
     ) -> ReadableSpan:
         """A call to Redis (the limits' admission, the cache's lookup) as a child of the
         request's span, named as OpenTelemetry's database conventions name it."""
-
-        def wall(at: float) -> int:
-            return min(max(start_ns + round((at - record.start) * 1e9), start_ns), end_ns)
+        wall = _on_the_requests_clock(record.start, start_ns, end_ns)
 
         attributes: dict[str, Any] = {
             "db.system.name": "redis",
@@ -326,6 +321,15 @@ class Tracer:
         if self._log_filter is not None:
             exporter_logger, log_filter = self._log_filter
             exporter_logger.removeFilter(log_filter)
+
+
+def _on_the_requests_clock(start: float, start_ns: int, end_ns: int) -> Callable[[float], int]:
+    """A perf_counter reading of the request's as wall-clock nanoseconds, within its span."""
+
+    def wall(at: float) -> int:
+        return min(max(start_ns + round((at - start) * 1e9), start_ns), end_ns)
+
+    return wall
 
 
 def _attributes(record: RequestRecord) -> dict[str, Any]:
