@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -336,10 +337,40 @@ class GuardrailsConfig(_Frozen):
     max_n: int | None = Field(DEFAULT_MAX_N, ge=1)
 
 
+class RedisSentinelConfig(_Frozen):
+    """A primary found through Redis Sentinel, followed when it fails over (redis-py's
+    `Sentinel(...).master_for(service_name)`)."""
+
+    service_name: str = Field(min_length=1, max_length=128)  # the sentinels' `monitor` name
+    sentinels: tuple[str, ...] = Field(min_length=1)  # "host:port", each; asked in turn
+    db: int = Field(0, ge=0)
+    password_env: str | None = Field(None, min_length=1)  # the primary's password, if any
+    sentinel_password_env: str | None = Field(None, min_length=1)  # the sentinels' own
+    ssl: bool = False  # TLS to the primary and replicas (not to the sentinels)
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_ports(cls, sentinels: tuple[str, ...]) -> tuple[str, ...]:
+        for address in sentinels:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port")
+        if len(set(sentinels)) != len(sentinels):
+            raise ValueError("a sentinel is listed twice")
+        return sentinels
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) each; an IPv6 host may be written in brackets."""
+        pairs = [address.rpartition(":") for address in self.sentinels]
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+
 class RedisConfig(_Frozen):
-    """State shared by every gateway process and replica; without a url, in-process only."""
+    """State shared by every gateway process and replica: one server (`url`), or a primary
+    followed through Sentinel (`sentinel`); with neither, in-process only."""
 
     url: str | None = None  # redis://[:password@]host:6379/0, rediss://..., unix:///path
+    sentinel: RedisSentinelConfig | None = None  # instead of url
     key_prefix: str = Field("vgate", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     socket_timeout_s: float = Field(0.5, gt=0, le=30)  # bounds every Redis call, connect too
     max_connections: int = Field(16, ge=2, le=10_000)  # pooled; a subscription holds one
@@ -350,6 +381,17 @@ class RedisConfig(_Frozen):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{url!r} is not a redis://, rediss:// or unix:// URL")
         return url
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> RedisConfig:
+        if self.url is not None and self.sentinel is not None:
+            raise ValueError("give url or sentinel, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether state is shared through Redis (a url or a sentinel section)."""
+        return self.url is not None or self.sentinel is not None
 
 
 class CacheConfig(_Frozen):
@@ -691,24 +733,30 @@ class ChaosConfig(_Frozen):
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
 )  # fmt: skip
+# vgate_tpot_seconds' (a stream's time per output token after its first).
+TPOT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
+)  # fmt: skip
 
 
 class SloLatency(_Frozen):
     """The share of requests answered within `threshold_s`: by the whole request's duration
-    (`request`), or by the time to a stream's first token (`ttft`)."""
+    (`request`), by the time to a stream's first token (`ttft`), or by a stream's time per
+    output token after its first (`tpot`)."""
 
+    of: Literal["request", "ttft", "tpot"] = "request"  # first: threshold_s's check reads it
     threshold_s: float
     target: float = Field(gt=0, lt=1)
-    of: Literal["request", "ttft"] = "request"
 
     @field_validator("threshold_s")
     @classmethod
-    def _a_bucket_boundary(cls, threshold: float) -> float:
-        if threshold not in LATENCY_BUCKETS:
-            known = ", ".join(f"{bucket:g}" for bucket in LATENCY_BUCKETS)
-            raise ValueError(
-                f"{threshold:g} is not a bucket boundary of the latency histograms ({known})"
-            )
+    def _a_bucket_boundary(cls, threshold: float, info: ValidationInfo) -> float:
+        tpot = info.data.get("of") == "tpot"
+        buckets = TPOT_BUCKETS if tpot else LATENCY_BUCKETS
+        if threshold not in buckets:
+            known = ", ".join(f"{bucket:g}" for bucket in buckets)
+            histogram = "vgate_tpot_seconds" if tpot else "the latency histograms"
+            raise ValueError(f"{threshold:g} is not a bucket boundary of {histogram} ({known})")
         return threshold
 
 

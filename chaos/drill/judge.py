@@ -5,8 +5,9 @@ dashboards), measured on the client's side of the gateway over a phase instead o
 
 - availability: of the requests not refused as the client's own fault (a 4xx), the share
   that did not fail (a 5xx, a broken stream, lost);
-- latency of the whole request (`of: request`, every answered request) or of the time to
-  first token (`of: ttft`, answered streams): the share within the threshold;
+- latency of the whole request (`of: request`, every answered request), of the time to
+  first token (`of: ttft`, answered streams) or per output token after the first (`of: tpot`,
+  answered streams of more than one token): the share within the threshold;
 
 and one the drill adds, `requests_lost`: no request may end without an answer or a clean
 error, in any phase. A request belongs to the phase it started in. A phase with no request
@@ -45,7 +46,9 @@ def judge(
 def describe(slo: SloObjective) -> str:
     if slo.latency is None:
         return f"availability >= {_percent(slo.target)}"
-    what = "time to first token" if slo.latency.of == "ttft" else "request"
+    what = {"ttft": "time to first token", "tpot": "time per output token"}.get(
+        slo.latency.of, "request"
+    )
     return f"{what} <= {slo.latency.threshold_s:g}s for >= {_percent(slo.target)}"
 
 
@@ -67,6 +70,9 @@ def _slo_verdict(
         if slo.latency.of == "ttft":
             counted = [r for r in mine if r.kind == "stream" and r.outcome == "ok"]
             good = sum(r.ttft_s is not None and r.ttft_s <= threshold for r in counted)
+        elif slo.latency.of == "tpot":
+            counted = [r for r in mine if r.outcome == "ok" and r.tpot_s is not None]
+            good = sum(r.tpot_s is not None and r.tpot_s <= threshold for r in counted)
         else:
             counted = [r for r in mine if r.outcome == "ok"]
             good = sum(r.duration_s <= threshold for r in counted)

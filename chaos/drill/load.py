@@ -155,6 +155,7 @@ class Load:
         started = self._clock()
         began = time.monotonic()
         ttft: float | None = None
+        tpot: float | None = None
         status: int | None = None
         backend: str | None = None
 
@@ -170,6 +171,7 @@ class Load:
                 outcome=outcome,  # type: ignore[arg-type]
                 error=error,
                 backend=backend,
+                tpot_s=tpot,
             )
 
         try:
@@ -205,6 +207,7 @@ class Load:
                 status, backend = raw_stream.status_code, _backend(raw_stream.headers)
                 finish: str | None = None
                 usage = False
+                tokens = 0
                 async for chunk in raw_stream.parse():
                     # The first event with a choice, as the gateway's vgate_ttft_seconds
                     # times it (what the SLO's rules read): a tiny model's first tokens may
@@ -213,7 +216,10 @@ class Load:
                         ttft = time.monotonic() - began
                     for choice in chunk.choices:
                         finish = choice.finish_reason or finish
-                    usage = usage or chunk.usage is not None
+                    if chunk.usage is not None:
+                        usage, tokens = True, chunk.usage.completion_tokens
+                if ttft is not None and tokens > 1:
+                    tpot = (time.monotonic() - began - ttft) / (tokens - 1)
                 if finish is None:
                     return ended("lost", "a stream that ended without a finish_reason")
                 if not usage:

@@ -29,6 +29,9 @@ class RequestResult:
     outcome: RequestOutcome
     error: str | None = None  # the error's code or type, or why it was lost
     backend: str | None = None  # X-VGate-Backend, where the gateway said
+    # Streams of more than one token: (end - first event) / (completion tokens - 1), as
+    # vgate_tpot_seconds measures it.
+    tpot_s: float | None = None
 
     @property
     def ended(self) -> float:

@@ -95,6 +95,19 @@ def bucket_bound(seconds: float) -> str:
     return repr(float(seconds))
 
 
+# A latency objective's histogram, by what it measures, and that in words.
+_HISTOGRAMS = {
+    "request": "vgate_request_latency_seconds",
+    "ttft": "vgate_ttft_seconds",
+    "tpot": "vgate_tpot_seconds",
+}
+_MEASURED = {
+    "request": "request duration",
+    "ttft": "time to first token",
+    "tpot": "time per output token",
+}
+
+
 def error_ratio(slo: SloObjective, window: str) -> str:
     """PromQL for the share of `slo`'s requests over `window` that missed it."""
     routes = _route_matcher(slo)
@@ -107,7 +120,7 @@ def error_ratio(slo: SloObjective, window: str) -> str:
             f"(sum(rate(vgate_requests_total{failed}[{window}])) or vector(0))\n"
             f"/\nsum(rate(vgate_requests_total{counted}[{window}]))"
         )
-    metric = "vgate_request_latency_seconds" if latency.of == "request" else "vgate_ttft_seconds"
+    metric = _HISTOGRAMS[latency.of]
     within = _selector(f"le={_quote(bucket_bound(latency.threshold_s))}", routes)
     every = _selector(routes)
     return (
@@ -126,7 +139,7 @@ def describe(slo: SloObjective) -> str:
     if latency is None:
         what = f"availability {_percent(slo.target)}"
     else:
-        measured = "request duration" if latency.of == "request" else "time to first token"
+        measured = _MEASURED[latency.of]
         what = f"{_percent(latency.target)} within {latency.threshold_s:g} s ({measured})"
     return f"{what} over {slo.window_days} days"
 

@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from gateway.config import LATENCY_BUCKETS, ChaosFaultKind
+from gateway.config import LATENCY_BUCKETS, TPOT_BUCKETS, ChaosFaultKind
 from gateway.edge.connections import ConnectionGuard
 from gateway.edge.record import RequestRecord
 from policies.admission import Admission
@@ -36,7 +36,6 @@ from policies.limits_redis import FailoverLimits
 
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Time per output token: a fast GPU's few milliseconds to a loaded CPU worker's second.
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _ENDPOINTS = frozenset({"chat", "completions", "embeddings", "models"})
 _REDIS_COMPONENTS = frozenset({"breaker", "cache", "limits"})  # what shares state through Redis
 NONE = "none"
@@ -107,7 +106,7 @@ class GatewayMetrics:
             "Time per output token of a stream after its first: (end - first token) / "
             "(completion tokens - 1), by model route and the backend that answered.",
             ["model", "backend"],
-            buckets=_TPOT_BUCKETS,
+            buckets=TPOT_BUCKETS,
             registry=registry,
         )
         self.overhead = Histogram(

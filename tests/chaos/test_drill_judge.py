@@ -20,6 +20,9 @@ TTFT = SloObjective.model_validate(
 LATENCY = SloObjective.model_validate(
     {"name": "latency", "latency": {"threshold_s": 1, "target": 0.75}}
 )
+TPOT = SloObjective.model_validate(
+    {"name": "tpot", "latency": {"threshold_s": 0.05, "target": 0.9, "of": "tpot"}}
+)
 
 
 def request(at: float, **fields: Any) -> RequestResult:
@@ -80,6 +83,18 @@ def test_latency_objectives_read_answered_requests_and_ttft_only_streams_of_thei
     assert latency.requests == 5
     assert latency.measured == 4 / 5
     assert latency.holds
+
+
+def test_time_per_output_token_reads_the_answered_streams_that_have_one() -> None:
+    requests = [
+        request(1, kind="stream", ttft_s=0.1, tpot_s=0.01),
+        request(1, kind="stream", ttft_s=0.1, tpot_s=0.2),
+        request(1, kind="stream", ttft_s=0.1),  # one token: no time per token
+        request(1, kind="stream", status=503, outcome="error", tpot_s=0.01),  # failed
+    ]
+    tpot = verdict(judge([TPOT], requests, [BEFORE], {}), "tpot", "before")
+    assert (tpot.requests, tpot.measured, tpot.holds) == (2, 0.5, False)
+    assert tpot.description == "time per output token <= 0.05s for >= 90%"
 
 
 def test_a_lost_request_fails_its_phase_and_the_whole_drill_even_where_slos_are_waived() -> None:

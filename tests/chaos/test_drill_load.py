@@ -56,6 +56,7 @@ def test_whole_answers_of_every_kind_are_ok_with_their_time_to_first_token(
     assert all(r.status == 200 and r.error is None for r in results)
     streams = [r for r in results if r.kind == "stream"]
     assert all(r.ttft_s is not None and 0 < r.ttft_s <= r.duration_s for r in streams)
+    assert all(r.tpot_s is not None and r.tpot_s >= 0 for r in streams)  # 16 tokens each
     assert all(r.ttft_s is None for r in results if r.kind != "stream")
     assert len({r.started for r in results}) == len(results)  # the drill's clock, at each start
 

@@ -13,7 +13,7 @@ import yaml
 
 from gateway.cli.main import main
 from gateway.cli.slo import BURN_ALERTS, bucket_bound, render
-from gateway.config import LATENCY_BUCKETS, load_config
+from gateway.config import LATENCY_BUCKETS, TPOT_BUCKETS, load_config
 from gateway.edge import metrics
 from gateway.errors import ConfigError
 from tests.prometheus import installed
@@ -34,6 +34,7 @@ SLOS = [
         "latency": {"threshold_s": 2.5, "target": 0.99},
     },
     {"name": "ttft", "latency": {"threshold_s": 1, "target": 0.95, "of": "ttft"}},
+    {"name": "tpot", "latency": {"threshold_s": 0.05, "target": 0.99, "of": "tpot"}},
 ]
 
 
@@ -58,7 +59,12 @@ def rules_file(tmp_path: Path, slos: object = SLOS) -> Path:
 
 def test_a_valid_section_loads(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, SLOS), environ={})
-    assert [slo.name for slo in config.slos] == ["chat_availability", "chat_latency", "ttft"]
+    assert [slo.name for slo in config.slos] == [
+        "chat_availability",
+        "chat_latency",
+        "ttft",
+        "tpot",
+    ]
     assert config.slos[0].window_days == 28
     assert config.slos[1].latency is not None and config.slos[1].latency.of == "request"
     assert config.slos[0].error_budget == pytest.approx(0.005)
@@ -91,9 +97,14 @@ def test_a_valid_section_loads(tmp_path: Path) -> None:
         ([{"name": "x", "availability": 1}], "slos[0].availability", "less than 1"),
         ([{"name": "x", "availability": 0.9}] * 2, "slos", "'x' is used twice"),
         (
-            [{"name": "x", "latency": {"threshold_s": 1, "target": 0.9, "of": "tpot"}}],
+            [{"name": "x", "latency": {"threshold_s": 0.003, "target": 0.9, "of": "tpot"}}],
+            "slos[0].latency.threshold_s",
+            "vgate_tpot_seconds (0.001, 0.0025, 0.005",
+        ),
+        (
+            [{"name": "x", "latency": {"threshold_s": 1, "target": 0.9, "of": "p99"}}],
             "slos[0].latency.of",
-            "'request' or 'ttft'",
+            "'request', 'ttft' or 'tpot'",
         ),
     ],
 )
@@ -117,7 +128,12 @@ def test_rules_use_only_exported_metrics(tmp_path: Path) -> None:
     text = render(load_config(write_config(tmp_path, SLOS), environ={}))
     rules = [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
     exprs = " ".join(rule["expr"] for rule in rules)
-    for name in ("vgate_requests_total", "vgate_request_latency_seconds_bucket"):
+    for name in (
+        "vgate_requests_total",
+        "vgate_request_latency_seconds_bucket",
+        "vgate_ttft_seconds_bucket",
+        "vgate_tpot_seconds_bucket",
+    ):
         assert name in exprs
     exported = metrics.GatewayMetrics(["chat"], ["b1"])
     exported.ttft.labels("chat").observe(0.1)
@@ -126,6 +142,13 @@ def test_rules_use_only_exported_metrics(tmp_path: Path) -> None:
         bound = bucket_bound(bucket)
         assert f'vgate_ttft_seconds_bucket{{le="{bound}",model="chat"}}' in exposition
     assert 'le="1.0"' in exprs
+    exported.tpot.labels("chat", "b1").observe(0.01)
+    for bucket in TPOT_BUCKETS:
+        bound = bucket_bound(bucket)
+        assert f'vgate_tpot_seconds_bucket{{backend="b1",le="{bound}",model="chat"}}' in (
+            exported.render().decode()
+        )
+    assert 'vgate_tpot_seconds_bucket{le="0.05"}' in exprs
     assert 'model=~"chat|embed\\\\.v1"' in exprs  # a regex, its dot escaped in a PromQL string
     alerts = [rule for rule in rules if "alert" in rule]
     assert [(a["labels"]["severity"], a["for"]) for a in alerts[:4]] == [
