@@ -5,21 +5,30 @@ background tasks, and a process that cannot reach it keeps deciding from its own
 Every call is bounded by `socket_timeout_s`. The client retries a call only once, at once,
 and only on a connection error: a pooled connection that died with a restarted server is
 replaced without a false alarm; a timeout is never retried (callers bound their calls).
+
+With `redis.sentinel` the client follows the primary that the sentinels name: a new
+connection asks them first (each ask bounded by `socket_timeout_s`), and a connection to a
+primary that died or was demoted fails and is replaced by one to the new primary, so a
+failover looks to the components like a short outage, with the same bounds.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.config import RedisConfig
+from gateway.config import RedisConfig, RedisSentinelConfig
+from gateway.errors import ConfigError
 
 logger = logging.getLogger("vgate.redis")
 
@@ -27,19 +36,68 @@ logger = logging.getLogger("vgate.redis")
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
-def create_client(config: RedisConfig) -> Redis:
-    """A pooled asyncio client; it connects on first use, so this never blocks or fails
-    on an unreachable server."""
+def create_client(config: RedisConfig, source: str = "configuration") -> Redis:
+    """A pooled asyncio client, on `redis.url` or through `redis.sentinel`; it connects on
+    first use, so this never blocks or fails on an unreachable server. A password variable
+    that is not set is a ConfigError naming the field (`source`: the config file)."""
+    options: dict[str, Any] = {
+        "socket_timeout": config.socket_timeout_s,
+        "socket_connect_timeout": config.socket_timeout_s,
+        "max_connections": config.max_connections,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "client_name": "vgate",
+    }
+    if config.sentinel is not None:
+        return _sentinel_client(config.sentinel, options, source)
     if config.url is None:
         raise ValueError("redis.url is not set")
-    return Redis.from_url(
-        config.url,
-        socket_timeout=config.socket_timeout_s,
-        socket_connect_timeout=config.socket_timeout_s,
-        max_connections=config.max_connections,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        client_name="vgate",
+    return Redis.from_url(config.url, **options)
+
+
+class _SentinelManagedRedis(Redis):
+    """The primary's client, which also closes its sentinels' connections when closed
+    (redis-py leaves those to whoever made the `Sentinel`)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        sentinels: Sentinel = self.connection_pool.sentinel_manager  # type: ignore[attr-defined]
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            await sentinels.aclose()
+
+
+def _sentinel_client(config: RedisSentinelConfig, options: dict[str, Any], source: str) -> Redis:
+    password = _secret(config.password_env, "redis.sentinel.password_env", source)
+    sentinel_password = _secret(
+        config.sentinel_password_env, "redis.sentinel.sentinel_password_env", source
     )
+    # Asking the sentinels is bounded as every other call is; one that does not answer is
+    # skipped for the next (redis-py asks them in turn), never retried.
+    sentinel_options: dict[str, Any] = {
+        "socket_timeout": options["socket_timeout"],
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if sentinel_password is not None:
+        sentinel_options["password"] = sentinel_password
+    sentinels = Sentinel(config.addresses(), sentinel_kwargs=sentinel_options)
+    return sentinels.master_for(  # type: ignore[no-any-return]
+        config.service_name,
+        redis_class=_SentinelManagedRedis,
+        db=config.db,
+        password=password,
+        ssl=config.ssl,
+        **options,
+    )
+
+
+def _secret(variable: str | None, field: str, source: str) -> str | None:
+    if variable is None:
+        return None
+    value = os.environ.get(variable, "")
+    if not value:
+        raise ConfigError(source, field, f"environment variable {variable} is not set")
+    return value
 
 
 class RedisHealth:
