@@ -339,6 +339,17 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
                     width=8,
                     height=6,
                 ),
+                Panel(
+                    "vLLM queue by backend (its own running and waiting requests)",
+                    (
+                        Query(
+                            f"sum by (backend, state) (vgate_upstream_requests{{{_BACKEND}}})",
+                            "{{backend}} {{state}}",
+                        ),
+                    ),
+                    width=24,
+                    height=6,
+                ),
             ],
         ),
         (

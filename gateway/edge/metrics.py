@@ -33,6 +33,7 @@ from policies.cache import LOOKUP_BUCKETS, WITHOUT_UPSTREAM, ResponseCache
 from policies.limits import LimitStore
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits
+from policies.load import UpstreamLoad
 
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Time per output token: a fast GPU's few milliseconds to a loaded CPU worker's second.
@@ -246,6 +247,8 @@ class GatewayMetrics:
             self.config_reloads.labels(outcome)
         self._limits = _LimitCollector([])
         registry.register(self._limits)
+        self._queues = _UpstreamQueueCollector([])
+        registry.register(self._queues)
         if legacy_names:
             registry.register(
                 _LegacyNames(self.duration, self.ttft, self.prompt_tokens, self.generated_tokens)
@@ -415,6 +418,11 @@ class GatewayMetrics:
         """Each backend's concurrency limit in force, read at scrape time (per backend name);
         called again after a config reload, with the backends in force then."""
         self._limits.limits = [(name, limit) for name, limit in limits if name in self._backends]
+
+    def watch_upstream_queues(self, loads: Iterable[tuple[str, UpstreamLoad]]) -> None:
+        """What each backend's vLLM last said it runs and queues (load_scrape), read at
+        scrape time; called again after a config reload, with the backends in force then."""
+        self._queues.loads = [(name, load) for name, load in loads if name in self._backends]
 
     def health_changed(self, backend: str, healthy: bool) -> None:
         if backend in self._healthy_backends:
@@ -610,6 +618,25 @@ class _CacheCollector(Collector):
             yield GaugeMetricFamily(
                 "vgate_cache_bytes", "Bytes of answers in this process's response cache.", size[1]
             )
+
+
+class _UpstreamQueueCollector(Collector):
+    def __init__(self, loads: list[tuple[str, UpstreamLoad]]) -> None:
+        self.loads = loads
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "vgate_upstream_requests",
+            "Requests a backend's vLLM said it has running (in its batch) and waiting (queued), "
+            "from its own /metrics (load_scrape); absent without a recent report.",
+            labels=["backend", "state"],
+        )
+        for name, load in self.loads:
+            report = load.report
+            if report is not None:
+                gauge.add_metric([name, "running"], report.running)
+                gauge.add_metric([name, "waiting"], report.waiting)
+        yield gauge
 
 
 class _LimitCollector(Collector):

@@ -312,6 +312,7 @@ class Gateway:
             self.breaker_sync.replace(b.breaker for b in router.backends if b.breaker.config.shared)
         self.health.replace_probes(_probes(router))
         self.metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
+        self.metrics.watch_upstream_queues((b.name, b.upstream) for b in router.backends)
         self._retarget_loads(config, router)
         if removed:
             grace = max(route.timeouts.total_s for route in old_router.routes)
@@ -419,6 +420,7 @@ def _watch(metrics: GatewayMetrics, router: Router, connections: ConnectionGuard
     metrics.watch_admission(router.admission)
     metrics.watch_connections(connections)
     metrics.watch_concurrency_limits((b.name, _limit_of(b)) for b in router.backends)
+    metrics.watch_upstream_queues((b.name, b.upstream) for b in router.backends)
 
 
 def _access_log(config: GatewayConfig, stream: BinaryIO | None) -> AccessLog | None:

@@ -21,6 +21,7 @@ from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.record import RequestRecord
 from gateway.router.outcome import AttemptRecord
 from policies.cache import memory_cache
+from policies.load import LoadReport, UpstreamLoad
 from tests.prometheus import installed
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -164,6 +165,9 @@ def exported_names() -> set[str]:
         cache.count(result, "m")
     cache.bypass("not_deterministic")
     metrics.watch_cache(cache)
+    queue = UpstreamLoad()  # what the backend's vLLM last reported (load_scrape)
+    queue.update(LoadReport(running=1, waiting=2, at=0.0), own_in_flight=0)
+    metrics.watch_upstream_queues([("b", queue)])
     names = {
         line.split("{")[0].split(" ")[0]
         for line in metrics.render().decode().splitlines()

@@ -19,6 +19,7 @@ from gateway.router.outcome import AttemptRecord
 from policies.limits import KeyLimits
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits, RedisLimits
+from policies.load import LoadReport, UpstreamLoad
 from policies.redis_state import create_client
 
 
@@ -242,3 +243,23 @@ def test_the_breaker_state_is_one_of_three_per_backend() -> None:
     seen = samples(metrics)
     assert seen[("vgate_breaker_state", (("backend", "new"), ("state", "closed")))] == 1
     assert not [labels for name, labels in seen if ("backend", "b") in labels and "state" in name]
+
+
+def test_each_backends_vllm_queue_is_what_it_last_reported() -> None:
+    metrics = GatewayMetrics(["m"], ["w1", "w2", "w3"])
+    reported, never, stale = UpstreamLoad(), UpstreamLoad(), UpstreamLoad()
+    reported.update(LoadReport(running=3, waiting=7, at=1.0), own_in_flight=2)
+    stale.update(LoadReport(running=1, waiting=1, at=1.0), own_in_flight=0)
+    stale.expire(now=100.0, max_age_s=5.0)  # too old: steers nothing, reports nothing
+    metrics.watch_upstream_queues(
+        [("w1", reported), ("w2", never), ("w3", stale), ("gone", reported)]
+    )
+    queues = {
+        labels: value
+        for (name, labels), value in samples(metrics).items()
+        if name == "vgate_upstream_requests"
+    }
+    assert queues == {
+        (("backend", "w1"), ("state", "running")): 3.0,
+        (("backend", "w1"), ("state", "waiting")): 7.0,
+    }
