@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,14 @@ import httpx
 import pytest
 import yaml
 
-from gateway.config import RedisConfig, load_config
+from gateway.config import BreakerConfig, RedisConfig, load_config
 from gateway.edge.auth import hash_key
 from gateway.errors import ConfigError
 from gateway.runtime import gateway as runtime_gateway
-from policies.redis_state import REDIS_ERRORS, create_client
+from policies.breaker import BackendBreaker
+from policies.breaker_sync import BreakerSync
+from policies.redis_state import REDIS_ERRORS, RedisHealth, create_client
+from tests.policies.test_breaker import fail
 from tests.redis_sentinel import SentinelDeployment, start_sentinel_deployment
 from tests.servers import (
     KEYS_FILE,
@@ -90,6 +93,61 @@ def test_the_client_follows_a_failover_with_every_call_bounded(
     # A call tries at most twice (a connection error is retried once), each try bounded by
     # socket_timeout_s for the sentinels' answer and again for the primary's.
     assert max(took) < 4 * 3 * 0.5, took
+
+
+class BreakerView:
+    """One gateway process's breaker, shared through Sentinel (its own client and sync)."""
+
+    def __init__(self, deployment: SentinelDeployment) -> None:
+        config = BreakerConfig(consecutive_failures=2, open_s=30, min_requests=1000)
+        self.breaker = BackendBreaker("w1", config, route="tiny-llama")
+        self.changes: list[bool] = []  # Redis reachable or not, as the sync saw it
+        self.redis = create_client(
+            RedisConfig(sentinel=sentinel_section(deployment), socket_timeout_s=0.5)
+        )
+        self.sync = BreakerSync(
+            self.redis,
+            [self.breaker],
+            key_prefix="e2e-sentinel-breaker",
+            timeout_s=0.5,
+            health=RedisHealth("breaker", lambda _, up: self.changes.append(up)),
+            check_interval_s=0.2,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+
+    def lost_and_back(self) -> bool:
+        return False in self.changes and self.changes[-1] is True
+
+    async def aclose(self) -> None:
+        await self.sync.aclose()
+        await self.redis.aclose()
+
+
+async def eventually(predicate: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
+
+
+async def test_shared_breakers_follow_a_failover(deployment: SentinelDeployment) -> None:
+    a, b = BreakerView(deployment), BreakerView(deployment)
+    try:
+        await a.sync.start()
+        await b.sync.start()
+        deployment.primary.kill()
+        await asyncio.to_thread(
+            poll_until, lambda: deployment.primary_port() == deployment.replica_port
+        )
+        # Both lose the subscription with the primary, and take it up again on the new one.
+        await eventually(lambda: a.lost_and_back() and b.lost_and_back())
+        while a.breaker.state != "open":
+            fail(a.breaker)
+        await eventually(lambda: b.breaker.state == "open")
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 def test_a_missing_password_variable_names_the_field() -> None:
