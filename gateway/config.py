@@ -926,8 +926,8 @@ class GatewayConfig(_Frozen):
 
     @model_validator(mode="after")
     def _cache_backend_has_redis(self) -> GatewayConfig:
-        if self.cache.enabled and self.cache.backend == "redis" and self.redis.url is None:
-            raise ValueError("cache.backend: redis needs redis.url")
+        if self.cache.enabled and self.cache.backend == "redis" and not self.redis.enabled:
+            raise ValueError("cache.backend: redis needs redis.url or redis.sentinel")
         return self
 
     @model_validator(mode="after")

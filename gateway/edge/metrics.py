@@ -210,7 +210,7 @@ class GatewayMetrics:
         )
         self.redis_up = Gauge(
             "vgate_redis_up",
-            "1 while Redis answers the component that uses it (absent without redis.url).",
+            "1 while Redis answers the component that uses it (absent without Redis configured).",
             ["component"],
             registry=registry,
         )

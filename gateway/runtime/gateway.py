@@ -4,10 +4,10 @@ Building (`Gateway.from_config`) connects to nothing and starts nothing, so it i
 `vgate check-config` validates what the schema cannot (keys file, credentials). `start()`
 takes these steps, each pushing its own close onto one `AsyncExitStack`:
 
-1. what runs from being built has its close pushed first, to be closed last: with
-   `redis.url` the client and the limit store on it (the store first, so settles still
-   queued go out before the client goes), and the tracer's export thread;
-2. with `redis.url`, the breaker sync, which reads the shared breakers before serving;
+1. what runs from being built has its close pushed first, to be closed last: with Redis
+   (`redis.url` or `redis.sentinel`) the client and the limit store on it (the store first,
+   so settles still queued go out before the client goes), and the tracer's export thread;
+2. with Redis, the breaker sync, which reads the shared breakers before serving;
 3. every backend's adapter (its connection pool);
 4. one round of health checks, so that /ready and routing know from the first request,
    then the health loop;
@@ -94,9 +94,9 @@ class Gateway:
     health: HealthChecker
     loads: LoadScraper | None  # vLLM's own running/waiting, scraped as a load signal
     tracer: Tracer | None  # with tracing.enabled: request spans over OTLP
-    redis: Redis | None  # with redis.url: one pooled client, from start to aclose
+    redis: Redis | None  # with redis.url or redis.sentinel: one pooled client, start to aclose
     cache: ResponseCache | None  # with cache.enabled; kept across reloads (restart to change)
-    breaker_sync: BreakerSync | None  # with redis.url: breakers shared by every process
+    breaker_sync: BreakerSync | None  # with Redis: breakers shared by every process
     limits: LimitStore  # per key: rpm, tpm, day, in flight
     guardrails: Guardrails
     usage: KeyUsage  # per key, today: what /admin/keys/{id} reports
@@ -140,7 +140,7 @@ class Gateway:
         metrics = _metrics(config)
         chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
         # The client connects on first use: building it here neither blocks nor fails.
-        redis = create_client(config.redis) if config.redis.url is not None else None
+        redis = create_client(config.redis, config.source) if config.redis.enabled else None
         cache = _response_cache(config, redis, metrics)
         router = build_router(
             config,
@@ -383,7 +383,7 @@ def _response_cache(
     if not settings.enabled:
         return None
     if settings.backend == "redis":
-        assert redis is not None  # the config requires redis.url
+        assert redis is not None  # the config requires redis.url or redis.sentinel
         cache = redis_cache(settings, config.redis, redis, on_redis_change=metrics.redis_changed)
     else:
         cache = memory_cache(settings)

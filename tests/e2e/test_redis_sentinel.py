@@ -5,7 +5,6 @@ follow the failover to the new primary, and the limits are exact again between t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,6 @@ import yaml
 from gateway.config import BreakerConfig, RedisConfig, load_config
 from gateway.edge.auth import hash_key
 from gateway.errors import ConfigError
-from gateway.runtime import gateway as runtime_gateway
 from policies.breaker import BackendBreaker
 from policies.breaker_sync import BreakerSync
 from policies.redis_state import REDIS_ERRORS, RedisHealth, create_client
@@ -276,13 +274,6 @@ class Load:
             return len(self.outcomes)
 
 
-# The gateway builds its client only when redis.enabled (a url or a sentinel section):
-# gateway/runtime/gateway.py's start() tested redis.url before; until it tests enabled, a
-# sentinel section is ignored there and this test cannot run.
-@pytest.mark.skipif(
-    "config.redis.enabled" not in inspect.getsource(runtime_gateway),
-    reason="gateway/runtime/gateway.py does not build the client for redis.sentinel yet",
-)
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_primary_killed_under_load_gateways_follow_and_limits_stay_exact(
     logs: Path, deployment: SentinelDeployment, mode: str

@@ -116,3 +116,15 @@ async def test_an_unreachable_redis_does_not_stop_the_gateway_starting() -> None
         assert b'vgate_redis_outages_total{component="breaker"} 1.0' in gateway.metrics.render()
     finally:
         await gateway.aclose()
+
+
+def test_the_redis_cache_backend_needs_redis_by_url_or_sentinel(tmp_path: Path) -> None:
+    cache = {"enabled": True, "backend": "redis"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, {**MINIMAL, "cache": cache}), environ={})
+    assert "cache.backend: redis needs redis.url or redis.sentinel" in str(caught.value)
+    sentinel = {"service_name": "mymaster", "sentinels": ["127.0.0.1:26379"]}
+    config = load_config(
+        write(tmp_path, {**MINIMAL, "cache": cache, "redis": {"sentinel": sentinel}}), environ={}
+    )
+    assert config.redis.enabled and config.cache.backend == "redis"
