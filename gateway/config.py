@@ -55,7 +55,10 @@ class _Frozen(BaseModel):
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: Literal[1] = 1
+    # Gateway processes serving this port (gateway/runtime/workers.py): each takes its share
+    # of the connections; per-key limits and breakers are exact across them only through
+    # `redis:` (without it, each process keeps its own).
+    workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     access_log: bool = True
     # On SIGTERM, /ready answers 503 for drain_delay_s while the gateway serves and accepts on

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from gateway.config import GatewayConfig, ServerConfig, load_config
 from gateway.errors import ConfigError
 
@@ -25,6 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="YAML config file (default: the embedded default)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers", type=int, help="override server.workers (gateway processes on the port)"
+    )
+    # One SO_REUSEPORT socket per worker instead of one shared socket (for measurements).
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     up = verbs.add_parser("up", help="start the config's vLLM workers, then serve in front of them")
     up.add_argument("--config", required=True, help="YAML config file with a workers: section")
@@ -112,7 +119,8 @@ def _check_config(path: str | None) -> int:
     except ConfigError as exc:
         print(f"vgate: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    for warning in config.warnings:  # worth fixing, but the config works: still exit 0
+    # Worth fixing, but the config works: still exit 0.
+    for warning in (*config.warnings, *workers_warnings(config, config.server)):
         print(f"vgate: warning: {warning}", file=sys.stderr)
     models = ", ".join(route.name for route in config.models)
     print(f"{config.source}: ok ({len(config.models)} models: {models})")
@@ -135,20 +143,39 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _server_settings(args: argparse.Namespace, config: GatewayConfig) -> ServerConfig:
     server = config.server
-    if args.host or args.port is not None:
-        server = server.model_copy(
-            update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-        )
+    overrides = {"host": args.host, "port": args.port, "workers": getattr(args, "workers", None)}
+    if any(v is not None for v in overrides.values()):
+        try:  # validated as the file's values are
+            server = ServerConfig.model_validate(
+                {**server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"vgate: --{where}: {error['msg']}", file=sys.stderr)
+            raise SystemExit(2) from None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return server
 
 
-def _log_warnings(config: GatewayConfig) -> None:
+def workers_warnings(config: GatewayConfig, server: ServerConfig) -> list[str]:
+    """Several processes without Redis: each keeps its own limits, quotas and breakers."""
+    if server.workers == 1 or config.redis.enabled:
+        return []
+    return [
+        f"{config.source}: server.workers is {server.workers} but there is no redis: "
+        f"each process keeps its own per-key rate limits, quotas and concurrency limits "
+        f"(a key gets up to {server.workers}x its limits), its own circuit breakers and "
+        f"its own memory cache; set redis.url to share them"
+    ]
+
+
+def _log_warnings(config: GatewayConfig, server: ServerConfig | None = None) -> None:
     """What the configuration loads but may not do as it seems (after _server_settings,
     which starts the logging)."""
-    for warning in config.warnings:
+    for warning in (*config.warnings, *workers_warnings(config, server or config.server)):
         logging.getLogger("vgate.config").warning("%s", warning)
 
 
@@ -181,6 +208,12 @@ def _up(args: argparse.Namespace) -> int:
     config = _load(args.config)
     server = _server_settings(args, config)
     _log_warnings(config)
+    if server.workers > 1:  # its supervisor and its gateway share one process and loop
+        logging.getLogger("vgate").warning(
+            "server.workers is %d: `vgate up` serves in one process (run the workers' "
+            "gateway with `vgate serve` for several)",
+            server.workers,
+        )
     return up(config, server, _uvicorn_options(config, server))
 
 
@@ -200,7 +233,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     server = _server_settings(args, config)
-    _log_warnings(config)
+    _log_warnings(config, server)
+    if server.workers > 1:
+        from gateway.runtime.workers import serve_workers
+
+        options = _uvicorn_options(config, server)
+        return serve_workers(config, server, options, reuse_port=args.reuse_port)
     try:
         gateway = Gateway.from_config(config)
     except ConfigError as exc:

@@ -63,7 +63,13 @@ def gateway_reload(gateway: Gateway) -> Callable[[], Awaitable[dict[str, Any]]]:
     return reload
 
 
-def create_app(gateway: Gateway) -> ASGIApp:
+def create_app(
+    gateway: Gateway,
+    *,
+    scrape: Callable[[str | None], Awaitable[tuple[bytes, str]]] | None = None,
+) -> ASGIApp:
+    """`scrape`: /metrics' body and content type for an Accept header, where it is not this
+    process's own registry (several worker processes: gateway/runtime/peer_metrics.py)."""
     config = gateway.config  # what only a restart changes: a reload keeps these sections
 
     def model_object(name: str) -> dict[str, Any]:
@@ -124,7 +130,11 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     async def metrics(request: Request) -> Response:
         # OpenMetrics (with exemplars) to a scraper that asks for it, as Prometheus does.
-        body, content_type = gateway.metrics.exposition(request.headers.get("accept"))
+        accept = request.headers.get("accept")
+        if scrape is None:
+            body, content_type = gateway.metrics.exposition(accept)
+        else:  # the sum over the server's worker processes
+            body, content_type = await scrape(accept)
         return Response(body, media_type=content_type)
 
     async def openapi(request: Request) -> Response:
