@@ -41,7 +41,7 @@ _SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 def parse(text: str) -> list[Metric]:
     """One process's OpenMetrics exposition (ending in `# EOF`)."""
-    return list(text_string_to_metric_families(text))
+    return list(text_string_to_metric_families(text))  # type: ignore[no-untyped-call]
 
 
 def merge(processes: Sequence[Iterable[Metric]]) -> list[Metric]:
@@ -88,7 +88,12 @@ def _combine(a: Sample, b: Sample, rule: Rule) -> Sample:
 def _latest(a: Exemplar | None, b: Exemplar | None) -> Exemplar | None:
     if a is None or b is None:
         return a or b
-    return b if (b.timestamp or 0) >= (a.timestamp or 0) else a
+    return b if _when(b) >= _when(a) else a
+
+
+def _when(exemplar: Exemplar) -> float:
+    # The parser gives a Timestamp (seconds and nanoseconds), or nothing.
+    return 0.0 if exemplar.timestamp is None else float(exemplar.timestamp)
 
 
 class _Families(Collector):
