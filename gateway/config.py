@@ -368,15 +368,56 @@ class RedisSentinelConfig(_Frozen):
         return [(host.strip("[]"), int(port)) for host, _, port in pairs]
 
 
+def _host_ports(addresses: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Each "host:port" (an IPv6 host may be in brackets), none twice."""
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not host:port")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"a {what} is listed twice")
+    return addresses
+
+
+def _pairs(addresses: tuple[str, ...]) -> list[tuple[str, int]]:
+    pairs = [address.rpartition(":") for address in addresses]
+    return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+
+class RedisClusterConfig(_Frozen):
+    """A Redis Cluster (redis-py's `RedisCluster`): the client learns every primary and
+    which slots it holds from any of `nodes`, and follows the cluster as slots move or a
+    replica takes over. Each component keeps what must stay atomic on one hash slot."""
+
+    # "host:port" of some nodes, tried in turn to learn the others (one is enough; list a
+    # few so that start-up does not depend on one node).
+    nodes: tuple[str, ...] = Field(min_length=1)
+    password_env: str | None = Field(None, min_length=1)  # the nodes' password, if any
+    username: str | None = Field(None, min_length=1)  # an ACL user (with password_env)
+    ssl: bool = False  # TLS to every node
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, nodes: tuple[str, ...]) -> tuple[str, ...]:
+        return _host_ports(nodes, "node")
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) each; an IPv6 host may be written in brackets."""
+        return _pairs(self.nodes)
+
+
 class RedisConfig(_Frozen):
-    """State shared by every gateway process and replica: one server (`url`), or a primary
-    followed through Sentinel (`sentinel`); with neither, in-process only."""
+    """State shared by every gateway process and replica: one server (`url`), a primary
+    followed through Sentinel (`sentinel`), or a Redis Cluster (`cluster`); with none of
+    them, in-process only."""
 
     url: str | None = None  # redis://[:password@]host:6379/0, rediss://..., unix:///path
     sentinel: RedisSentinelConfig | None = None  # instead of url
+    cluster: RedisClusterConfig | None = None  # instead of url or sentinel
     key_prefix: str = Field("vgate", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     socket_timeout_s: float = Field(0.5, gt=0, le=30)  # bounds every Redis call, connect too
-    max_connections: int = Field(16, ge=2, le=10_000)  # pooled; a subscription holds one
+    # Pooled (with cluster: per node); a subscription holds one.
+    max_connections: int = Field(16, ge=2, le=10_000)
 
     @field_validator("url")
     @classmethod
@@ -387,14 +428,23 @@ class RedisConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_way_in(self) -> RedisConfig:
-        if self.url is not None and self.sentinel is not None:
-            raise ValueError("give url or sentinel, not both")
+        given = [
+            name
+            for name, value in (
+                ("url", self.url),
+                ("sentinel", self.sentinel),
+                ("cluster", self.cluster),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one of url, sentinel or cluster, not {' and '.join(given)}")
         return self
 
     @property
     def enabled(self) -> bool:
-        """Whether state is shared through Redis (a url or a sentinel section)."""
-        return self.url is not None or self.sentinel is not None
+        """Whether state is shared through Redis (a url, a sentinel or a cluster section)."""
+        return self.url is not None or self.sentinel is not None or self.cluster is not None
 
 
 class CacheConfig(_Frozen):

@@ -20,6 +20,15 @@ cost without it. What is shared are transitions:
   retry with capped, jittered backoff; the outage is logged once when it starts and once
   when it ends (`RedisHealth`). Every call is bounded by a timeout.
 
+On a Redis Cluster every breaker's key and the channel carry one hash tag,
+`{{prefix}:breaker}`, so they live on one slot: the catch-up reads all keys in one MGET
+(a cross-slot MGET is refused), the publishing script is single-slot, and the
+subscription is made on the same primary that the keys live on, so a failover of that
+primary is seen by the catch-up and the subscription alike. Pub/sub stays plain
+(SUBSCRIBE/PUBLISH, which a cluster forwards to every node): transitions are rare, so
+the broadcast costs nothing that matters, and the subscription is one connection whose
+silence the loop below can check, as with one server.
+
 Transitions are ordered by the wall-clock time they happened, so the processes' clocks
 should agree (NTP) to well within a breaker's `open_s`.
 """
@@ -39,12 +48,11 @@ from contextlib import suppress
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from gateway.config import RedisConfig
 from policies.breaker import CLOSED, BackendBreaker
-from policies.redis_state import REDIS_ERRORS, RedisHealth, describe
+from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth, describe, is_cluster
 
 logger = logging.getLogger("vgate.breaker")
 
@@ -71,6 +79,12 @@ return 1
 """
 
 
+def breaker_base(key_prefix: str, *, cluster: bool) -> str:
+    """The channel, and the start of every breaker's key. On a cluster it is a hash tag,
+    so that they all hash to one slot; on one server the names stay as they were."""
+    return f"{{{key_prefix}:breaker}}" if cluster else f"{key_prefix}:breaker"
+
+
 def default_origin() -> str:
     """This process among all gateway processes: host, pid, and a random part for pid reuse."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -82,7 +96,7 @@ class BreakerSync:
     @classmethod
     def from_config(
         cls,
-        redis: Redis,
+        redis: RedisClient,
         breakers: Iterable[BackendBreaker],
         settings: RedisConfig,
         *,
@@ -100,7 +114,7 @@ class BreakerSync:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         breakers: Iterable[BackendBreaker],
         *,
         key_prefix: str = "vgate",
@@ -113,11 +127,12 @@ class BreakerSync:
         backoff_max_s: float = 5.0,
     ) -> None:
         self._redis = redis
-        self._key_prefix = key_prefix
+        self._cluster = is_cluster(redis)
+        self._base = breaker_base(key_prefix, cluster=self._cluster)
         self._breakers: dict[tuple[str, str], BackendBreaker] = {}
         self._keys: dict[BackendBreaker, str] = {}
         self._follow(breakers)
-        self.channel = f"{key_prefix}:breaker"
+        self.channel = self._base
         self.origin = origin or default_origin()
         self.health = health if health is not None else RedisHealth("breaker")
         self._timeout_s = timeout_s
@@ -153,7 +168,7 @@ class BreakerSync:
     def _follow(self, breakers: Iterable[BackendBreaker]) -> None:
         self._breakers = {(breaker.route, breaker.name): breaker for breaker in breakers}
         self._keys = {
-            breaker: f"{self._key_prefix}:breaker:{breaker.route}:{breaker.name}"
+            breaker: f"{self._base}:{breaker.route}:{breaker.name}"
             for breaker in self._breakers.values()
         }
 
@@ -242,6 +257,11 @@ class BreakerSync:
         while not self._closing:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if self._cluster:
+                    # A keyed call on the channel's slot first: should its primary have
+                    # died, this call's failure has the client learn the slots again, so
+                    # the subscription goes to the new primary, not to the dead one.
+                    await self._catch_up()
                 async with asyncio.timeout(self._timeout_s):
                     await pubsub.subscribe(self.channel)
                 await self._catch_up()

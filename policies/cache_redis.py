@@ -8,6 +8,15 @@ problem: the lookup raises `CacheUnavailable` (the request goes upstream), the o
 logged once each way (`RedisHealth`) and counted, and while it lasts one lookup per
 `probe_interval_s` tries Redis while the others bypass at once; the first that gets an
 answer ends it.
+
+On a Redis Cluster an entry's name puts everything after the prefix in a hash tag,
+`{prefix}:cache:{<route tag>:<scope tag>:<hash>}`, and its lease is
+`{prefix}:cache:lease:{<same>}`: the entry and its lease share a slot, so waiting for
+another process's answer reads both in one call to one node. A lookup of several entries
+(`get_many`) is split by slot (redis-py's `mget_nonatomic`, one MGET per slot, sent to
+the nodes at once); it never needed to be atomic. The admin count and clear walk every
+primary (`scan_iter` on a cluster scans each). On one server the names stay untagged, as
+they were.
 """
 
 from __future__ import annotations
@@ -19,11 +28,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from gateway.config import CacheConfig, RedisConfig
 from policies.cache import CacheUnavailable, Entry, ResponseCache
-from policies.redis_state import REDIS_ERRORS, RedisHealth
+from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth
 
 logger = logging.getLogger("vgate.cache")
 # A lease given back only by its holder. KEYS: the lease. ARGV: its token.
@@ -35,10 +44,28 @@ MAX_PENDING_FILLS = 256  # fills in flight at once; past it, a fill is dropped (
 _SCAN_LIMIT = 100_000  # keys an admin count or clear walks at most
 
 
+def entry_name(prefix: str, key: str, *, cluster: bool) -> str:
+    """An entry's Redis key (`prefix` ends with ':cache:'): on a cluster the cache key is
+    a hash tag, so the entry and its lease (`lease_name`) share one slot."""
+    return f"{prefix}{{{key}}}" if cluster else prefix + key
+
+
+def lease_name(prefix: str, key: str, *, cluster: bool) -> str:
+    return f"{prefix}lease:{{{key}}}" if cluster else f"{prefix}lease:{key}"
+
+
+def entry_pattern(
+    prefix: str, route_tag: str | None, scope_tag: str | None, *, cluster: bool
+) -> str:
+    """What SCAN matches for the entries of a route and scope (None: any)."""
+    tagged = f"{route_tag or '*'}:{scope_tag or '*'}:*"
+    return f"{prefix}{{{tagged}" if cluster else prefix + tagged
+
+
 class RedisStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         key_prefix: str,
         timeout_s: float,
@@ -49,6 +76,7 @@ class RedisStore:
     ) -> None:
         self.redis = redis
         self.prefix = f"{key_prefix}:cache:"
+        self._cluster = isinstance(redis, RedisCluster)
         self.timeout_s = timeout_s
         self.probe_interval_s = probe_interval_s
         self.health = health
@@ -83,7 +111,7 @@ class RedisStore:
             raise CacheUnavailable
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
-                raw = await self.redis.get(self.prefix + key)
+                raw = await self.redis.get(self._entry_key(key))
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -95,7 +123,11 @@ class RedisStore:
             raise CacheUnavailable
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
-                raws = await self.redis.mget([self.prefix + key for key in keys])
+                names = [self._entry_key(key) for key in keys]
+                if isinstance(self.redis, RedisCluster):  # entries on many slots
+                    raws = await self.redis.mget_nonatomic(names)
+                else:
+                    raws = await self.redis.mget(names)
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -128,15 +160,18 @@ class RedisStore:
             # A fill may take the connection's own timeout: nobody waits for it.
             async with self._calls:
                 if value is not None:
-                    await self.redis.set(self.prefix + key, value, px=ttl_ms)
+                    await self.redis.set(self._entry_key(key), value, px=ttl_ms)
                 if lease:
                     await self._release(keys=[self._lease_key(key)], args=[lease])
         except REDIS_ERRORS as error:
             self.failed_fills += 1
             self._failed(error)
 
+    def _entry_key(self, key: str) -> str:
+        return entry_name(self.prefix, key, cluster=self._cluster)
+
     def _lease_key(self, key: str) -> str:
-        return f"{self.prefix}lease:{key}"
+        return lease_name(self.prefix, key, cluster=self._cluster)
 
     async def claim(self, key: str, lease_s: float) -> str | None:
         """A lease on the key's upstream call, across processes: this process's token when
@@ -166,7 +201,7 @@ class RedisStore:
             try:
                 async with asyncio.timeout(self.timeout_s), self._calls:
                     pipe = self.redis.pipeline(transaction=False)
-                    pipe.get(self.prefix + key)
+                    pipe.get(self._entry_key(key))
                     pipe.exists(self._lease_key(key))
                     raw, leased = await pipe.execute()
             except REDIS_ERRORS as error:
@@ -180,7 +215,7 @@ class RedisStore:
             interval = min(interval * 2, 0.1)
 
     async def _keys(self, route_tag: str | None, scope_tag: str | None) -> list[bytes]:
-        pattern = f"{self.prefix}{route_tag or '*'}:{scope_tag or '*'}:*"
+        pattern = entry_pattern(self.prefix, route_tag, scope_tag, cluster=self._cluster)
         found: list[bytes] = []
         async for key in self.redis.scan_iter(match=pattern, count=1000):
             found.append(key)
@@ -233,7 +268,7 @@ def _entry(raw: bytes | str) -> Entry | None:
 def redis_cache(
     config: CacheConfig,
     redis_config: RedisConfig,
-    redis: Redis,
+    redis: RedisClient,
     *,
     on_redis_change: Callable[[str, bool], None] | None = None,
 ) -> ResponseCache:

@@ -10,6 +10,13 @@ With `redis.sentinel` the client follows the primary that the sentinels name: a 
 connection asks them first (each ask bounded by `socket_timeout_s`), and a connection to a
 primary that died or was demoted fails and is replaced by one to the new primary, so a
 failover looks to the components like a short outage, with the same bounds.
+
+With `redis.cluster` the client is redis-py's `RedisCluster`: it learns the slots from the
+listed nodes on first use and sends each command to the primary of its key's slot,
+following MOVED redirects and refreshing its view after a connection error. A command
+touching several keys must keep them on one slot, so each component names its keys with a
+hash tag (`{...}`) wherever a script, MGET or transaction spans more than one key.
+`max_connections` then bounds each node's pool.
 """
 
 from __future__ import annotations
@@ -18,28 +25,44 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.config import RedisConfig, RedisSentinelConfig
+from gateway.config import RedisClusterConfig, RedisConfig, RedisSentinelConfig
 from gateway.errors import ConfigError
 
 logger = logging.getLogger("vgate.redis")
 
-# What a failed or slow Redis call raises: the client's errors, a socket's, a timeout's.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# What a failed or slow Redis call raises: the client's errors, a socket's, a timeout's;
+# a cluster's own (no slot covered, no node reachable) are not RedisErrors.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
+# What create_client returns; both take the same commands, scripts and pipelines.
+RedisClient: TypeAlias = Redis | RedisCluster
 
 
-def create_client(config: RedisConfig, source: str = "configuration") -> Redis:
-    """A pooled asyncio client, on `redis.url` or through `redis.sentinel`; it connects on
-    first use, so this never blocks or fails on an unreachable server. A password variable
-    that is not set is a ConfigError naming the field (`source`: the config file)."""
+def is_cluster(redis: object) -> bool:
+    """Whether `redis` talks to a Redis Cluster (keys on several nodes)."""
+    return isinstance(redis, RedisCluster)
+
+
+def create_client(config: RedisConfig, source: str = "configuration") -> RedisClient:
+    """A pooled asyncio client, on `redis.url`, through `redis.sentinel` or to
+    `redis.cluster`; it connects on first use, so this never blocks or fails on an
+    unreachable server. A password variable that is not set is a ConfigError naming the
+    field (`source`: the config file)."""
     options: dict[str, Any] = {
         "socket_timeout": config.socket_timeout_s,
         "socket_connect_timeout": config.socket_timeout_s,
@@ -49,6 +72,8 @@ def create_client(config: RedisConfig, source: str = "configuration") -> Redis:
     }
     if config.sentinel is not None:
         return _sentinel_client(config.sentinel, options, source)
+    if config.cluster is not None:
+        return _cluster_client(config.cluster, options, source)
     if config.url is None:
         raise ValueError("redis.url is not set")
     return Redis.from_url(config.url, **options)
@@ -87,6 +112,23 @@ def _sentinel_client(config: RedisSentinelConfig, options: dict[str, Any], sourc
         db=config.db,
         password=password,
         ssl=config.ssl,
+        **options,
+    )
+
+
+def _cluster_client(
+    config: RedisClusterConfig, options: dict[str, Any], source: str
+) -> RedisCluster:
+    password = _secret(config.password_env, "redis.cluster.password_env", source)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in config.addresses()],
+        password=password,
+        username=config.username,
+        ssl=config.ssl,
+        # The client works on with the slots that are served: whether a node answers for
+        # its slots while others are uncovered is the servers' setting
+        # (cluster-require-full-coverage), not the client's to refuse.
+        require_full_coverage=False,
         **options,
     )
 

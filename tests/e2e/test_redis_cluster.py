@@ -1,0 +1,409 @@
+"""Redis Cluster, against real processes: three primaries (tests/redis_cluster.py). Every
+component that shares state through Redis works on it: per-key limits stay exact across
+processes, a shared breaker opened in one process is seen open in another, the response
+cache keeps, finds, counts and clears entries on every node, and a gateway configured
+with `redis.cluster` serves requests with exact limits. A primary killed (no replica to
+take over) makes nothing hang: requests are served within the bound, fail-open."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import yaml
+from redis.asyncio import RedisCluster
+
+from gateway.config import BreakerConfig, RedisConfig, load_config
+from gateway.edge.auth import hash_key
+from gateway.errors import ConfigError
+from gateway.wire.cachekey import cache_key, tag
+from policies.breaker import BackendBreaker
+from policies.breaker_sync import BreakerSync
+from policies.cache_redis import RedisStore
+from policies.limits_redis import RedisLimits
+from policies.redis_state import RedisClient, RedisHealth, create_client
+from tests.policies.test_breaker import fail
+from tests.redis_cluster import RedisCluster as ClusterProcesses
+from tests.redis_cluster import start_cluster
+from tests.servers import (
+    KEYS_FILE,
+    Process,
+    backend,
+    gateway_config,
+    iter_stop,
+    poll_until,
+    start_gateway,
+    start_sim,
+)
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+EXACT_RPM = 5
+EXACT_KEY = "vg-test-cluster-exact-01234567890abc"
+LOAD_KEY = "vg-test-cluster-load-012345678901abc"
+REQUEST_BOUND_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def cluster(logs: Path) -> Iterator[ClusterProcesses]:
+    started = start_cluster(logs)
+    yield started
+    started.stop()
+
+
+def cluster_config(cluster: ClusterProcesses, **extra: Any) -> RedisConfig:
+    return RedisConfig(cluster={"nodes": cluster.addresses[:2]}, socket_timeout_s=0.5, **extra)
+
+
+@pytest.fixture
+async def client(cluster: ClusterProcesses) -> AsyncIterator[RedisClient]:
+    shared = create_client(cluster_config(cluster))
+    assert isinstance(shared, RedisCluster)
+    await shared.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield shared
+    await shared.aclose()
+
+
+# Configuration.
+
+
+@pytest.mark.parametrize(
+    ("redis", "field"),
+    [
+        ({"url": "redis://x:6379", "cluster": {"nodes": ["h:1"]}}, "redis"),
+        (
+            {
+                "sentinel": {"service_name": "m", "sentinels": ["h:1"]},
+                "cluster": {"nodes": ["h:1"]},
+            },
+            "redis",
+        ),
+        ({"cluster": {"nodes": []}}, "redis.cluster.nodes"),
+        ({"cluster": {"nodes": ["no-port"]}}, "redis.cluster.nodes"),
+        ({"cluster": {"nodes": ["h:1", "h:1"]}}, "redis.cluster.nodes"),
+        ({"cluster": {"nodes": ["h:99999"]}}, "redis.cluster.nodes"),
+        ({"cluster": {}}, "redis.cluster.nodes"),
+        ({"cluster": True}, "redis.cluster"),
+        ({"cluster": {"nodes": ["h:1"], "pasword_env": "X"}}, "redis.cluster.pasword_env"),
+    ],
+)
+def test_a_wrong_cluster_section_fails_at_start_up_naming_the_field(
+    tmp_path: Path, redis: dict[str, Any], field: str
+) -> None:
+    raw = {
+        "keys": {"file": str(KEYS_FILE)},
+        "redis": redis,
+        "models": [{"name": "m", "backends": [backend("b", "http://127.0.0.1:1")]}],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.field == field
+
+
+def test_a_cluster_section_makes_a_cluster_client_with_the_same_bounds() -> None:
+    config = RedisConfig(
+        cluster={"nodes": ["10.0.0.1:7000", "[::1]:7001"]}, socket_timeout_s=0.2, max_connections=8
+    )
+    assert config.enabled and config.url is None and config.sentinel is None
+    assert config.cluster is not None
+    assert config.cluster.addresses() == [("10.0.0.1", 7000), ("::1", 7001)]
+    client = create_client(config)  # nothing is connected yet: an unreachable node is fine
+    assert isinstance(client, RedisCluster)
+    assert client.connection_kwargs["socket_timeout"] == 0.2
+    assert client.connection_kwargs["socket_connect_timeout"] == 0.2
+    assert client.retry.get_retries() == 1
+
+
+def test_a_missing_cluster_password_variable_names_the_field() -> None:
+    config = RedisConfig(cluster={"nodes": ["127.0.0.1:1"], "password_env": "NO_SUCH_VAR"})
+    with pytest.raises(ConfigError) as caught:
+        create_client(config, "gateway.yaml")
+    assert caught.value.field == "redis.cluster.password_env"
+
+
+# Limits.
+
+
+@dataclass(frozen=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent: int | None = None
+
+
+def key_ids_on_every_primary(cluster: ClusterProcesses, prefix: str) -> list[str]:
+    """Key ids whose limits live on different primaries: one per primary at least."""
+    by_owner: dict[int, str] = {}
+    for n in range(200):
+        key_id = f"key-{n}"
+        by_owner.setdefault(cluster.owner_of(f"{prefix}:rl:{{{key_id}}}"), key_id)
+        if len(by_owner) == 3:
+            return list(by_owner.values())
+    raise AssertionError(f"key ids on {len(by_owner)} primaries only")
+
+
+def flush_scripts(cluster: ClusterProcesses) -> None:
+    """Every primary forgets its scripts, as a restarted one has."""
+    for port in cluster.primary_ports():
+        with redis.Redis(port=port, socket_timeout=1.0) as node:
+            node.script_flush()
+
+
+async def test_limits_stay_exact_across_two_stores_on_every_primary(
+    cluster: ClusterProcesses, client: RedisClient
+) -> None:
+    other = create_client(cluster_config(cluster))
+    stores = [
+        RedisLimits(shared, key_prefix="lim", timeout_s=2.0, max_calls=8)
+        for shared in (client, other)
+    ]
+    try:
+        key_ids = key_ids_on_every_primary(cluster, "lim")
+        limits = Limits(rpm=7, max_concurrent=5)
+        # 30 concurrent admits per key, half through each store: exactly the limit admitted.
+        verdicts = await asyncio.gather(
+            *(stores[n % 2].admit(key_id, limits, 1) for key_id in key_ids for n in range(30))
+        )
+        for index, key_id in enumerate(key_ids):
+            mine = verdicts[index * 30 : (index + 1) * 30]
+            assert sum(v.allowed for v in mine) == 5, key_id  # max_concurrent is the tighter
+        # Settled in one pipeline across the primaries; then the scripts are gone (a node
+        # restarted, say): NOSCRIPT is handled, and the freed slots admit again, exactly.
+        tickets = [v.ticket for v in verdicts if v.ticket is not None]
+        assert await stores[0].settle_many([(ticket, 1, False) for ticket in tickets]) == [
+            True
+        ] * len(tickets)
+        flush_scripts(cluster)
+        again = await asyncio.gather(
+            *(stores[n % 2].admit(key_id, limits, 1) for key_id in key_ids for n in range(4))
+        )
+        # rpm 7: 5 spent, 2 left for each key.
+        for index, key_id in enumerate(key_ids):
+            assert sum(v.allowed for v in again[index * 4 : (index + 1) * 4]) == 2, key_id
+        flush_scripts(cluster)
+        tickets = [v.ticket for v in again if v.ticket is not None]
+        assert all(await stores[1].settle_many([(t, None, True) for t in tickets]))
+        usage = await stores[0].usage(key_ids[0], limits)
+        assert usage is not None
+    finally:
+        await other.aclose()
+
+
+# Shared breakers.
+
+
+class BreakerView:
+    """One gateway process's breaker, shared through the cluster (its own client and sync)."""
+
+    def __init__(self, cluster: ClusterProcesses, prefix: str) -> None:
+        config = BreakerConfig(consecutive_failures=2, open_s=30, min_requests=1000)
+        self.breaker = BackendBreaker("w1", config, route="tiny-llama")
+        self.changes: list[bool] = []
+        self.redis = create_client(cluster_config(cluster))
+        self.sync = BreakerSync(
+            self.redis,
+            [self.breaker],
+            key_prefix=prefix,
+            timeout_s=0.5,
+            health=RedisHealth("breaker", lambda _, up: self.changes.append(up)),
+            check_interval_s=0.2,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+
+    async def aclose(self) -> None:
+        await self.sync.aclose()
+        await self.redis.aclose()
+
+
+async def eventually(predicate: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_breaker_opened_in_one_process_is_seen_open_in_another(
+    cluster: ClusterProcesses, client: RedisClient
+) -> None:
+    a, b = BreakerView(cluster, "brk"), BreakerView(cluster, "brk")
+    try:
+        await a.sync.start()
+        await b.sync.start()
+        assert a.changes == [True] and b.changes == [True]
+        # Key and channel on one slot: the catch-up is one MGET, the script single-slot.
+        assert a.sync.key(a.breaker) == "{brk:breaker}:tiny-llama:w1"
+        while a.breaker.state != "open":
+            fail(a.breaker)
+        await eventually(lambda: b.breaker.state == "open")  # by the message
+        assert b.breaker.opened_at == a.breaker.opened_at
+        assert await client.get(a.sync.key(a.breaker)) is not None
+    finally:
+        await a.aclose()
+        await b.aclose()
+    # A process that starts late reads what is open from the key (its catch-up).
+    late = BreakerView(cluster, "brk")
+    try:
+        await late.sync.start()
+        assert late.breaker.state == "open"
+    finally:
+        await late.aclose()
+
+
+# The response cache.
+
+
+def cache_store(redis: RedisClient) -> RedisStore:
+    return RedisStore(
+        redis, key_prefix="c", timeout_s=1.0, probe_interval_s=1.0, health=RedisHealth("cache")
+    )
+
+
+def entry(route: str, scope: str, text: str) -> str:
+    return cache_key("/v1/chat/completions", route, scope, {"prompt": text})
+
+
+async def test_cache_entries_across_slots_are_kept_found_counted_and_cleared(
+    cluster: ClusterProcesses, client: RedisClient
+) -> None:
+    shared = cache_store(client)
+    names = [
+        entry(route, scope, str(n))
+        for route, scope in (("m", "key:a"), ("m", "key:b"), ("n", "global"))
+        for n in range(20)
+    ]
+    for name in names:
+        shared.put(name, b"12345", 60)
+    await shared.aclose()
+    # Spread over the three primaries.
+    owners = {cluster.owner_of(f"c:cache:{{{name}}}") for name in names}
+    assert len(owners) == 3
+    found = await shared.get_many([*names, entry("m", "key:a", "absent")])
+    assert [e is not None and e.body == b"12345" for e in found] == [True] * 60 + [False]
+    one = await shared.get(names[0])
+    assert one is not None and one.body == b"12345"
+    # A lease and its entry share a slot: waiting reads both in one call.
+    token = await shared.claim(names[0] + "x", 5.0)
+    assert token is not None and await shared.claim(names[0] + "x", 5.0) is None
+    shared.put(names[0] + "x", b"late", 60, lease=token)
+    await shared.aclose()
+    waited = await shared.await_entry(names[0] + "x", 1.0)
+    assert waited is not None and waited.body == b"late"
+    assert await client.exists(f"c:cache:lease:{{{names[0]}x}}") == 0
+    # Counting and clearing walk every primary; leases are not entries.
+    assert await shared.stats() == {"entries": 61, "bytes": 60 * (5 + 15) + 4 + 15}
+    assert await shared.clear(route_tag=tag("m"), scope_tag=tag("key:b")) == 20
+    assert await shared.clear(route_tag=tag("n")) == 20
+    assert await shared.clear() == 21
+    assert (await shared.stats())["entries"] == 0
+
+
+# A gateway on the cluster.
+
+
+def write_keys(path: Path) -> Path:
+    keys = {"load": (LOAD_KEY, 100_000), "exact": (EXACT_KEY, EXACT_RPM)}
+    entries = [
+        {"id": f"key-{name}", "name": name, "sha256": hash_key(secret), "limits": {"rpm": rpm}}
+        for name, (secret, rpm) in keys.items()
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}, sort_keys=False))
+    return path
+
+
+def chat(client: httpx.Client, url: str, key: str, **extra: Any) -> httpx.Response:
+    return client.post(
+        url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 4, **extra},
+        timeout=REQUEST_BOUND_S + 5,
+    )
+
+
+def redis_up(url: str, component: str) -> bool:
+    metrics = httpx.get(url + "/metrics", timeout=5).text
+    return f'vgate_redis_up{{component="{component}"}} 1.0' in metrics
+
+
+def gateway_on(cluster: ClusterProcesses, logs: Path, sim: Process, prefix: str) -> dict[str, Any]:
+    config = gateway_config([{"name": "tiny-llama", "backends": [backend("w1", sim.url)]}])
+    config["keys"] = {"file": str(write_keys(logs / f"{prefix}-keys.yaml"))}
+    config["redis"] = {
+        "cluster": {"nodes": cluster.addresses},
+        "key_prefix": prefix,
+        "socket_timeout_s": 0.5,
+    }
+    config["cache"] = {"enabled": True, "backend": "redis"}
+    config["limits"] = {"probe_interval_s": 0.1}
+    return config
+
+
+def test_gateways_on_a_cluster_serve_with_exact_limits_and_a_shared_cache(
+    logs: Path, cluster: ClusterProcesses
+) -> None:
+    sim = start_sim(logs)
+    config = gateway_on(cluster, logs, sim, "e2e-cluster")
+    processes: list[Process] = [sim]
+    try:
+        gateways = [start_gateway(logs, config), start_gateway(logs, config)]
+        processes += gateways
+        with httpx.Client() as client:
+            for gateway in gateways:
+                assert chat(client, gateway.url, LOAD_KEY).status_code == 200
+                assert redis_up(gateway.url, "limits")
+            statuses = [
+                chat(client, gateways[i % 2].url, EXACT_KEY).status_code
+                for i in range(EXACT_RPM + 3)
+            ]
+            assert statuses == [200] * EXACT_RPM + [429] * 3
+            # A deterministic answer kept by one gateway is a hit in the other.
+            first = chat(client, gateways[0].url, LOAD_KEY, temperature=0)
+            assert first.status_code == 200
+            hit = poll_until(
+                lambda: (
+                    (r := chat(client, gateways[1].url, LOAD_KEY, temperature=0)).headers.get(
+                        "x-vgate-cache"
+                    )
+                    == "hit"
+                    and r
+                )
+            )
+            assert hit.json()["choices"] == first.json()["choices"]
+    finally:
+        iter_stop(iter(processes))
+
+
+def test_a_dead_primary_without_replica_never_hangs_a_request(logs: Path) -> None:
+    """Its slots are gone: the calls for keys there fail within socket_timeout_s and the
+    limits fail open; every request is answered within the bound."""
+    own = start_cluster(logs / "dead-primary")
+    sim = start_sim(logs)
+    processes: list[Process] = [sim]
+    try:
+        config = gateway_on(own, logs, sim, "e2e-cluster-dead")
+        gateway = start_gateway(logs, config)
+        processes.append(gateway)
+        with httpx.Client() as client:
+            assert chat(client, gateway.url, LOAD_KEY).status_code == 200
+            victim = own.owner_of("e2e-cluster-dead:rl:{key-load}")
+            own.node(victim).kill()
+            took: list[float] = []
+            for _ in range(10):
+                started = time.monotonic()
+                response = chat(client, gateway.url, LOAD_KEY)
+                took.append(time.monotonic() - started)
+                assert response.status_code == 200, response.text
+            print(f"dead primary, no replica: slowest request {max(took):.2f}s")
+            assert max(took) < REQUEST_BOUND_S
+    finally:
+        iter_stop(iter(processes))
+        own.stop()
