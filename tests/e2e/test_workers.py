@@ -1,0 +1,214 @@
+"""`server.workers: 2`: two gateway processes on one port, as a real `vgate serve`, in front of
+real sims (and a real redis-server for the shared limits)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.edge.auth import hash_key
+from tests.servers import (
+    DEMO_KEY,
+    Gateway,
+    Process,
+    RedisServer,
+    backend,
+    gateway_config,
+    poll_until,
+    start_gateway,
+    start_redis,
+    start_sim,
+)
+from tests.upstack import descendants, processes
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+RPM_KEY = "vg-workers-rpm-0123456789abcdefghij"
+RPM = 5
+
+
+@pytest.fixture(scope="module")
+def sims(logs: Path) -> Iterator[tuple[Process, Process]]:
+    fast = start_sim(logs, models=("tiny-llama",))
+    slow = start_sim(logs, models=("tiny-llama",), ttft_ms=1500)  # answers in about 1.5 s
+    yield fast, slow
+    fast.stop()
+    slow.stop()
+
+
+def two_workers(sims: tuple[Process, Process], **top: Any) -> dict[str, Any]:
+    fast, slow = sims
+    routes = [
+        {"name": "tiny-llama", "backends": [backend("fast", fast.url)]},
+        {"name": "slow", "backends": [backend("slow", slow.url, model="tiny-llama")]},
+    ]
+    config = gateway_config(routes, workers=2, config_reload_interval_s=0)
+    return {**config, **top}
+
+
+def chat(gateway: Gateway, model: str = "tiny-llama", key: str = DEMO_KEY) -> httpx.Response:
+    """One request on a connection of its own (so the kernel picks a worker for each)."""
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": model, "messages": MESSAGES, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
+def scrape(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The merged /metrics, every sample by name and labels."""
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(value for (sample, _labels), value in samples.items() if sample == name)
+
+
+def per_worker(gateway: Gateway) -> dict[str, float]:
+    samples = scrape(gateway)
+    return {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples.items()
+        if name == "vgate_worker_requests_total"
+    }
+
+
+def worker_pids(gateway: Gateway) -> set[int]:
+    """The parent's live children (zombies left out)."""
+    table = processes()
+    return {
+        pid
+        for pid in descendants(gateway.popen.pid)
+        if pid in table and table[pid][0] == gateway.popen.pid and table[pid][2] != "Z"
+    }
+
+
+@pytest.fixture
+def started(logs: Path) -> Iterator[list[Gateway]]:
+    gateways: list[Gateway] = []
+    yield gateways
+    for gateway in gateways:
+        gateway.stop()
+
+
+def test_both_processes_serve_and_metrics_count_the_whole(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, two_workers(sims))
+    started.append(gateway)
+    assert len(poll_until(lambda: len(worker_pids(gateway)) == 2 and worker_pids(gateway))) == 2
+    assert "server.workers is 2 but there is no redis" in gateway.log()
+    # Until each worker has answered some (the kernel picks; bounded), then exactly K in all.
+    sent = 0
+    while sent < 10 or min(per_worker(gateway).values(), default=0) == 0:
+        assert sent < 400, f"one worker answered nothing: {per_worker(gateway)}"
+        assert chat(gateway).status_code == 200
+        sent += 1
+    samples = scrape(gateway)
+    assert total(samples, "vgate_requests_total") == sent
+    shares = per_worker(gateway)
+    assert set(shares) == {"0", "1"} and sum(shares.values()) == sent
+    assert samples[("vgate_metrics_workers", (("state", "answered"),))] == 2
+    assert samples[("vgate_metrics_workers", (("state", "missing"),))] == 0
+
+
+def test_sigterm_drains_every_worker_and_the_parent_exits_0(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, two_workers(sims))
+    started.append(gateway)
+    workers = poll_until(lambda: len(worker_pids(gateway)) == 2 and worker_pids(gateway))
+    # Slow requests in flight (about 1.5 s each, several on each worker most likely).
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(chat(gateway, "slow").status_code))
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    poll_until(lambda: total(scrape(gateway), "vgate_requests_in_flight") >= 6, timeout_s=10)
+    gateway.popen.send_signal(signal.SIGTERM)
+    assert gateway.popen.wait(30) == 0, gateway.log()
+    for thread in threads:
+        thread.join(30)
+    assert results == [200] * 6  # every request in flight finished
+    assert not {pid for pid in workers if pid in processes()}, "a worker outlived the parent"
+
+
+def test_a_killed_worker_is_replaced(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, two_workers(sims))
+    started.append(gateway)
+    before = poll_until(lambda: len(worker_pids(gateway)) == 2 and worker_pids(gateway))
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        pids = worker_pids(gateway)
+        return pids if len(pids) == 2 and victim not in pids else None
+
+    after = poll_until(replaced)
+    assert after - before and len(after & before) == 1
+    assert "killed by signal 9: replacing it" in gateway.log()
+    # The new one serves: every worker answers the scrape, and requests are answered.
+    poll_until(lambda: scrape(gateway)[("vgate_metrics_workers", (("state", "answered"),))] == 2)
+    assert all(chat(gateway).status_code == 200 for _ in range(10))
+
+
+def test_sighup_reloads_the_config_in_every_worker(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, two_workers(sims))
+    started.append(gateway)
+    poll_until(lambda: len(worker_pids(gateway)) == 2)
+    applied = ("vgate_config_reloads_total", (("outcome", "applied"),))
+    assert scrape(gateway)[applied] == 0
+    # A new alias, known only after a reload.
+    config_path = next(logs.glob(f"gateway-{gateway.url.rsplit(':', 1)[1]}.yaml"))
+    config = yaml.safe_load(config_path.read_text())
+    config["models"][0]["aliases"] = ["reloaded"]
+    config_path.write_text(yaml.safe_dump(config))
+    gateway.popen.send_signal(signal.SIGHUP)
+    poll_until(lambda: scrape(gateway)[applied] == 2)  # once in each worker
+    # Whichever worker a connection reaches knows the alias.
+    assert all(chat(gateway, "reloaded").status_code == 200 for _ in range(20))
+
+
+@pytest.fixture(scope="module")
+def redis(logs: Path) -> Iterator[RedisServer]:
+    server = start_redis(logs)
+    yield server
+    server.stop()
+
+
+def test_per_key_limits_are_exact_across_workers_through_redis(
+    logs: Path, sims: tuple[Process, Process], redis: RedisServer, started: list[Gateway]
+) -> None:
+    keys = logs / "workers-keys.yaml"
+    entry = {"id": "key-rpm", "name": "rpm", "sha256": hash_key(RPM_KEY), "limits": {"rpm": RPM}}
+    keys.write_text(yaml.safe_dump({"keys": [entry]}))
+    config = two_workers(sims, redis={"url": redis.url, "key_prefix": "e2e-workers"})
+    config["keys"] = {"file": str(keys)}
+    gateway = start_gateway(logs, config)
+    started.append(gateway)
+    assert "no redis" not in gateway.log()
+    statuses = [chat(gateway, key=RPM_KEY).status_code for _ in range(4 * RPM)]
+    assert statuses.count(200) == RPM and statuses.count(429) == 3 * RPM, statuses
+    shares = per_worker(gateway)
+    assert sum(shares.values()) == 4 * RPM
+    assert min(shares.values()) > 0, f"one worker answered nothing: {shares}"
