@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,11 @@ from gateway.config import RedisConfig  # noqa: E402
 from policies.limits import KeyLimits  # noqa: E402
 from policies.limits_local import LocalLimits  # noqa: E402
 from policies.limits_redis import FailoverLimits, RedisLimits  # noqa: E402
+from policies.redis_pipelined import (  # noqa: E402
+    PIPELINED_MAX_CALLS,
+    PipelinedRedis,
+    request_path_client,
+)
 from policies.redis_state import create_client  # noqa: E402
 
 BIG = 10_000_000
@@ -131,50 +137,76 @@ async def _local(requests: int) -> list[dict[str, Any]]:
     ]
 
 
-async def _redis(url: str, requests: int, clients: int, connections: int) -> list[dict[str, Any]]:
-    client = create_client(RedisConfig(url=url, max_connections=connections))
+CLIENTS = ("redis-py", "pipelined")
+
+
+def _client(kind: str, url: str, connections: int) -> tuple[Any, int]:
+    """The client and the store's `max_calls` the gateway would give it."""
+    config = RedisConfig(url=url, max_connections=connections)
+    if kind == "pipelined":
+        client = request_path_client(config)
+        assert client is not None
+        return client, PIPELINED_MAX_CALLS
+    return create_client(config), connections - 4
+
+
+class _RoundTrips:
+    """Writes to Redis: redis-py's commands and pipelines (one round trip each), the
+    pipelined client's writes (every command of a loop turn in one)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls = 0
+        if isinstance(client, PipelinedRedis):
+            return
+        original, original_pipeline = client.execute_command, client.pipeline
+
+        async def counting(*args: Any, **options: Any) -> Any:
+            self.calls += 1
+            return await original(*args, **options)
+
+        def counting_pipeline(*args: Any, **options: Any) -> Any:
+            pipe = original_pipeline(*args, **options)
+            execute = pipe.execute
+
+            async def counted(*args: Any, **options: Any) -> Any:
+                self.calls += 1
+                return await execute(*args, **options)
+
+            pipe.execute = counted
+            return pipe
+
+        client.execute_command = counting
+        client.pipeline = counting_pipeline
+
+    def count(self) -> int:
+        if isinstance(self.client, PipelinedRedis):
+            return self.client.sent()[1]
+        return self.calls
+
+
+async def _redis(
+    url: str, requests: int, clients: int, connections: int, kind: str
+) -> list[dict[str, Any]]:
+    client, max_calls = _client(kind, url, connections)
     store = FailoverLimits(
-        RedisLimits(
-            client, key_prefix=f"bench{os.getpid()}", timeout_s=1.0, max_calls=connections - 4
-        ),
+        RedisLimits(client, key_prefix=f"bench{os.getpid()}", timeout_s=1.0, max_calls=max_calls),
         LocalLimits(),
         mode="open",  # a stall beyond the timeout shows as "without redis", not as a crash
     )
-    calls = 0  # round trips: commands, and pipelines (each one round trip)
-    original = client.execute_command
-    original_pipeline = client.pipeline
-
-    async def counting(*args: Any, **options: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await original(*args, **options)
-
-    def counting_pipeline(*args: Any, **options: Any) -> Any:
-        pipe = original_pipeline(*args, **options)
-        execute = pipe.execute
-
-        async def counted(*args: Any, **options: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return await execute(*args, **options)
-
-        pipe.execute = counted  # type: ignore[method-assign]
-        return pipe
-
-    client.execute_command = counting  # type: ignore[method-assign]
-    client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    trips = _RoundTrips(client)
     rows = []
     try:
         for _ in range(200):  # warm: scripts loaded, connections open
             verdict = await store.admit("warm", LIMITS, TOKENS)
             assert verdict.ticket is not None
             await store.settle(verdict.ticket, TOKENS, failed=False)
-        await original("CONFIG", "RESETSTAT")
+        await client.execute_command("CONFIG", "RESETSTAT")
 
         sequential = max(1, requests // 10)
         started, cpu = time.perf_counter(), _cpu()
         for _ in range(sequential):
-            await client.ping()
+            await client.execute_command("PING")
         wall, cpu = time.perf_counter() - started, _cpu() - cpu
         rows.append(
             {
@@ -186,7 +218,7 @@ async def _redis(url: str, requests: int, clients: int, connections: int) -> lis
                 "round_trips_per_request": 1.0,
             }
         )
-        calls = 0
+        before = trips.count()
         started, cpu = time.perf_counter(), _cpu()
         for i in range(sequential):
             verdict = await store.admit(f"key-{i % 100}", LIMITS, TOKENS)
@@ -200,11 +232,11 @@ async def _redis(url: str, requests: int, clients: int, connections: int) -> lis
                 "requests": sequential,
                 "us_per_request": 1e6 * wall / sequential,
                 "cpu_us_per_request": 1e6 * cpu / sequential,
-                "round_trips_per_request": calls / sequential,
+                "round_trips_per_request": (trips.count() - before) / sequential,
             }
         )
 
-        calls = 0
+        before = trips.count()
         numbers = iter(range(requests))
 
         async def one_client() -> None:
@@ -224,15 +256,17 @@ async def _redis(url: str, requests: int, clients: int, connections: int) -> lis
                 "requests": requests,
                 "us_per_request": 1e6 * wall / requests,
                 "cpu_us_per_request": 1e6 * cpu / requests,
-                "round_trips_per_request": calls / requests,
+                "round_trips_per_request": (trips.count() - before) / requests,
                 "requests_per_s": requests / wall,
             }
         )
-        info = await original("INFO", "commandstats")
+        info = await client.execute_command("INFO", "commandstats")
+        if isinstance(info, bytes):  # the pipelined client does not parse replies
+            info = _commandstats(info)
         evalsha = info.get("cmdstat_evalsha", {})
         for row in rows:
+            row["client"] = kind
             row["redis_script_us_per_call"] = float(evalsha.get("usec_per_call", 0.0))
-        for row in rows:
             row["parser"] = "hiredis" if HIREDIS_AVAILABLE else "python (no hiredis)"
             row["admits_without_redis"] = store.degraded_admits
             row["settles_lost"] = store.lost_settles + store.dropped_settles
@@ -240,6 +274,15 @@ async def _redis(url: str, requests: int, clients: int, connections: int) -> lis
         await store.aclose()
         await client.aclose()
     return rows
+
+
+def _commandstats(text: bytes) -> dict[str, dict[str, str]]:
+    stats: dict[str, dict[str, str]] = {}
+    for line in text.decode().splitlines():
+        name, _, fields = line.partition(":")
+        if name.startswith("cmdstat_"):
+            stats[name] = dict(field.split("=", 1) for field in fields.split(","))
+    return stats
 
 
 def run(
@@ -251,21 +294,22 @@ def run(
     """Measure every row; with no `redis_url`, against a redis-server of its own.
     `connections`: the client's pool (redis.max_connections; the default's 16)."""
     rows = asyncio.run(_local(requests * 5))
-    if redis_url is not None:
-        return rows + asyncio.run(_redis(redis_url, requests, clients, connections))
-    with redis_server() as url:
-        return rows + asyncio.run(_redis(url, requests, clients, connections))
+    with contextlib.ExitStack() as stack:
+        url = redis_url if redis_url is not None else stack.enter_context(redis_server())
+        for kind in CLIENTS:
+            rows += asyncio.run(_redis(url, requests, clients, connections, kind))
+    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'store':6} {'mode':36} {'requests':>8} {'µs/req':>8} {'CPU µs/req':>10} "
+        f"{'store':6} {'client':9} {'mode':36} {'requests':>8} {'µs/req':>8} {'CPU µs/req':>10} "
         f"{'round trips':>11} {'req/s':>8}",
     ]
     for row in rows:
         rate = row.get("requests_per_s")
         lines.append(
-            f"{row['store']:6} {row['mode']:36} {row['requests']:>8} "
+            f"{row['store']:6} {row.get('client', ''):9} {row['mode']:36} {row['requests']:>8} "
             f"{row['us_per_request']:>8.1f} {row['cpu_us_per_request']:>10.1f} "
             f"{row['round_trips_per_request']:>11.2f} {'' if rate is None else f'{rate:>8.0f}'}"
         )
@@ -274,7 +318,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         script = scripts[0]
         lines.append(f"Lua script time in Redis: {script:.1f} µs per call (EVALSHA usec_per_call)")
         redis_row = next(row for row in rows if row["store"] == "redis")
-        lines.append(f"redis-py's reply parser: {redis_row['parser']}")
+        lines.append(f"reply parser: {redis_row['parser']}")
         lines.append(
             f"admits decided without Redis (a call past its timeout): "
             f"{redis_row['admits_without_redis']}; settles lost: {redis_row['settles_lost']}"

@@ -47,7 +47,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.config import LimitsConfig, RedisConfig
@@ -69,7 +68,8 @@ from policies.limits import (
     verdict_from,
 )
 from policies.limits_local import LocalLimits
-from policies.redis_state import REDIS_ERRORS, RedisHealth, describe
+from policies.redis_pipelined import PIPELINED_MAX_CALLS, PipelinedRedis
+from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth, describe
 
 logger = logging.getLogger("vgate.limits")
 
@@ -259,7 +259,7 @@ class RedisLimits:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient | PipelinedRedis,
         *,
         key_prefix: str = "vgate",
         timeout_s: float = 0.5,
@@ -612,12 +612,13 @@ class FailoverLimits:
 def create_limits(
     limits: LimitsConfig,
     redis_config: RedisConfig,
-    redis: Redis | None,
+    redis: RedisClient | PipelinedRedis | None,
     *,
     on_redis_change: Callable[[str, bool], None] | None = None,
 ) -> LimitStore:
     """The store for a gateway: in-process without a Redis client, else shared through it
-    (`redis`: the process's one pooled client, `policies.redis_state.create_client`)."""
+    (`redis`: the process's request-path client, `policies.redis_pipelined`, or its one
+    pooled redis-py client, `policies.redis_state.create_client`)."""
     local = LocalLimits(max_keys=limits.local_max_keys)
     if redis is None:
         return local
@@ -626,8 +627,12 @@ def create_limits(
         key_prefix=redis_config.key_prefix,
         timeout_s=redis_config.socket_timeout_s,
         lease_s=limits.lease_s,
-        # The pool is shared: leave a few connections to the breakers' sync.
-        max_calls=max(1, redis_config.max_connections - 4),
+        max_calls=(
+            PIPELINED_MAX_CALLS
+            if isinstance(redis, PipelinedRedis)
+            # The pool is shared: leave a few connections to the breakers' sync.
+            else max(1, redis_config.max_connections - 4)
+        ),
     )
     return FailoverLimits(
         shared,

@@ -174,12 +174,21 @@ class RedisServer(Process):
             self.popen.wait(5)
 
 
-def start_redis(log_dir: Path, *, port: int | None = None, timeout_s: float = 10.0) -> RedisServer:
+def start_redis(
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    timeout_s: float = 10.0,
+    extra_args: Sequence[str] = (),
+) -> RedisServer:
     """A real, empty redis-server of the tests' own (nothing on disk) on a free port, or
-    on `port` to bring one back where its clients expect it."""
+    on `port` to bring one back where its clients expect it. `extra_args`: more of
+    redis-server's options (`--unixsocket PATH`, `--requirepass` makes PING answer NOAUTH,
+    which still proves the server up)."""
     port = port if port is not None else free_port()
     log_path = log_dir / f"redis-{port}.log"
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += extra_args
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
             ["redis-server", *args], stdout=log, stderr=subprocess.STDOUT, cwd=log_dir
@@ -192,7 +201,7 @@ def start_redis(log_dir: Path, *, port: int | None = None, timeout_s: float = 10
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
+                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     return server
         except OSError:
             pass

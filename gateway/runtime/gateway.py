@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from redis.asyncio import Redis
-
 from chaos.inject import Chaos, backend_routes
 from gateway.config import GatewayConfig, LoadScrapeConfig, RedisConfig, load_config
 from gateway.edge.accesslog import AccessLog
@@ -68,7 +66,8 @@ from policies.health import HealthChecker, Probe
 from policies.limits import LimitStore
 from policies.limits_redis import FailoverLimits, create_limits
 from policies.load import LoadScraper, ScrapeTarget
-from policies.redis_state import RedisHealth, create_client
+from policies.redis_pipelined import PipelinedRedis, request_path_client
+from policies.redis_state import RedisClient, RedisHealth, create_client
 from providers import AdapterFactory, create_adapter
 
 logger = logging.getLogger("vgate.config")
@@ -94,7 +93,10 @@ class Gateway:
     health: HealthChecker
     loads: LoadScraper | None  # vLLM's own running/waiting, scraped as a load signal
     tracer: Tracer | None  # with tracing.enabled: request spans over OTLP
-    redis: Redis | None  # with redis.url or redis.sentinel: one pooled client, start to aclose
+    # With redis.url, .sentinel or .cluster: one pooled client, from start to aclose.
+    redis: RedisClient | None
+    # With redis.url: the request path's own client (limits, cache lookups), auto-pipelined.
+    fast_redis: PipelinedRedis | None
     cache: ResponseCache | None  # with cache.enabled; kept across reloads (restart to change)
     breaker_sync: BreakerSync | None  # with Redis: breakers shared by every process
     limits: LimitStore  # per key: rpm, tpm, day, in flight
@@ -141,6 +143,7 @@ class Gateway:
         chaos = Chaos(config.chaos, on_injected=metrics.chaos_injected)
         # The client connects on first use: building it here neither blocks nor fails.
         redis = create_client(config.redis, config.source) if config.redis.enabled else None
+        fast_redis = request_path_client(config.redis)
         cache = _response_cache(config, redis, metrics)
         router = build_router(
             config,
@@ -154,7 +157,7 @@ class Gateway:
         usage = KeyUsage(keys)
         keys.on_reload = lambda ring: usage.retain(ring.ids())
         limits = create_limits(
-            config.limits, config.redis, redis, on_redis_change=metrics.redis_changed
+            config.limits, config.redis, fast_redis or redis, on_redis_change=metrics.redis_changed
         )
         metrics.watch_limits(limits)
         gateway: Gateway
@@ -173,6 +176,7 @@ class Gateway:
             loads=_load_scraper(config.load_scrape, router),
             tracer=Tracer(config.tracing) if config.tracing.enabled else None,
             redis=redis,
+            fast_redis=fast_redis,
             cache=cache,
             breaker_sync=_breaker_sync(config.redis, redis, router, metrics),
             limits=limits,
@@ -218,6 +222,8 @@ class Gateway:
         tracer's export thread) is closed after everything started on top of it."""
         if self.redis is not None:
             stack.push_async_callback(self.redis.aclose)
+        if self.fast_redis is not None:
+            stack.push_async_callback(self.fast_redis.aclose)
         if self.cache is not None:  # before the client: fills in flight go out first
             stack.push_async_callback(self.cache.store.aclose)
         # Before the client: settles still queued go out first, within their deadline.
@@ -376,7 +382,7 @@ async def _start(stack: AsyncExitStack, component: Component | None) -> None:
 
 
 def _response_cache(
-    config: GatewayConfig, redis: Redis | None, metrics: GatewayMetrics
+    config: GatewayConfig, redis: RedisClient | None, metrics: GatewayMetrics
 ) -> ResponseCache | None:
     """With cache.enabled: this process's store, or the shared one on the Redis client."""
     settings = config.cache
@@ -474,7 +480,7 @@ def _config_path(config: GatewayConfig) -> Path | None:
 
 
 def _breaker_sync(
-    settings: RedisConfig, redis: Redis | None, router: Router, metrics: GatewayMetrics
+    settings: RedisConfig, redis: RedisClient | None, router: Router, metrics: GatewayMetrics
 ) -> BreakerSync | None:
     """With a Redis client: the breakers marked shared, in step with every other process
     (built here, it connects only when started, and never blocks a request)."""

@@ -23,7 +23,8 @@ from gateway.config import LimitsConfig, RedisConfig
 from policies.limits import DAY_US, KeyLimits, Ticket, Verdict
 from policies.limits_local import LocalLimits
 from policies.limits_redis import FailoverLimits, RedisLimits, create_limits
-from policies.redis_state import RedisHealth, create_client
+from policies.redis_pipelined import PipelinedRedis, request_path_client
+from policies.redis_state import RedisClient, RedisHealth, create_client
 from tests.policies.test_limits import T0, Clock, headers
 from tests.servers import RedisServer, start_redis
 
@@ -39,6 +40,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 Make = Callable[..., RedisLimits]
+Client = RedisClient | PipelinedRedis
+
+
+def new_client(kind: str, url: str, timeout_s: float = TIMEOUT_S) -> Client:
+    """A client of the kind the gateway gives the store: its own pipelined one on a
+    `redis.url`, redis-py's behind Sentinel or a Cluster. Both must behave the same."""
+    if kind == "pipelined":
+        client = request_path_client(RedisConfig(url=url, socket_timeout_s=timeout_s))
+        assert client is not None
+        return client
+    return create_client(RedisConfig(url=url, socket_timeout_s=timeout_s))
+
+
+@pytest.fixture(params=["pipelined", "redis-py"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
@@ -47,13 +64,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def make(redis_server: RedisServer, clock: Clock) -> AsyncIterator[Make]:
+async def make(redis_server: RedisServer, clock: Clock, client_kind: str) -> AsyncIterator[Make]:
     """RedisLimits sharing one key prefix (fresh per test), each with its own client."""
     prefix = f"t{next(_prefixes)}"
-    clients: list[Redis] = []
+    clients: list[Client] = []
 
     def make_one(*, url: str = redis_server.url, now: Any = clock, **options: Any) -> RedisLimits:
-        client = create_client(RedisConfig(url=url, socket_timeout_s=TIMEOUT_S))
+        client = new_client(client_kind, url)
         clients.append(client)
         return RedisLimits(client, key_prefix=prefix, timeout_s=TIMEOUT_S, clock=now, **options)
 
@@ -290,12 +307,15 @@ async def test_scripts_are_loaded_again_after_a_flush(make: Make) -> None:
     store = make()
     limits = KeyLimits(rpm=5)
     assert (await store.admit("k", limits, 0)).allowed
-    await store.redis.script_flush()  # as after a restart: NOSCRIPT, then SCRIPT LOAD
+    # as after a restart: NOSCRIPT, then SCRIPT LOAD
+    await store.redis.execute_command("SCRIPT", "FLUSH")
     assert (await store.admit("k", limits, 0)).allowed
     assert headers(await store.admit("k", limits, 0))["x-ratelimit-remaining-requests"] == "2"
 
 
-async def test_keys_share_one_slot_and_expire(make: Make, clock: Clock) -> None:
+async def test_keys_share_one_slot_and_expire(
+    make: Make, clock: Clock, redis_server: RedisServer
+) -> None:
     store = make(lease_s=120)
     verdict = await store.admit("key-demo", KeyLimits(rpm=60, max_concurrent=2), 0)
     assert verdict.allowed
@@ -304,13 +324,14 @@ async def test_keys_share_one_slot_and_expire(make: Make, clock: Clock) -> None:
     assert tickets == state + ":t"
     assert tickets == state + ":t" and undone == state + ":u"
     assert key_slot(state.encode()) == key_slot(tickets.encode()) == key_slot(undone.encode())
-    redis = store.redis
+    redis = Redis.from_url(redis_server.url)  # to look, beside the store's own client
     assert 1000 < await redis.pttl(state) <= 2000  # one request drains in 1 s, plus 1 s
     assert 120_000 < await redis.pttl(tickets) <= 121_000  # the lease, plus 1 s
     await store.admit("quota", KeyLimits(tokens_per_day=10), 1)
     midnight = (int(T0 * 1_000_000) // DAY_US + 1) * DAY_US / 1_000
     to_midnight_ms = midnight - T0 * 1000
     assert to_midnight_ms < await redis.pttl(store.keys("quota")[0]) <= to_midnight_ms + 1000
+    await redis.aclose()
 
 
 async def test_the_servers_clock_is_the_clock(make: Make) -> None:
@@ -320,7 +341,8 @@ async def test_the_servers_clock_is_the_clock(make: Make) -> None:
     limits = KeyLimits(rpm=300, tokens_per_day=100)
     first = await a.admit("k", limits, 1)
     assert first.ticket is not None
-    seconds, _ = await a.redis.time()
+    seconds, _ = await a.redis.execute_command("TIME")
+    seconds = int(seconds)
     assert first.ticket.day == seconds * 1_000_000 // DAY_US
     assert headers(first)["x-ratelimit-reset-requests"] == "200ms"
     second = await b.admit("k", limits, 1)
@@ -341,9 +363,14 @@ class Recorder:
 
 
 def failover(
-    server: RedisServer, clock: Clock, mode: str, recorder: Recorder, **options: Any
+    server: RedisServer,
+    clock: Clock,
+    mode: str,
+    recorder: Recorder,
+    client_kind: str,
+    **options: Any,
 ) -> FailoverLimits:
-    client = create_client(RedisConfig(url=server.url, socket_timeout_s=TIMEOUT_S))
+    client = new_client(client_kind, server.url)
     return FailoverLimits(
         RedisLimits(client, timeout_s=TIMEOUT_S, clock=clock),
         LocalLimits(clock=clock),
@@ -374,11 +401,11 @@ async def until_redis_answers(store: FailoverLimits, limits: KeyLimits) -> Verdi
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
 async def test_redis_killed_and_restarted_mid_use(
-    tmp_path: Path, clock: Clock, mode: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: Clock, mode: str, caplog: pytest.LogCaptureFixture, client_kind: str
 ) -> None:
     server = start_redis(tmp_path)
     recorder = Recorder()
-    store = failover(server, clock, mode, recorder)
+    store = failover(server, clock, mode, recorder, client_kind)
     limits = KeyLimits(rpm=5, max_concurrent=10)
     try:
         before = [await timed(store, limits) for _ in range(3)]
@@ -425,13 +452,15 @@ async def test_redis_killed_and_restarted_mid_use(
         server.stop()
 
 
-async def test_a_hung_redis_never_hangs_a_request(tmp_path: Path, clock: Clock) -> None:
+async def test_a_hung_redis_never_hangs_a_request(
+    tmp_path: Path, clock: Clock, client_kind: str
+) -> None:
     """A server that stops answering (SIGSTOP): each admit waits at most the timeout, then
     the process's own limits; an admit that timed out is given back once Redis runs again
     (it may have been carried out)."""
     server = start_redis(tmp_path)
     recorder = Recorder()
-    store = failover(server, clock, "open", recorder)
+    store = failover(server, clock, "open", recorder, client_kind)
     limits = KeyLimits(max_concurrent=1)
     five = KeyLimits(max_concurrent=5)
     try:
@@ -467,9 +496,9 @@ async def test_a_hung_redis_never_hangs_a_request(tmp_path: Path, clock: Clock) 
         server.stop()
 
 
-async def test_settles_are_bounded(tmp_path: Path, clock: Clock) -> None:
+async def test_settles_are_bounded(tmp_path: Path, clock: Clock, client_kind: str) -> None:
     server = start_redis(tmp_path)
-    store = failover(server, clock, "open", Recorder(), max_pending_settles=3)
+    store = failover(server, clock, "open", Recorder(), client_kind, max_pending_settles=3)
     try:
         tickets = []
         for _ in range(5):
@@ -547,12 +576,12 @@ end
 
 
 async def test_a_call_that_timed_out_never_leaves_its_answer_to_the_next(
-    redis_server: RedisServer,
+    redis_server: RedisServer, client_kind: str
 ) -> None:
     """A guard on the client library (redis-py once had this bug, CVE-2023-28859): an
     admit cut off by its timeout after its command was sent must not leave the pooled
     connection with an answer unread, which the next call would take for its own."""
-    client = create_client(RedisConfig(url=redis_server.url, socket_timeout_s=5.0))
+    client = new_client(client_kind, redis_server.url, timeout_s=5.0)
     busy = Redis.from_url(redis_server.url)
     store = RedisLimits(client, key_prefix=f"t{next(_prefixes)}", timeout_s=0.3, max_calls=1)
     limits = KeyLimits(rpm=5)
