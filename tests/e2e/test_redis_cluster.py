@@ -8,6 +8,7 @@ take over) makes nothing hang: requests are served within the bound, fail-open."
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from policies.breaker import BackendBreaker
 from policies.breaker_sync import BreakerSync
 from policies.cache_redis import RedisStore
 from policies.limits_redis import RedisLimits
-from policies.redis_state import RedisClient, RedisHealth, create_client
+from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth, create_client
 from tests.policies.test_breaker import fail
 from tests.redis_cluster import RedisCluster as ClusterProcesses
 from tests.redis_cluster import start_cluster
 from tests.servers import (
     KEYS_FILE,
     Process,
+    RedisServer,
     backend,
     gateway_config,
     iter_stop,
@@ -334,6 +336,13 @@ def redis_up(url: str, component: str) -> bool:
     return f'vgate_redis_up{{component="{component}"}} 1.0' in metrics
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def gateway_on(cluster: ClusterProcesses, logs: Path, sim: Process, prefix: str) -> dict[str, Any]:
     config = gateway_config([{"name": "tiny-llama", "backends": [backend("w1", sim.url)]}])
     config["keys"] = {"file": str(write_keys(logs / f"{prefix}-keys.yaml"))}
@@ -382,28 +391,96 @@ def test_gateways_on_a_cluster_serve_with_exact_limits_and_a_shared_cache(
         iter_stop(iter(processes))
 
 
-def test_a_dead_primary_without_replica_never_hangs_a_request(logs: Path) -> None:
-    """Its slots are gone: the calls for keys there fail within socket_timeout_s and the
-    limits fail open; every request is answered within the bound."""
-    own = start_cluster(logs / "dead-primary")
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_lost_primary_without_replica_never_hangs_a_request(logs: Path, how: str) -> None:
+    """Its slots are gone: killed, its port refuses at once; frozen (SIGSTOP), it accepts
+    and never answers, so each call waits its socket_timeout_s. Either way the limits fail
+    open and every request is answered within the bound."""
+    own = start_cluster(logs / f"lost-primary-{how}")
     sim = start_sim(logs)
     processes: list[Process] = [sim]
+    victim: RedisServer | None = None
     try:
-        config = gateway_on(own, logs, sim, "e2e-cluster-dead")
+        config = gateway_on(own, logs, sim, "e2e-cluster-lost")
         gateway = start_gateway(logs, config)
         processes.append(gateway)
         with httpx.Client() as client:
             assert chat(client, gateway.url, LOAD_KEY).status_code == 200
-            victim = own.owner_of("e2e-cluster-dead:rl:{key-load}")
-            own.node(victim).kill()
+            victim = own.node(own.owner_of("e2e-cluster-lost:rl:{key-load}"))
+            if how == "killed":
+                victim.kill()
+            else:
+                victim.popen.send_signal(signal.SIGSTOP)
             took: list[float] = []
             for _ in range(10):
                 started = time.monotonic()
                 response = chat(client, gateway.url, LOAD_KEY)
                 took.append(time.monotonic() - started)
                 assert response.status_code == 200, response.text
-            print(f"dead primary, no replica: slowest request {max(took):.2f}s")
+            print(f"primary {how}, no replica: slowest request {max(took):.2f}s")
             assert max(took) < REQUEST_BOUND_S
+            # Served on the gateway's own limits: the outage was seen, and is still on.
+            assert not redis_up(gateway.url, "limits")
+            assert metric(gateway.url, 'vgate_redis_outages_total{component="limits"}') >= 1
     finally:
+        if victim is not None and victim.popen.poll() is None:
+            victim.popen.send_signal(signal.SIGCONT)
         iter_stop(iter(processes))
+        own.stop()
+
+
+async def test_with_replicas_breakers_and_limits_follow_a_failover(logs: Path) -> None:
+    """The primary holding the breakers' slot and a key's limits is killed; its replica
+    takes over: both syncs lose their subscription and take it up on the new primary, a
+    breaker opened in one is seen open in the other, and the limits are exact there."""
+    own = await asyncio.to_thread(start_cluster, logs / "failover", replicas=1)
+    a, b = BreakerView(own, "fo"), BreakerView(own, "fo")
+    clients = [create_client(cluster_config(own)) for _ in range(2)]
+    stores = [RedisLimits(c, key_prefix="fo", timeout_s=2.0, max_calls=8) for c in clients]
+    try:
+        await a.sync.start()
+        await b.sync.start()
+        victim = own.owner_of("{fo:breaker}")
+        key_id = next(
+            f"key-{n}" for n in range(500) if own.owner_of(f"fo:rl:{{key-{n}}}") == victim
+        )
+        limits = Limits(rpm=6)
+        assert (await stores[0].admit(key_id, limits, 1)).allowed
+        # Replication is asynchronous: wait until the replica has the charge.
+        for client in clients[:1]:
+            assert isinstance(client, RedisCluster)
+            node = client.get_node_from_key(f"fo:rl:{{{key_id}}}")
+            assert node is not None
+            await client.execute_command("WAIT", 1, 5000, target_nodes=node)
+        own.node(victim).kill()
+        killed = time.monotonic()
+        await asyncio.to_thread(
+            poll_until, lambda: own.owner_of("{fo:breaker}") != victim, 30.0, 0.1
+        )
+        promoted_s = time.monotonic() - killed
+        await eventually(lambda: all(False in v.changes and v.changes[-1] is True for v in (a, b)))
+        followed_s = time.monotonic() - killed
+        while a.breaker.state != "open":
+            fail(a.breaker)
+        await eventually(lambda: b.breaker.state == "open")
+        # Exact on the new primary: 5 of the 6 per minute left, between two stores.
+        deadline = time.monotonic() + 30
+        for store in stores:  # each client finds the new primary by itself, bounded
+            while True:
+                try:
+                    await store.usage(key_id, limits)  # read-only: charges nothing
+                    break
+                except REDIS_ERRORS:
+                    assert time.monotonic() < deadline, "never reached the new primary"
+                    await asyncio.sleep(0.1)
+        verdicts = await asyncio.gather(
+            *(stores[n % 2].admit(key_id, limits, 1) for n in range(12))
+        )
+        assert sum(v.allowed for v in verdicts) == 5, [(v.code, v.message) for v in verdicts]
+        print(f"cluster failover: promoted after {promoted_s:.1f}s, syncs back {followed_s:.1f}s")
+    finally:
+        await a.aclose()
+        await b.aclose()
+        for client in clients:
+            await client.aclose()
         own.stop()
