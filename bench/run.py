@@ -58,6 +58,22 @@ RESULTS_DIR = REPO / "bench" / "results"
 PYDEPS_DIR = REPO / "bench" / ".cache" / "pydeps"
 KEYS_FILE = REPO / "config" / "keys.yaml"
 DEMO_KEY = "vg-demo-0123456789abcdef"
+DEMO_KEY_ENTRY = {
+    "id": "key-demo",
+    "name": "demo",
+    "sha256": "9a8904f919ef129b3b4e2c83799dac9edd235bdad01850bc636fd4403c1a231c",
+}
+# Every per-key limit, far above what the bench sends: each request is checked and charged
+# against all four, and none is refused.
+BENCH_LIMITS = {
+    "rpm": 100_000_000,
+    "tpm": 1_000_000_000,
+    "tokens_per_day": 10**14,
+    "max_concurrent": 100_000,
+}
+# The limits rows: the demo key limited in process, then through a redis-server of the run's
+# with the request path's pipelined client (the default), then with redis-py's.
+LIMITS_ROWS = ("limits-local", "limits-redis", "limits-redis-py")
 CHAT_PATH = "/v1/chat/completions"
 
 GATEWAY_CORE = 0
@@ -78,6 +94,9 @@ TARGET_RPS = 3000.0
 TARGET_RPS_CONCURRENCY = 16
 TARGET_ADDED_TTFT_MS = 1.0
 TARGET_TTFT_CONCURRENCY = 16
+# Per-key limits through Redis against the same limits in process, non-streaming req/s at
+# TARGET_RPS_CONCURRENCY (issue 15).
+TARGET_REDIS_LIMITS_RATIO = 0.8
 # The response cache: a hit's end-to-end p50 with one client, and its CPU against a proxied
 # request's at the target concurrency (issue 16).
 CACHE_BACKENDS = ("memory", "redis")
@@ -338,13 +357,16 @@ class Bench:
         traces_to: str | None = None,
         cache: str | None = None,
         redis: Server | None = None,
+        limits: str | None = None,
     ) -> tuple[Server, Path]:
         """The gateway with its default policies on (retries, breakers, health checks, stream
         resumption's transcript, vLLM load scraping, decision logging), or with every policy
         that can be switched off switched off: the difference is what the router adds.
         `non_stream` sets the routes' mode (default: the plan's, else the config's);
         `traces_to`, an OTLP/HTTP endpoint, turns tracing on with every request sampled;
-        `cache`, a backend, turns the response cache on (`redis`: shared through `redis`)."""
+        `cache`, a backend, turns the response cache on (`redis`: shared through `redis`);
+        `limits` (a row's name) gives the demo key every per-key limit, far above the load
+        (each request checks all four and charges them: in process, or through `redis`)."""
         name = "gateway" if policies else "gateway-bare"
         if non_stream is not None:
             name += f"-{non_stream}"
@@ -352,6 +374,8 @@ class Bench:
             name += "-traced"
         if cache is not None:
             name += f"-cache-{cache}"
+        if limits is not None:
+            name += f"-{limits}"
         port = free_port()
         config = self.workdir / f"{name}.yaml"
         route_extra: dict[str, Any] = {}
@@ -375,6 +399,12 @@ class Bench:
             top_extra["cache"] = {"enabled": True, "backend": cache}
         if redis is not None:
             top_extra["redis"] = {"url": redis.url, "key_prefix": "vgate-bench"}
+            if limits == "limits-redis-py":
+                top_extra["redis"]["request_client"] = "redis-py"
+        keys_file = KEYS_FILE
+        if limits is not None:
+            keys_file = self.workdir / f"{name}.keys.yaml"
+            keys_file.write_text(json.dumps({"keys": [{**DEMO_KEY_ENTRY, "limits": BENCH_LIMITS}]}))
 
         def route(model: str, backend: str, url: str) -> dict[str, Any]:
             return {
@@ -394,7 +424,7 @@ class Bench:
                         "access_log": True,
                         "drain_delay_s": 0,
                     },
-                    "keys": {"file": str(KEYS_FILE)},
+                    "keys": {"file": str(keys_file)},
                     "models": [
                         route(FAST_MODEL, "sim-fast", fast.url),
                         route(STREAM_MODEL, "sim-stream", stream.url),
@@ -676,6 +706,7 @@ class Bench:
             )
             self.procs.stop(whole.popen)
         self.run_traced(fast, stream)
+        self.run_limited(fast, stream)
         self.run_cached(fast, stream)
         self.procs.stop(stream.popen)
         if plan.transports:
@@ -713,6 +744,7 @@ class Bench:
             "router_cost": self.router_cost(),
             "non_stream_modes": self.non_stream_modes(),
             "tracing_cost": self.tracing_cost(),
+            "limits": self.limits_rows(),
             "cache": self.cache_rows(),
             "targets": self.targets(),
             "transports": self.transport_rows,
@@ -795,6 +827,72 @@ class Bench:
                     ),
                     "off_ttft_p50_ms": off.ttft_p50_ms,
                     "on_ttft_p50_ms": on.ttft_p50_ms,
+                }
+            )
+        return out
+
+    # -- per-key limits -----------------------------------------------------------------------
+
+    def run_limited(self, fast: Server, stream: Server) -> None:
+        """The demo key with every limit (none refusing): in process, then shared through a
+        redis-server of the run's own (on the load core, like the workers), at c=16: what
+        checking and charging a key's limits costs, and what Redis adds to it."""
+        c = TARGET_RPS_CONCURRENCY
+        for target in LIMITS_ROWS:
+            redis = None
+            if target != "limits-local":
+                redis = self.procs.redis(target, self.load_core)
+                if redis is None:
+                    self.warnings.append("redis-server is not installed: no limits-redis rows")
+                    continue
+            gateway, _ = self.start_gateway(fast, stream, limits=target, redis=redis)
+            check_completion(gateway.name, gateway.url, AUTH_HEADERS)
+            observed = [gateway, fast, stream, *([redis] if redis else [])]
+            self.note(
+                self.wrk_phase(
+                    "non-stream", target, gateway, gateway.url, AUTH_HEADERS, c, observed, gateway
+                )
+            )
+            self.note(
+                self.stream_phase(target, gateway, gateway.url, AUTH_HEADERS, c, observed, gateway)
+            )
+            self.procs.stop(gateway.popen)
+            if redis is not None:
+                self.procs.stop(redis.popen)
+
+    def limits_rows(self) -> list[dict[str, Any]]:
+        """Per mode at c=16: no limits, limits in process, limits through Redis (with the
+        pipelined client, and with redis-py's)."""
+        c = TARGET_RPS_CONCURRENCY
+        out = []
+        for mode in ("non-stream", "stream"):
+            none = self.find(mode, "gateway", c)
+            local, shared, redis_py = (self.find(mode, target, c) for target in LIMITS_ROWS)
+            if none is None or local is None or shared is None:
+                continue
+            out.append(
+                {
+                    "mode": mode,
+                    "concurrency": c,
+                    "none_rps": none.rps,
+                    "local_rps": local.rps,
+                    "redis_rps": shared.rps,
+                    "redis_over_local_rps": _ratio(shared.rps, local.rps),
+                    "redis_over_none_rps": _ratio(shared.rps, none.rps),
+                    "none_cpu_us_per_request": none.cpu_us_per_request,
+                    "local_cpu_us_per_request": local.cpu_us_per_request,
+                    "redis_cpu_us_per_request": shared.cpu_us_per_request,
+                    "redis_p50_ms": shared.p50_ms,
+                    "local_p50_ms": local.p50_ms,
+                    "redis_ttft_p50_ms": shared.ttft_p50_ms,
+                    "local_ttft_p50_ms": local.ttft_p50_ms,
+                    "redis_py_rps": redis_py.rps if redis_py else None,
+                    "redis_py_over_local_rps": _ratio(redis_py.rps, local.rps)
+                    if redis_py
+                    else None,
+                    "redis_py_cpu_us_per_request": redis_py.cpu_us_per_request
+                    if redis_py
+                    else None,
                 }
             )
         return out
@@ -1092,6 +1190,17 @@ class Bench:
                 "pass": (added <= TARGET_ADDED_TTFT_MS) if added is not None else None,
             }
         )
+        c = TARGET_RPS_CONCURRENCY
+        local, shared = (self.find("non-stream", target, c) for target in LIMITS_ROWS[:2])
+        ratio = _ratio(shared.rps, local.rps) if local and shared else None
+        out.append(
+            {
+                "name": f"req/s with limits on Redis over limits in process, c={c}",
+                "target": f">= {TARGET_REDIS_LIMITS_RATIO:g}",
+                "value": ratio,
+                "pass": (ratio >= TARGET_REDIS_LIMITS_RATIO) if ratio is not None else None,
+            }
+        )
         for backend in CACHE_BACKENDS:
             hit = self.find("non-stream", f"cache-{backend}-hit", CACHE_LATENCY_CONCURRENCY)
             out.append(
@@ -1122,6 +1231,10 @@ class Bench:
                 }
             )
         return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -1213,6 +1326,42 @@ def render_table(report: dict[str, Any]) -> str:
             for m in report["non_stream_modes"]
         ]
         lines.append(_grid(["non_stream", "c", "req/s", "p50 ms", "us/req"], rows))
+    if report.get("limits"):
+        lines.append("")
+        lines.append(
+            "Per-key limits (the demo key with rpm, tpm, tokens a day and concurrency, none "
+            "refusing): none, in process, through Redis (vgate's pipelined client, the default; "
+            "then redis-py's, `redis.request_client: redis-py`):"
+        )
+        rows = [
+            [
+                r["mode"],
+                str(r["concurrency"]),
+                f"{_f(r['none_rps'], 0)} / {_f(r['local_rps'], 0)} / {_f(r['redis_rps'], 0)}"
+                f" / {_f(r['redis_py_rps'], 0)}",
+                f"{_f(r['redis_over_local_rps'])} / {_f(r['redis_py_over_local_rps'])}",
+                f"{_f(r['none_cpu_us_per_request'], 0)} / {_f(r['local_cpu_us_per_request'], 0)}"
+                f" / {_f(r['redis_cpu_us_per_request'], 0)}"
+                f" / {_f(r['redis_py_cpu_us_per_request'], 0)}",
+                f"{_f(r['local_ttft_p50_ms'])} / {_f(r['redis_ttft_p50_ms'])}"
+                if r["local_ttft_p50_ms"] is not None
+                else f"{_f(r['local_p50_ms'])} / {_f(r['redis_p50_ms'])}",
+            ]
+            for r in report["limits"]
+        ]
+        lines.append(
+            _grid(
+                [
+                    "mode",
+                    "c",
+                    "req/s none / local / redis / redis-py",
+                    "(redis, redis-py)/local",
+                    "us/req none / local / redis / redis-py",
+                    "p50 (TTFT) ms local / redis",
+                ],
+                rows,
+            )
+        )
     if report.get("tracing_cost"):
         lines.append("")
         lines.append(

@@ -418,6 +418,10 @@ class RedisConfig(_Frozen):
     socket_timeout_s: float = Field(0.5, gt=0, le=30)  # bounds every Redis call, connect too
     # Pooled (with cluster: per node); a subscription holds one.
     max_connections: int = Field(16, ge=2, le=10_000)
+    # The calls on a request's path (limits, cache lookups) with `url`: vgate's own
+    # pipelined client (one connection, a loop turn's commands in one write), or redis-py's
+    # pool as for everything else. Sentinel and cluster always use redis-py's.
+    request_client: Literal["pipelined", "redis-py"] = "pipelined"
 
     @field_validator("url")
     @classmethod

@@ -374,4 +374,6 @@ def request_path_client(config: RedisConfig) -> PipelinedRedis | None:
     this client serves the deployment (one server at `redis.url`); None: use redis-py's."""
     if config.url is None or config.sentinel is not None or config.cluster is not None:
         return None
+    if config.request_client != "pipelined":
+        return None
     return PipelinedRedis(config.url, socket_timeout_s=config.socket_timeout_s)

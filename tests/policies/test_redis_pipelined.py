@@ -189,6 +189,8 @@ def test_it_runs_on_uvloop(redis_server: RedisServer) -> None:
 def test_which_deployments_it_serves() -> None:
     assert isinstance(request_path_client(RedisConfig(url="redis://h:1/0")), PipelinedRedis)
     assert request_path_client(RedisConfig()) is None
+    chosen = RedisConfig(url="redis://h:1/0", request_client="redis-py")
+    assert request_path_client(chosen) is None
     sentinel = RedisConfig(sentinel={"service_name": "m", "sentinels": ["h:26379"]})
     assert request_path_client(sentinel) is None  # redis-py follows the primary
 
