@@ -130,7 +130,9 @@ def secret_value(
         raise CheckError(f"Secret/{name} has no key {key!r}")
     if (name, key) in given:
         return Path(given[(name, key)]).read_text()
-    raise CheckError(f"Secret/{name} (key {key!r}) is not rendered: give --secret {name}/{key}=FILE")
+    raise CheckError(
+        f"Secret/{name} (key {key!r}) is not rendered: give --secret {name}/{key}=FILE"
+    )
 
 
 def gateway_deployment(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,7 +154,9 @@ def lay_out_volumes(
     given: dict[tuple[str, str], str],
 ) -> None:
     """Write the container's ConfigMap and Secret volumes under `root` at their mount paths."""
-    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]
+    }
     for mount in container.get("volumeMounts") or []:
         volume = volumes.get(mount["name"])
         if volume is None:
@@ -162,7 +166,9 @@ def lay_out_volumes(
         if "configMap" in volume:
             config_map = find(docs, "ConfigMap", volume["configMap"]["name"])
             if config_map is None:
-                raise CheckError(f"{named(deployment)}: ConfigMap/{volume['configMap']['name']} not rendered")
+                raise CheckError(
+                    f"{named(deployment)}: ConfigMap/{volume['configMap']['name']} not rendered"
+                )
             files = dict(config_map.get("data") or {})
         elif "secret" in volume:
             name = volume["secret"]["secretName"]
@@ -214,9 +220,16 @@ def check_config(
     with tempfile.TemporaryDirectory(prefix="vgate-helm-") as scratch:
         root = Path(scratch)
         lay_out_volumes(docs, deployment, container, root, given)
-        shown = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(ENV_PREFIX))
+        secret = {e["name"] for e in container.get("env") or [] if "valueFrom" in e}
+        shown = " ".join(
+            f"{k}={'(secret)' if k in secret else v}"
+            for k, v in sorted(env.items())
+            if k.startswith(ENV_PREFIX)
+        )
         print(f"{named(deployment)}: vgate check-config {config}  [{shown}]", flush=True)
-        done = subprocess.run([vgate, "check-config", str(root / config.lstrip("/"))], env=env, check=False)
+        done = subprocess.run(
+            [vgate, "check-config", str(root / config.lstrip("/"))], env=env, check=False
+        )
     return done.returncode
 
 

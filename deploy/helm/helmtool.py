@@ -14,6 +14,7 @@ replaced). `template` writes the manifests as `helm template` does (each after a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,12 @@ def template(chart_dir: str, files: list[str], name: str, namespace: str) -> str
     documents = []
     for source, manifest in sorted(rendered.items()):
         # NOTES.txt and the helpers render as text, not manifests, as in `helm template`.
-        if source.endswith("NOTES.txt") or not manifest.strip():
+        if source.endswith("NOTES.txt"):
             continue
-        documents.append(f"---\n# Source: {source}\n{manifest.strip()}\n")
+        # One template may render several documents: each gets its Source line.
+        for document in re.split(r"(?m)^---[ \t]*$", manifest):
+            if document.strip():
+                documents.append(f"---\n# Source: {source}\n{document.strip()}\n")
     return "".join(documents)
 
 
@@ -91,7 +95,10 @@ def main(argv: list[str]) -> int:
     try:
         from helm_python import HelmError, helm_sdk_version
     except ImportError:
-        print("helmtool: helm-python-sdk is not installed (pip install helm-python-sdk)", file=sys.stderr)
+        print(
+            "helmtool: helm-python-sdk is not installed (pip install helm-python-sdk)",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.verb == "template":
