@@ -17,6 +17,11 @@ another process's answer reads both in one call to one node. A lookup of several
 the nodes at once); it never needed to be atomic. The admin count and clear walk every
 primary (`scan_iter` on a cluster scans each). On one server the names stay untagged, as
 they were.
+
+On one server (`redis.url`) the calls on a request's path (lookups, fills, leases) go
+through the request path's pipelined client (policies/redis_pipelined.py), which the
+limits share: a lookup and a limit check issued in the same loop turn go out in one
+write. The admin's walks over the keys keep redis-py's client.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from redis.asyncio import RedisCluster
 
 from gateway.config import CacheConfig, RedisConfig
 from policies.cache import CacheUnavailable, Entry, ResponseCache
+from policies.redis_pipelined import PIPELINED_MAX_CALLS, PipelinedRedis
 from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth
 
 logger = logging.getLogger("vgate.cache")
@@ -73,8 +79,13 @@ class RedisStore:
         health: RedisHealth,
         max_calls: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        fast: PipelinedRedis | None = None,
+        fill_timeout_s: float = 0.5,
     ) -> None:
-        self.redis = redis
+        self.redis = redis  # the admin's walks over the keys
+        # The request path's calls: the pipelined client where there is one.
+        self.calls: RedisClient | PipelinedRedis = fast or redis
+        self.fill_timeout_s = fill_timeout_s
         self.prefix = f"{key_prefix}:cache:"
         self._cluster = isinstance(redis, RedisCluster)
         self.timeout_s = timeout_s
@@ -88,8 +99,8 @@ class RedisStore:
         self._pending: set[asyncio.Task[None]] = set()
         # The pool is shared with the limits and the breakers, and refuses a call beyond its
         # size rather than waiting: the cache takes at most a few of its connections.
-        self._calls = asyncio.Semaphore(max_calls)
-        self._release = redis.register_script(_RELEASE)
+        self._calls = asyncio.Semaphore(PIPELINED_MAX_CALLS if fast else max_calls)
+        self._release = self.calls.register_script(_RELEASE)
 
     def _usable(self) -> bool:
         """Whether to try Redis now: always while it answers; while it is down, once per
@@ -111,7 +122,7 @@ class RedisStore:
             raise CacheUnavailable
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
-                raw = await self.redis.get(self._entry_key(key))
+                raw = await self.calls.get(self._entry_key(key))
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -124,10 +135,10 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
                 names = [self._entry_key(key) for key in keys]
-                if isinstance(self.redis, RedisCluster):  # entries on many slots
-                    raws = await self.redis.mget_nonatomic(names)
+                if isinstance(self.calls, RedisCluster):  # entries on many slots
+                    raws = await self.calls.mget_nonatomic(names)
                 else:
-                    raws = await self.redis.mget(names)
+                    raws = await self.calls.mget(names)
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -157,10 +168,10 @@ class RedisStore:
 
     async def _set(self, key: str, value: bytes | None, ttl_ms: int, lease: str) -> None:
         try:
-            # A fill may take the connection's own timeout: nobody waits for it.
-            async with self._calls:
+            # Nobody waits for a fill: it may take the client's whole socket timeout.
+            async with asyncio.timeout(self.fill_timeout_s), self._calls:
                 if value is not None:
-                    await self.redis.set(self._entry_key(key), value, px=ttl_ms)
+                    await self.calls.set(self._entry_key(key), value, px=ttl_ms)
                 if lease:
                     await self._release(keys=[self._lease_key(key)], args=[lease])
         except REDIS_ERRORS as error:
@@ -183,7 +194,7 @@ class RedisStore:
         lease_ms = max(1, round(lease_s * 1000))
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
-                taken = await self.redis.set(self._lease_key(key), token, nx=True, px=lease_ms)
+                taken = await self.calls.set(self._lease_key(key), token, nx=True, px=lease_ms)
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -200,7 +211,7 @@ class RedisStore:
         while True:
             try:
                 async with asyncio.timeout(self.timeout_s), self._calls:
-                    pipe = self.redis.pipeline(transaction=False)
+                    pipe = self.calls.pipeline(transaction=False)
                     pipe.get(self._entry_key(key))
                     pipe.exists(self._lease_key(key))
                     raw, leased = await pipe.execute()
@@ -271,9 +282,12 @@ def redis_cache(
     redis: RedisClient,
     *,
     on_redis_change: Callable[[str, bool], None] | None = None,
+    fast: PipelinedRedis | None = None,
 ) -> ResponseCache:
     store = RedisStore(
         redis,
+        fast=fast,
+        fill_timeout_s=redis_config.socket_timeout_s,
         key_prefix=redis_config.key_prefix,
         timeout_s=config.redis_timeout_s,
         probe_interval_s=config.probe_interval_s,

@@ -144,7 +144,7 @@ class Gateway:
         # The client connects on first use: building it here neither blocks nor fails.
         redis = create_client(config.redis, config.source) if config.redis.enabled else None
         fast_redis = request_path_client(config.redis)
-        cache = _response_cache(config, redis, metrics)
+        cache = _response_cache(config, redis, fast_redis, metrics)
         router = build_router(
             config,
             adapters=_with_chaos(adapters, chaos, config),
@@ -382,7 +382,10 @@ async def _start(stack: AsyncExitStack, component: Component | None) -> None:
 
 
 def _response_cache(
-    config: GatewayConfig, redis: RedisClient | None, metrics: GatewayMetrics
+    config: GatewayConfig,
+    redis: RedisClient | None,
+    fast_redis: PipelinedRedis | None,
+    metrics: GatewayMetrics,
 ) -> ResponseCache | None:
     """With cache.enabled: this process's store, or the shared one on the Redis client."""
     settings = config.cache
@@ -390,7 +393,13 @@ def _response_cache(
         return None
     if settings.backend == "redis":
         assert redis is not None  # the config requires redis.url or redis.sentinel
-        cache = redis_cache(settings, config.redis, redis, on_redis_change=metrics.redis_changed)
+        cache = redis_cache(
+            settings,
+            config.redis,
+            redis,
+            on_redis_change=metrics.redis_changed,
+            fast=fast_redis,
+        )
     else:
         cache = memory_cache(settings)
     metrics.watch_cache(cache)

@@ -15,7 +15,8 @@ from gateway.config import RedisConfig
 from gateway.wire.cachekey import cache_key, tag
 from policies.cache import CacheUnavailable
 from policies.cache_redis import RedisStore
-from policies.redis_state import RedisHealth, create_client
+from policies.redis_pipelined import PipelinedRedis, request_path_client
+from policies.redis_state import RedisClient, RedisHealth, create_client
 from tests.servers import RedisServer, start_redis
 
 
@@ -34,15 +35,43 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(params=["pipelined", "redis-py"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The request path's client: the gateway's pipelined one on a `redis.url`, redis-py's
+    behind Sentinel or a Cluster (the admin's walks are redis-py's either way)."""
+    return str(request.param)
+
+
+def fast_client(kind: str, url: str, timeout_s: float = 1.0) -> PipelinedRedis | None:
+    return (
+        request_path_client(RedisConfig(url=url, socket_timeout_s=timeout_s))
+        if kind == "pipelined"
+        else None
+    )
+
+
 @pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+async def fast(redis_server: RedisServer, kind: str) -> AsyncIterator[PipelinedRedis | None]:
+    client = fast_client(kind, redis_server.url)
+    yield client
+    if client is not None:
+        await client.aclose()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[RedisClient]:
     redis = create_client(RedisConfig(url=redis_server.url, socket_timeout_s=1.0))
     await redis.flushall()
     yield redis
     await redis.aclose()
 
 
-def store(redis: Redis, clock: Clock | None = None, timeout_s: float = 0.5) -> RedisStore:
+def store(
+    redis: RedisClient,
+    clock: Clock | None = None,
+    timeout_s: float = 0.5,
+    fast: PipelinedRedis | None = None,
+) -> RedisStore:
     return RedisStore(
         redis,
         key_prefix="t",
@@ -50,6 +79,7 @@ def store(redis: Redis, clock: Clock | None = None, timeout_s: float = 0.5) -> R
         probe_interval_s=1.0,
         health=RedisHealth("cache"),
         clock=clock or Clock(),
+        fast=fast,
     )
 
 
@@ -62,9 +92,9 @@ async def settled(shared: RedisStore) -> None:
 
 
 async def test_an_entry_round_trips_with_its_ttl_and_no_prompt_in_its_name(
-    client: Redis,
+    client: Redis, fast: PipelinedRedis | None
 ) -> None:
-    shared = store(client)
+    shared = store(client, fast=fast)
     name = key("m", "key:alice", "a secret prompt")
     assert await shared.get(name) is None
     shared.put(name, b'{"answer": 1}', 30)
@@ -76,8 +106,10 @@ async def test_an_entry_round_trips_with_its_ttl_and_no_prompt_in_its_name(
     assert 29_000 < await client.pttl(stored) <= 30_000
 
 
-async def test_clear_by_route_or_scope_and_count(client: Redis) -> None:
-    shared = store(client)
+async def test_clear_by_route_or_scope_and_count(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    shared = store(client, fast=fast)
     for route, scope in (("m", "key:a"), ("m", "key:b"), ("n", "key:a"), ("n", "global")):
         shared.put(key(route, scope, "x"), b"12345", 60)
     await settled(shared)
@@ -89,12 +121,12 @@ async def test_clear_by_route_or_scope_and_count(client: Redis) -> None:
 
 
 async def test_a_redis_that_is_gone_is_a_bypass_probed_once_per_interval(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, kind: str
 ) -> None:
     server = start_redis(tmp_path_factory.mktemp("cache-redis-gone"))
     redis = create_client(RedisConfig(url=server.url, socket_timeout_s=0.5))
     clock = Clock()
-    shared = store(redis, clock)
+    shared = store(redis, clock, fast=fast_client(kind, server.url, 0.5))
     try:
         assert await shared.get("r:s:k") is None
         server.kill()
@@ -102,14 +134,14 @@ async def test_a_redis_that_is_gone_is_a_bypass_probed_once_per_interval(
             await shared.get("r:s:k")
         assert shared.health.up is False
         calls = 0
-        original = redis.get
+        original = shared.calls.get
 
         async def counted(name: str) -> object:
             nonlocal calls
             calls += 1
             return await original(name)
 
-        redis.get = counted  # type: ignore[method-assign,assignment]
+        shared.calls.get = counted  # type: ignore[method-assign,assignment]
         for _ in range(5):  # within the probe interval: nobody waits on Redis
             with pytest.raises(CacheUnavailable):
                 await shared.get("r:s:k")
@@ -126,14 +158,15 @@ async def test_a_redis_that_is_gone_is_a_bypass_probed_once_per_interval(
     finally:
         server.stop()
         await redis.aclose()
+        await shared.calls.aclose()
 
 
 async def test_a_stalled_redis_is_a_bypass_after_the_lookup_timeout(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, kind: str
 ) -> None:
     server = start_redis(tmp_path_factory.mktemp("cache-redis-stalled"))
     redis = create_client(RedisConfig(url=server.url, socket_timeout_s=5.0))
-    shared = store(redis, timeout_s=0.05)
+    shared = store(redis, timeout_s=0.05, fast=fast_client(kind, server.url, 5.0))
     try:
         assert await shared.get("r:s:k") is None  # connected
         os.kill(server.popen.pid, signal.SIGSTOP)  # alive, answering nothing
@@ -145,11 +178,14 @@ async def test_a_stalled_redis_is_a_bypass_after_the_lookup_timeout(
             os.kill(server.popen.pid, signal.SIGCONT)
     finally:
         await redis.aclose()
+        await shared.calls.aclose()
         server.stop()
 
 
-async def test_one_process_at_a_time_leads_a_keys_call(client: Redis) -> None:
-    first, second = store(client), store(client)
+async def test_one_process_at_a_time_leads_a_keys_call(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    first, second = store(client, fast=fast), store(client)
     name = key("m", "global", "shared")
     lease = await first.claim(name, 5.0)
     assert lease
@@ -163,8 +199,10 @@ async def test_one_process_at_a_time_leads_a_keys_call(client: Redis) -> None:
     assert await second.claim(name, 5.0)  # free again
 
 
-async def test_a_failed_leader_lets_the_others_go_on_at_once(client: Redis) -> None:
-    first, second = store(client), store(client)
+async def test_a_failed_leader_lets_the_others_go_on_at_once(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    first, second = store(client, fast=fast), store(client)
     name = key("m", "global", "failed")
     lease = await first.claim(name, 30.0)
     assert lease and await second.claim(name, 30.0) is None
@@ -176,8 +214,8 @@ async def test_a_failed_leader_lets_the_others_go_on_at_once(client: Redis) -> N
     assert await waiting is None  # well before the lease's 30 s
 
 
-async def test_many_entries_in_one_lookup(client: Redis) -> None:
-    shared = store(client)
+async def test_many_entries_in_one_lookup(client: Redis, fast: PipelinedRedis | None) -> None:
+    shared = store(client, fast=fast)
     names = [key("e", "key:a", text) for text in ("one", "two", "three")]
     shared.put(names[0], b"1", 30)
     shared.put(names[2], b"3", 30)
