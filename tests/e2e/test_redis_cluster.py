@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -483,4 +484,73 @@ async def test_with_replicas_breakers_and_limits_follow_a_failover(logs: Path) -
         await b.aclose()
         for client in clients:
             await client.aclose()
+        own.stop()
+
+
+def test_gateways_under_load_follow_a_failover_with_nothing_hung(logs: Path) -> None:
+    """Two gateways on a cluster with replicas, four clients sending; the primary holding
+    the busy key's limits is killed. Every request is answered within the bound (fail
+    open while the slot has no primary), both gateways are back on Redis after the
+    replica takes over, and the limits are exact there."""
+    own = start_cluster(logs / "gateway-failover", replicas=1)
+    sim = start_sim(logs)
+    processes: list[Process] = [sim]
+    outcomes: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def send(gateways: list[Any], index: int) -> None:
+        with httpx.Client() as client:
+            turn = index
+            while not stop.is_set():
+                started = time.monotonic()
+                response = chat(client, gateways[turn % 2].url, LOAD_KEY)
+                outcomes.append((response.status_code, time.monotonic() - started))
+                turn += 1
+
+    try:
+        config = gateway_on(own, logs, sim, "e2e-cluster-fo")
+        gateways = [start_gateway(logs, config), start_gateway(logs, config)]
+        processes += gateways
+        with httpx.Client() as client:
+            for gateway in gateways:
+                assert chat(client, gateway.url, LOAD_KEY).status_code == 200
+        victim = own.owner_of("e2e-cluster-fo:rl:{key-load}")
+        threads = [threading.Thread(target=send, args=(gateways, i)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            poll_until(lambda: len(outcomes) >= 20)
+            own.node(victim).kill()
+            killed = time.monotonic()
+            poll_until(lambda: own.owner_of("e2e-cluster-fo:rl:{key-load}") != victim)
+            for gateway in gateways:
+                poll_until(
+                    lambda g=gateway: (
+                        metric(g.url, 'vgate_redis_outages_total{component="limits"}') >= 1
+                        and redis_up(g.url, "limits")
+                    )
+                )
+            followed_s = time.monotonic() - killed
+            served = len(outcomes)
+            poll_until(lambda: len(outcomes) >= served + 20)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+        statuses = {status for status, _ in outcomes}
+        slowest = max(took for _, took in outcomes)
+        print(
+            f"cluster failover under load: {len(outcomes)} requests, statuses {statuses}, "
+            f"slowest {slowest:.2f}s, both gateways back on Redis after {followed_s:.1f}s"
+        )
+        assert statuses == {200}
+        assert slowest < REQUEST_BOUND_S
+        with httpx.Client() as client:
+            admitted = [
+                chat(client, gateways[i % 2].url, EXACT_KEY).status_code
+                for i in range(EXACT_RPM + 3)
+            ]
+        assert admitted == [200] * EXACT_RPM + [429] * 3
+    finally:
+        iter_stop(iter(processes))
         own.stop()
