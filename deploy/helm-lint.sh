@@ -7,7 +7,8 @@
 #   helm template        each values set below, rendered by the same library.
 #   kubernetes-validate --strict
 #                        every rendered manifest of a kind Kubernetes defines, against the
-#                        1.37 schemas, unknown fields rejected. The Prometheus Operator's
+#                        1.30 (the chart's kubeVersion floor) and 1.37 schemas, unknown
+#                        fields rejected. The Prometheus Operator's
 #                        kinds have no schema there (kubernetes-validate only warns on them):
 #                        a ServiceMonitor is checked to select the gateway's Service and name
 #                        its port, a PrometheusRule's groups with `promtool check rules`.
@@ -25,6 +26,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${VENV:-$ROOT/.venv}/bin"
 CHART=deploy/helm/vgate
+# The schemas the manifests must pass: Chart.yaml's kubeVersion floor and the newest
+# kubernetes-validate knows.
+KUBE_FLOOR=1.30.0
+KUBE_NEWEST=1.37.0
 cd "$ROOT"
 
 fail() { echo "deploy/helm-lint.sh: $*" >&2; exit 1; }
@@ -70,9 +75,10 @@ for set in "${sets[@]}"; do
     "$BIN/python" deploy/helm/check_rendered.py split "$out/rendered.yaml" "$out" \
         || fail "rendered manifests ($label)"
 
-    echo "kubernetes-validate --strict ($label)"
+    echo "kubernetes-validate --strict -k $KUBE_FLOOR -k $KUBE_NEWEST ($label)"
     # It exits 0 on a kind it has no schema for (a warning): fail on its warnings too.
-    "$BIN/kubernetes-validate" --strict --quiet "$out/core.yaml" > "$out/validate.txt" 2>&1 \
+    "$BIN/kubernetes-validate" --strict --quiet -k "$KUBE_FLOOR" -k "$KUBE_NEWEST" "$out/core.yaml" \
+        > "$out/validate.txt" 2>&1 \
         || { cat "$out/validate.txt" >&2; fail "kubernetes-validate --strict failed ($label)"; }
     if grep -q . "$out/validate.txt"; then
         cat "$out/validate.txt" >&2
