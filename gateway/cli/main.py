@@ -30,8 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--workers", type=int, help="override server.workers (gateway processes on the port)"
     )
-    # One SO_REUSEPORT socket per worker instead of one shared socket (for measurements).
-    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # How connections reach the workers (gateway/runtime/workers.py): the parent deals them
+    # out (the default), or the kernel does (kept for measurements: bench/workers.py).
+    serve.add_argument(
+        "--balance",
+        choices=("dispatch", "shared", "reuseport"),
+        default="dispatch",
+        help=argparse.SUPPRESS,
+    )
 
     up = verbs.add_parser("up", help="start the config's vLLM workers, then serve in front of them")
     up.add_argument("--config", required=True, help="YAML config file with a workers: section")
@@ -238,7 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
         from gateway.runtime.workers import serve_workers
 
         options = _uvicorn_options(config, server)
-        return serve_workers(config, server, options, reuse_port=args.reuse_port)
+        return serve_workers(config, server, options, balance=args.balance)
     try:
         gateway = Gateway.from_config(config)
     except ConfigError as exc:

@@ -97,6 +97,11 @@ class PeerMetrics:
             "restarted worker starts again from 0.",
             labels=["worker"],
         )
+        connections = GaugeMetricFamily(
+            "vgate_worker_connections",
+            "Client connections open, by worker process (its index: server.workers > 1).",
+            labels=["worker"],
+        )
         for index in sorted(texts):
             try:
                 families = metrics_merge.parse(texts[index].decode())
@@ -104,14 +109,8 @@ class PeerMetrics:
                 logger.warning("worker %d's metrics unreadable: %s", index, exc)
                 continue
             processes.append(families)
-            requests = sum(
-                s.value
-                for f in families
-                if f.name == "vgate_requests"
-                for s in f.samples
-                if s.name == "vgate_requests_total"
-            )
-            per_worker.add_metric([str(index)], requests)
+            per_worker.add_metric([str(index)], _total(families, "vgate_requests_total"))
+            connections.add_metric([str(index)], _total(families, "vgate_connections_open"))
         workers = GaugeMetricFamily(
             "vgate_metrics_workers",
             "Worker processes whose metrics this scrape holds (answered), and those that did "
@@ -121,4 +120,8 @@ class PeerMetrics:
         workers.add_metric(["answered"], len(processes))
         workers.add_metric(["missing"], self._workers - len(processes))
         merged = metrics_merge.merge(processes)
-        return metrics_merge.render([*merged, per_worker, workers], accept)
+        return metrics_merge.render([*merged, per_worker, connections, workers], accept)
+
+
+def _total(families: list[Metric], sample: str) -> float:
+    return sum(s.value for f in families for s in f.samples if s.name == sample)

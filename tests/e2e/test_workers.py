@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,31 @@ def test_both_processes_serve_and_metrics_count_the_whole(
     assert set(shares) == {"0", "1"} and sum(shares.values()) == sent
     assert samples[("vgate_metrics_workers", (("state", "answered"),))] == 2
     assert samples[("vgate_metrics_workers", (("state", "missing"),))] == 0
+
+
+def test_connections_are_dealt_out_evenly(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    """16 keep-alive clients on 2 workers: 8 each (the kernel's own spreading is not even)."""
+    gateway = start_gateway(logs, two_workers(sims))
+    started.append(gateway)
+    port = int(gateway.url.rsplit(":", 1)[1])
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+    try:
+
+        def dealt() -> list[float] | None:
+            samples = scrape(gateway)  # on a connection of its own: 17 open
+            counts = sorted(
+                value
+                for (name, _labels), value in samples.items()
+                if name == "vgate_worker_connections"
+            )
+            return counts if sum(counts) == 17 else None
+
+        assert poll_until(dealt) == [8, 9]
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_sigterm_drains_every_worker_and_the_parent_exits_0(
