@@ -136,7 +136,16 @@ class ProxyEndpoint:
                     prompt=request.prompt,  # measured once, by validation
                 )
                 started = time.perf_counter()
-                verdict = await self.limits.admit(caller.id, caller.limits, estimate)
+                # The request's cache read (a shared cache) goes to Redis with the limit
+                # check, in the same write: one round trip for both.
+                router.prefetch(plan)
+                admitted = False
+                try:
+                    verdict = await self.limits.admit(caller.id, caller.limits, estimate)
+                    admitted = verdict.allowed
+                finally:
+                    if not admitted and plan.prefetched is not None:
+                        plan.prefetched.drop()
                 shared = self._redis_limits
                 if shared is not None:  # for its span in the trace
                     ended = time.perf_counter()

@@ -14,6 +14,8 @@ stream is sent as SSE (`answer_events`).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,7 @@ from gateway.wire.assemble import Assembler
 from gateway.wire.cachekey import GLOBAL_SCOPE, cache_key, directives, is_deterministic
 from gateway.wire.sse import DONE_EVENT, data_event
 from gateway.wire.validation import Endpoint
-from policies.cache import ResponseCache
+from policies.cache import Entry, ResponseCache
 from policies.resume import Transcript
 
 if TYPE_CHECKING:
@@ -45,10 +47,57 @@ class CachePlan:
     owner: str = ""  # the scope: "key:<name>" or "global"
 
 
+@dataclass(slots=True)
+class Prefetch:
+    """A request's place in a shared cache, worked out before its limits were checked, and
+    the read of its entry started then: issued in the same loop turn as the limit check,
+    both go to Redis in one write (policies/redis_pipelined.py), one round trip for two."""
+
+    place: CachePlan | str | None  # as `cache_place`
+    started: float = 0.0  # when the read was issued (perf_counter), for its span
+    read: asyncio.Future[Entry | None] | None = None
+
+    def drop(self) -> None:
+        """The request goes no further (its limits refused it): the read is not wanted."""
+        if self.read is not None:
+            self.read.cancel()
+
+
+def prefetch(cache: ResponseCache, plan: Plan) -> None:
+    """Start reading the request's entry now (see `Prefetch`), where the cache is shared
+    through Redis and the request would read it; embeddings read item by item, later."""
+    if cache.shared is None or plan.request.endpoint is Endpoint.EMBEDDINGS:
+        return
+    place = cache_place(cache, plan)
+    fetched = Prefetch(place)
+    if isinstance(place, CachePlan) and place.read:
+        fetched.started = time.perf_counter()
+        fetched.read = asyncio.ensure_future(cache.get(place.key))
+        fetched.read.add_done_callback(_retrieved)
+    plan.prefetched = fetched
+
+
+def _retrieved(read: asyncio.Future[Entry | None]) -> None:
+    """A read dropped, or never awaited by a request that failed first, logs nothing."""
+    if not read.cancelled():
+        read.exception()
+
+
 def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan | None:
     """The request's place in the cache, or None (and `outcome.cache` "bypass") when it
     bypasses it; a route that turns the cache off, or a key that opted out, is not counted
     at all."""
+    place = cache_place(cache, plan) if plan.prefetched is None else plan.prefetched.place
+    if isinstance(place, str):
+        cache.bypass(place)
+        outcome.cache = "bypass"
+        return None
+    return place
+
+
+def cache_place(cache: ResponseCache, plan: Plan) -> CachePlan | str | None:
+    """The request's place in the cache; the reason it bypasses the cache; or None where it
+    is not the cache's business (a route that turns it off, a key that opted out)."""
     settings = cache.config
     route_cache = plan.route.config.cache
     if route_cache.enabled is False or not plan.call.cache:
@@ -65,9 +114,7 @@ def cache_plan(cache: ResponseCache, plan: Plan, outcome: Outcome) -> CachePlan 
     elif not embeddings and not cache_all and not is_deterministic(request.payload):
         reason = "not_deterministic"
     if reason is not None:
-        cache.bypass(reason)
-        outcome.cache = "bypass"
-        return None
+        return reason
     scope = settings.scope if route_cache.scope is None else route_cache.scope
     owner = GLOBAL_SCOPE if scope == "global" else f"key:{plan.call.caller or ''}"
     ttl_s = settings.ttl_s if route_cache.ttl_s is None else route_cache.ttl_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.router.backend import Backend
@@ -13,6 +14,9 @@ from gateway.wire.validation import ProxyRequest
 from policies.admission import Priority
 from policies.affinity import request_key
 from providers.base import RequestContext
+
+if TYPE_CHECKING:
+    from gateway.router.caching import Prefetch
 
 # Not frozen, though never changed once made: a frozen dataclass's __init__ costs three times
 # as much, and these are made once per request on the hot path.
@@ -47,6 +51,8 @@ class Plan:
     pin_forced: bool = False  # asked for by the client: never hidden behind a fallback
     affinity_key: str | None = None
     context: RequestContext = field(init=False)  # what every adapter is told of the request
+    # Its place in a shared cache and the read already under way (`Router.prefetch`).
+    prefetched: Prefetch | None = None
 
     def __post_init__(self) -> None:
         call = self.call

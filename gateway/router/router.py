@@ -33,6 +33,7 @@ from gateway.router.caching import (
     answer_events,
     cache_plan,
     complete_answer,
+    prefetch,
 )
 from gateway.router.coalesce import Flight, FlightStream, pump
 from gateway.router.embeddings import embed
@@ -110,6 +111,14 @@ class Router:
         """Where `request` may go for its caller; raises before it costs anything when it
         may go nowhere (a model it may not use, a pin it may not ask for)."""
         return plan(request, call, self.route_for(request.model, call.models))
+
+    def prefetch(self, plan: Plan) -> None:
+        """Start reading the request's cache entry, where the cache is shared through
+        Redis: the edge calls this right before it checks the caller's limits, so the read
+        and the check share one round trip (`gateway.router.caching.Prefetch`). A plan
+        that goes no further is dropped (`plan.prefetched.drop()`)."""
+        if self.cache is not None:
+            prefetch(self.cache, plan)
 
     async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
         """A whole answer: from the cache where it has one, else shared with an identical
@@ -246,9 +255,14 @@ class Router:
     ) -> tuple[bytes, dict[str, Any]] | None:
         """The cached answer (its body, parsed) for the request; None on a miss, or when
         the store cannot tell in time (a bypass: the request goes on uncached)."""
+        fetched = plan.prefetched
         started = time.perf_counter()
         try:
-            entry = await cache.get(caching.key)
+            if fetched is not None and fetched.read is not None:
+                started = fetched.started
+                entry = await fetched.read
+            else:
+                entry = await cache.get(caching.key)
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"

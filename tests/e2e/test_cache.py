@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -434,3 +435,83 @@ def test_redis_shares_answers_and_its_loss_is_a_bypass(
     finally:
         first.stop()
         second.stop()
+
+
+class RedisProbe:
+    """A connection of the test's own that counts its commands, so that what it adds to
+    the server's read events is known."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.conn = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        self.commands = 0
+
+    def ask(self, *args: str) -> bytes:
+        self.commands += 1
+        self.conn.sendall(
+            b"".join(
+                [f"*{len(args)}\r\n".encode()] + [f"${len(a)}\r\n{a}\r\n".encode() for a in args]
+            )
+        )
+        reply = self.conn.recv(65536)
+        if reply.startswith(b"$"):  # a bulk string: read it whole
+            size = int(reply[1 : reply.index(b"\r\n")])
+            while len(reply) < reply.index(b"\r\n") + 2 + size + 2:
+                reply += self.conn.recv(65536)
+        return reply
+
+    def reads(self) -> int:
+        """The read events the server has processed (one per round trip of any client),
+        less those of this probe's commands."""
+        (line,) = [
+            x
+            for x in self.ask("INFO", "stats").split(b"\r\n")
+            if x.startswith(b"total_reads_processed:")
+        ]
+        return int(line.split(b":")[1]) - self.commands
+
+
+def test_a_limited_request_reads_the_cache_in_its_limit_checks_round_trip(
+    logs: Path, sim: Process, keys_file: Path
+) -> None:
+    """With limits and the cache both on Redis, a cacheable request's lookup is sent with
+    its limit check, in one write: a hit costs two round trips (check + lookup, then the
+    settle), not three. A request its limits refuse drops the lookup, quietly."""
+    settings = config(sim, keys_file, backend="redis", scope="global")
+    redis = start_redis(logs)  # its own: the module's may have been killed by a test above
+    settings["redis"] = {"url": redis.url, "key_prefix": "e2e-one-trip", "socket_timeout_s": 1.0}
+    process = start_gateway(logs, settings)
+    probe = RedisProbe(redis)
+    try:
+        messages = [{"role": "user", "content": "one trip"}]
+        chat(process, key=CAROL, messages=messages, **DETERMINISTIC)  # the miss that fills
+        poll_until(
+            lambda: (
+                chat(process, key=CAROL, messages=messages, **DETERMINISTIC).headers[
+                    "x-vgate-cache"
+                ]
+                == "hit"
+            ),
+            timeout_s=10,
+        )
+        in_flight = "e2e-one-trip:rl:{key-carol}:t"  # the key's tickets, until settled
+        poll_until(lambda: probe.ask("ZCARD", in_flight) == b":0\r\n")
+        # carol may send 6 a minute: the rest of this minute's are hits, then 429s.
+        statuses: list[int] = []
+        before = probe.reads()
+        for _ in range(6):
+            response = chat(process, key=CAROL, messages=messages, **DETERMINISTIC)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                assert response.headers["x-vgate-cache"] == "hit"
+        hits, refused = statuses.count(200), statuses.count(429)
+        assert hits >= 1 and refused >= 1 and hits + refused == 6
+        poll_until(lambda: probe.ask("ZCARD", in_flight) == b":0\r\n")  # settled
+        reads = probe.reads() - before
+        # Per hit: the check with the lookup, then the settle; per refusal: the check with
+        # the lookup (dropped). Without the shared write: one more per request.
+        assert reads == 2 * hits + refused, (reads, statuses)
+        assert "never retrieved" not in process.log()
+    finally:
+        probe.conn.close()
+        process.stop()
+        redis.stop()
