@@ -68,6 +68,7 @@ BACKLOG = 2048
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CONFIG_ERROR = 2  # a worker's exit status for an invalid configuration: not worth retrying
 ACCEPT_BATCH = 64  # connections accepted per wake-up before the parent looks at signals again
+_STOP_MARGIN_S = 0.1
 Balance = Literal["dispatch", "shared", "reuseport"]
 
 
@@ -148,7 +149,8 @@ class Workers:
                     dealing = False
                     self._stop_listening()
                 if dealing:
-                    if self._selector.select(0.05):
+                    wait_s = 0.05 if until is None else min(0.05, until - time.monotonic())
+                    if self._selector.select(max(0.0, wait_s)):
                         self._deal()
                 else:
                     time.sleep(0.05)
@@ -173,9 +175,12 @@ class Workers:
             signum = self._signals.pop(0)
             if signum != signal.SIGHUP and not self._stopping:
                 self._stopping = True
-                # As each worker does: accept on through the drain delay after a SIGTERM.
+                # As each worker does: accept on through the drain delay after a SIGTERM,
+                # stopping a little before the workers do (their clock starts when the
+                # signal reaches them, later; they look every 0.1 s), so no connection is
+                # passed to a worker that no longer takes any.
                 delay = self._drain_delay_s if signum == signal.SIGTERM else 0.0
-                self._accept_until = time.monotonic() + delay
+                self._accept_until = time.monotonic() + max(0.0, delay - _STOP_MARGIN_S)
                 logger.warning(
                     "%s: stopping %d workers (each drains)",
                     signal.Signals(signum).name,

@@ -155,10 +155,12 @@ def test_connections_are_dealt_out_evenly(
 def test_sigterm_drains_every_worker_and_the_parent_exits_0(
     logs: Path, sims: tuple[Process, Process], started: list[Gateway]
 ) -> None:
-    gateway = start_gateway(logs, two_workers(sims))
+    config = two_workers(sims)
+    config["server"]["drain_delay_s"] = 3.0  # room for the checks below on a slow machine
+    gateway = start_gateway(logs, config)
     started.append(gateway)
     workers = poll_until(lambda: len(worker_pids(gateway)) == 2 and worker_pids(gateway))
-    # Slow requests in flight (about 1.5 s each, several on each worker most likely).
+    # Slow requests in flight (about 1.5 s each), dealt out to both workers.
     results: list[int] = []
     threads = [
         threading.Thread(target=lambda: results.append(chat(gateway, "slow").status_code))
@@ -168,11 +170,16 @@ def test_sigterm_drains_every_worker_and_the_parent_exits_0(
         thread.start()
     poll_until(lambda: total(scrape(gateway), "vgate_requests_in_flight") >= 6, timeout_s=10)
     gateway.popen.send_signal(signal.SIGTERM)
+    # The drain delay: consecutive connections go to alternate workers, and each says 503.
+    poll_until(lambda: httpx.get(gateway.url + "/ready", timeout=5).status_code == 503)
+    assert [httpx.get(gateway.url + "/ready", timeout=5).status_code for _ in range(4)] == [503] * 4
     assert gateway.popen.wait(30) == 0, gateway.log()
     for thread in threads:
         thread.join(30)
     assert results == [200] * 6  # every request in flight finished
     assert not {pid for pid in workers if pid in processes()}, "a worker outlived the parent"
+    with pytest.raises(httpx.ConnectError):  # the listener is closed
+        httpx.get(gateway.url + "/health", timeout=5)
 
 
 def test_a_killed_worker_is_replaced(
