@@ -39,6 +39,7 @@ from tests.servers import (
     Process,
     RedisServer,
     backend,
+    free_port,
     gateway_config,
     iter_stop,
     poll_until,
@@ -554,3 +555,26 @@ def test_gateways_under_load_follow_a_failover_with_nothing_hung(logs: Path) -> 
     finally:
         iter_stop(iter(processes))
         own.stop()
+
+
+def test_a_gateway_whose_cluster_is_unreachable_starts_and_serves(logs: Path) -> None:
+    """No node answers (nothing listens on the ports): the client cannot learn the slots,
+    which is an outage like any other: the gateway starts, serves on its own limits, and
+    says so in its metrics."""
+    sim = start_sim(logs)
+    processes: list[Process] = [sim]
+    try:
+        nowhere = ClusterProcesses([], logs)
+        config = gateway_on(nowhere, logs, sim, "e2e-cluster-nowhere")
+        config["redis"]["cluster"] = {"nodes": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+        gateway = start_gateway(logs, config)
+        processes.append(gateway)
+        with httpx.Client() as client:
+            for _ in range(3):
+                started = time.monotonic()
+                assert chat(client, gateway.url, LOAD_KEY).status_code == 200
+                assert time.monotonic() - started < REQUEST_BOUND_S
+        assert not redis_up(gateway.url, "limits")
+        assert metric(gateway.url, 'vgate_redis_outages_total{component="limits"}') >= 1
+    finally:
+        iter_stop(iter(processes))
