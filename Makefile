@@ -87,6 +87,7 @@ lint: $(STAMP) nginx promtool
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	deploy/lint.sh
+	bash deploy/helm-lint.sh
 
 # Every test, the real-vLLM ones (tests/vllm, a few minutes) included: they fail, rather than
 # skip, without their venv, which `vllm` installs first.
