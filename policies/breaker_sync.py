@@ -21,7 +21,7 @@ cost without it. What is shared are transitions:
   when it ends (`RedisHealth`). Every call is bounded by a timeout.
 
 On a Redis Cluster every breaker's key and the channel carry one hash tag,
-`{{prefix}:breaker}`, so they live on one slot: the catch-up reads all keys in one MGET
+`{<prefix>:breaker}` (the channel is the tag itself), so they live on one slot: the catch-up reads all keys in one MGET
 (a cross-slot MGET is refused), the publishing script is single-slot, and the
 subscription is made on the same primary that the keys live on, so a failover of that
 primary is seen by the catch-up and the subscription alike. Pub/sub stays plain
