@@ -984,7 +984,9 @@ class GatewayConfig(_Frozen):
     @model_validator(mode="after")
     def _cache_backend_has_redis(self) -> GatewayConfig:
         if self.cache.enabled and self.cache.backend == "redis" and not self.redis.enabled:
-            raise ValueError("cache.backend: redis needs redis.url or redis.sentinel")
+            raise ValueError(
+                "cache.backend: redis needs redis.url, redis.sentinel or redis.cluster"
+            )
         return self
 
     @model_validator(mode="after")

@@ -5,8 +5,10 @@ Building (`Gateway.from_config`) connects to nothing and starts nothing, so it i
 takes these steps, each pushing its own close onto one `AsyncExitStack`:
 
 1. what runs from being built has its close pushed first, to be closed last: with Redis
-   (`redis.url` or `redis.sentinel`) the client and the limit store on it (the store first,
-   so settles still queued go out before the client goes), and the tracer's export thread;
+   (`redis.url`, `redis.sentinel` or `redis.cluster`) the clients (redis-py's pool, and with
+   `redis.url` the request path's pipelined one) and the limit store and cache on them (the
+   store first, so settles still queued go out before a client goes), and the tracer's
+   export thread;
 2. with Redis, the breaker sync, which reads the shared breakers before serving;
 3. every backend's adapter (its connection pool);
 4. one round of health checks, so that /ready and routing know from the first request,
@@ -392,7 +394,7 @@ def _response_cache(
     if not settings.enabled:
         return None
     if settings.backend == "redis":
-        assert redis is not None  # the config requires redis.url or redis.sentinel
+        assert redis is not None  # the config requires redis.url, .sentinel or .cluster
         cache = redis_cache(
             settings,
             config.redis,

@@ -31,6 +31,7 @@ from tests.servers import (
 ALICE = "vg-alice-0123456789abcdef"
 BOB = "vg-bob-0123456789abcdef"
 CAROL = "vg-carol-0123456789abcdef"  # with limits
+DAVE = "vg-dave-0123456789abcdef"  # with a higher rpm
 ADMIN = "vg-admin-0123456789abcdefghijklmnop"
 DETERMINISTIC: dict[str, Any] = {"temperature": 0, "max_tokens": 4}
 
@@ -64,6 +65,12 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "name": "carol",
             "sha256": sha(CAROL),
             "limits": {"rpm": 6, "tokens_per_day": 1_000_000},  # 1 request back per 10 s
+        },
+        {
+            "id": "key-dave",
+            "name": "dave",
+            "sha256": sha(DAVE),
+            "limits": {"rpm": 24, "tokens_per_day": 1_000_000},
         },
     ]
     path.write_text(yaml.safe_dump({"keys": keys}))
@@ -483,33 +490,33 @@ def test_a_limited_request_reads_the_cache_in_its_limit_checks_round_trip(
     probe = RedisProbe(redis)
     try:
         messages = [{"role": "user", "content": "one trip"}]
-        chat(process, key=CAROL, messages=messages, **DETERMINISTIC)  # the miss that fills
+        chat(process, key=DAVE, messages=messages, **DETERMINISTIC)  # the miss that fills
         poll_until(
             lambda: (
-                chat(process, key=CAROL, messages=messages, **DETERMINISTIC).headers[
-                    "x-vgate-cache"
-                ]
+                chat(process, key=DAVE, messages=messages, **DETERMINISTIC).headers["x-vgate-cache"]
                 == "hit"
             ),
             timeout_s=10,
         )
-        in_flight = "e2e-one-trip:rl:{key-carol}:t"  # the key's tickets, until settled
+        in_flight = "e2e-one-trip:rl:{key-dave}:t"  # the key's tickets, until settled
         poll_until(lambda: probe.ask("ZCARD", in_flight) == b":0\r\n")
-        # carol may send 6 a minute: the rest of this minute's are hits, then 429s.
+        # dave may send 24 a minute: the rest of this minute's are hits, then 429s.
         statuses: list[int] = []
         before = probe.reads()
-        for _ in range(6):
-            response = chat(process, key=CAROL, messages=messages, **DETERMINISTIC)
+        for _ in range(26):
+            response = chat(process, key=DAVE, messages=messages, **DETERMINISTIC)
             statuses.append(response.status_code)
             if response.status_code == 200:
                 assert response.headers["x-vgate-cache"] == "hit"
         hits, refused = statuses.count(200), statuses.count(429)
-        assert hits >= 1 and refused >= 1 and hits + refused == 6
+        assert hits >= 10 and refused >= 1 and hits + refused == 26
         poll_until(lambda: probe.ask("ZCARD", in_flight) == b":0\r\n")  # settled
         reads = probe.reads() - before
         # Per hit: the check with the lookup, then the settle; per refusal: the check with
-        # the lookup (dropped). Without the shared write: one more per request.
-        assert reads == 2 * hits + refused, (reads, statuses)
+        # the lookup (dropped): 2 * hits + refused. Without the shared write, one more per
+        # hit. A few to spare for the gateway's own background calls (a silent breaker
+        # subscription's PING).
+        assert reads <= 2 * hits + refused + 3, (reads, statuses)
         assert "never retrieved" not in process.log()
     finally:
         probe.conn.close()

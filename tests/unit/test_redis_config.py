@@ -122,7 +122,8 @@ def test_the_redis_cache_backend_needs_redis_by_url_or_sentinel(tmp_path: Path) 
     cache = {"enabled": True, "backend": "redis"}
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, {**MINIMAL, "cache": cache}), environ={})
-    assert "cache.backend: redis needs redis.url or redis.sentinel" in str(caught.value)
+    needs = "cache.backend: redis needs redis.url, redis.sentinel or redis.cluster"
+    assert needs in str(caught.value)
     sentinel = {"service_name": "mymaster", "sentinels": ["127.0.0.1:26379"]}
     config = load_config(
         write(tmp_path, {**MINIMAL, "cache": cache, "redis": {"sentinel": sentinel}}), environ={}
