@@ -90,6 +90,11 @@ class PeerMetrics:
         answers = await asyncio.gather(*(self._ask(i) for i in siblings))
         texts = {self._index: self._own(OPENMETRICS)[0]}
         texts.update((i, a) for i, a in zip(siblings, answers, strict=True) if a)
+        # Parsing and merging is pure-Python work of some milliseconds per worker: in a
+        # thread, so the loop goes on serving meanwhile.
+        return await asyncio.to_thread(self._merged, texts, accept)
+
+    def _merged(self, texts: dict[int, bytes], accept: str | None) -> tuple[bytes, str]:
         processes: list[list[Metric]] = []
         per_worker = CounterMetricFamily(
             "vgate_worker_requests",
