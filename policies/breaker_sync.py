@@ -21,10 +21,11 @@ cost without it. What is shared are transitions:
   when it ends (`RedisHealth`). Every call is bounded by a timeout.
 
 On a Redis Cluster every breaker's key and the channel carry one hash tag,
-`{<prefix>:breaker}` (the channel is the tag itself), so they live on one slot: the catch-up reads all keys in one MGET
-(a cross-slot MGET is refused), the publishing script is single-slot, and the
-subscription is made on the same primary that the keys live on, so a failover of that
-primary is seen by the catch-up and the subscription alike. Pub/sub stays plain
+`{<prefix>:breaker}` (the channel is the tag itself), so they live on one slot: the
+catch-up reads all keys in one MGET (a cross-slot MGET is refused), the publishing
+script is single-slot, and the subscription is made on the same primary that the keys
+live on, so a failover of that primary is seen by the catch-up and the subscription
+alike. Pub/sub stays plain
 (SUBSCRIBE/PUBLISH, which a cluster forwards to every node): transitions are rare, so
 the broadcast costs nothing that matters, and the subscription is one connection whose
 silence the loop below can check, as with one server.
