@@ -95,6 +95,52 @@ def _quantiles(
     )
 
 
+def _latency_panel(
+    title: str,
+    metric: str,
+    selector: str,
+    by: str,
+    legend: str,
+    description: str,
+    *,
+    exemplar: bool = False,
+    **options: Any,
+) -> Panel:
+    """p50 and p99 of a latency histogram, in seconds; `exemplar`: its dots link to traces."""
+    if exemplar:
+        description += _EXEMPLARS
+    quantiles = _quantiles(metric, selector, by, legend, exemplar=exemplar)
+    return Panel(title, quantiles, unit="s", description=description, **options)
+
+
+def _single(title: str, expr: str, legend: str, **options: Any) -> Panel:
+    """A panel of one query."""
+    return Panel(title, (Query(expr, legend),), **options)
+
+
+def _rate_panel(
+    title: str, metric: str, selector: str, by: str, legend: str, **options: Any
+) -> Panel:
+    """A panel of one summed rate, in requests per second unless `options` say otherwise."""
+    return _single(title, _rate(metric, selector, by), legend, **{"unit": "reqps", **options})
+
+
+def _share(metric: str, selector: str, failed: str, by: str) -> str:
+    """The share of `metric`'s rate that `failed` (more matchers) selects, per `by`."""
+    return _rate(metric, f"{selector}, {failed}", by) + "\n/\n" + _rate(metric, selector, by)
+
+
+# A count that should be 0: green, red from 1.
+_ZERO_IS_GREEN = ((None, "green"), (1, "red"))
+
+
+def _backend_alarm(title: str, expr: str) -> Panel:
+    """A small stat per backend of something that should be 0 (open breakers, failed checks)."""
+    return _single(
+        title, expr, "{{backend}}", kind="stat", width=8, height=6, thresholds=_ZERO_IS_GREEN
+    )
+
+
 _ROUTE = 'model=~"$model"'
 _BACKEND = 'backend=~"$backend"'
 _EXEMPLARS = " Exemplars (dots) link to the request's trace in Jaeger."
@@ -121,9 +167,10 @@ def cache_row() -> tuple[str, list[Panel]]:
     return (
         "Response cache",
         [
-            Panel(
+            _single(
                 "Cache hit ratio by route",
-                (Query(_cache_hit_ratio(), "{{model}}"),),
+                _cache_hit_ratio(),
+                "{{model}}",
                 unit="percentunit",
                 description="Hits / (hits + misses + coalesced) of the cacheable requests. "
                 "Bypasses (not cacheable, no-store, store unavailable) are not counted.",
@@ -140,30 +187,33 @@ def cache_row() -> tuple[str, list[Panel]]:
                 unit="reqps",
                 description="Coalesced: shared an identical request's upstream call in flight.",
             ),
-            Panel(
+            _rate_panel(
                 "Cache bypasses by reason",
-                (Query(_rate("vgate_cache_bypasses_total", "", "reason"), "{{reason}}"),),
-                unit="reqps",
+                "vgate_cache_bypasses_total",
+                "",
+                "reason",
+                "{{reason}}",
                 width=8,
                 description="not_deterministic (no temperature 0 or seed), no_store, "
                 "not_cacheable, unavailable (the store did not answer in time).",
             ),
-            Panel(
+            _latency_panel(
                 "Cache lookup latency",
-                _quantiles("vgate_cache_lookup_seconds", "", "", ""),
-                unit="s",
+                "vgate_cache_lookup_seconds",
+                "",
+                "",
+                "",
+                "Time to look an answer up in the store (a Redis round trip with the redis "
+                "backend).",
                 width=8,
-                description="Time to look an answer up in the store (a Redis round trip with "
-                "the redis backend).",
             ),
-            Panel(
-                "Cache entries (memory backend)",
-                (Query("sum(vgate_cache_entries)", "entries"),),
-                width=4,
+            _single(
+                "Cache entries (memory backend)", "sum(vgate_cache_entries)", "entries", width=4
             ),
-            Panel(
+            _single(
                 "Cache bytes (memory backend)",
-                (Query("sum(vgate_cache_bytes)", "bytes"),),
+                "sum(vgate_cache_bytes)",
+                "bytes",
                 unit="bytes",
                 width=4,
             ),
@@ -178,21 +228,17 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
         (
             "Traffic",
             [
-                Panel(
+                _rate_panel(
                     "Requests by route and status",
-                    (Query(_rate(requests, _ROUTE, "model, status"), "{{model}} {{status}}"),),
-                    unit="reqps",
+                    requests,
+                    _ROUTE,
+                    "model, status",
+                    "{{model}} {{status}}",
                 ),
-                Panel(
+                _single(
                     "Errors (5xx) by route, share of requests",
-                    (
-                        Query(
-                            _rate(requests, _ROUTE + ', status=~"5.."', "model")
-                            + "\n/\n"
-                            + _rate(requests, _ROUTE, "model"),
-                            "{{model}}",
-                        ),
-                    ),
+                    _share(requests, _ROUTE, 'status=~"5.."', "model"),
+                    "{{model}}",
                     unit="percentunit",
                     description="Requests failed by the gateway or an upstream (5xx); 4xx are "
                     "the client's.",
@@ -206,51 +252,55 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
                         Query("sum(vgate_connections_open)", "client connections"),
                     ),
                 ),
-                Panel(
-                    "Shed by admission",
-                    (Query(_rate("vgate_shed_total", "", "reason"), "{{reason}}"),),
-                    unit="reqps",
-                ),
+                _rate_panel("Shed by admission", "vgate_shed_total", "", "reason", "{{reason}}"),
             ],
         ),
         (
             "Latency",
             [
-                Panel(
+                _latency_panel(
                     "Request latency by route",
-                    _quantiles(
-                        "vgate_request_latency_seconds", _ROUTE, "model", "{{model}}", exemplar=True
-                    ),
-                    unit="s",
-                    description="Request to the end of its response." + _EXEMPLARS,
+                    "vgate_request_latency_seconds",
+                    _ROUTE,
+                    "model",
+                    "{{model}}",
+                    "Request to the end of its response.",
+                    exemplar=True,
                 ),
-                Panel(
+                _latency_panel(
                     "Time to first token by route",
-                    _quantiles("vgate_ttft_seconds", _ROUTE, "model", "{{model}}", exemplar=True),
-                    unit="s",
-                    description="Streams: request to the first event." + _EXEMPLARS,
+                    "vgate_ttft_seconds",
+                    _ROUTE,
+                    "model",
+                    "{{model}}",
+                    "Streams: request to the first event.",
+                    exemplar=True,
                 ),
-                Panel(
+                _latency_panel(
                     "Time per output token by backend",
-                    _quantiles("vgate_tpot_seconds", _BACKEND, "backend", "{{backend}}"),
-                    unit="s",
-                    description="Streams: (end - first token) / (completion tokens - 1).",
+                    "vgate_tpot_seconds",
+                    _BACKEND,
+                    "backend",
+                    "{{backend}}",
+                    "Streams: (end - first token) / (completion tokens - 1).",
                 ),
-                Panel(
+                _latency_panel(
                     "Upstream latency by backend",
-                    _quantiles(
-                        "vgate_upstream_duration_seconds", _BACKEND, "backend", "{{backend}}"
-                    ),
-                    unit="s",
-                    description="The answering attempt's time to its response (non-streaming) "
-                    "or first event (streaming).",
+                    "vgate_upstream_duration_seconds",
+                    _BACKEND,
+                    "backend",
+                    "{{backend}}",
+                    "The answering attempt's time to its response (non-streaming) or first "
+                    "event (streaming).",
                 ),
-                Panel(
+                _latency_panel(
                     "Gateway overhead by endpoint",
-                    _quantiles("vgate_gateway_overhead_seconds", "", "endpoint", "{{endpoint}}"),
-                    unit="s",
-                    description="The gateway's own time to the response's start, the "
-                    "upstream's and policy waits excluded.",
+                    "vgate_gateway_overhead_seconds",
+                    "",
+                    "endpoint",
+                    "{{endpoint}}",
+                    "The gateway's own time to the response's start, the upstream's and policy "
+                    "waits excluded.",
                     width=24,
                 ),
             ],
@@ -258,15 +308,21 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
         (
             "Tokens",
             [
-                Panel(
+                _rate_panel(
                     "Tokens generated by route",
-                    (Query(_rate("vgate_tokens_generated_total", _ROUTE, "model"), "{{model}}"),),
+                    "vgate_tokens_generated_total",
+                    _ROUTE,
+                    "model",
+                    "{{model}}",
                     unit="short",
                     description="Completion tokens per second, from the upstreams' usage.",
                 ),
-                Panel(
+                _rate_panel(
                     "Prompt tokens by route",
-                    (Query(_rate("vgate_tokens_prompt_total", _ROUTE, "model"), "{{model}}"),),
+                    "vgate_tokens_prompt_total",
+                    _ROUTE,
+                    "model",
+                    "{{model}}",
                     unit="short",
                     description="Prompt tokens per second, from the upstreams' usage.",
                 ),
@@ -275,78 +331,38 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
         (
             "Backends",
             [
-                Panel(
+                _rate_panel(
                     "Attempts by backend and result",
-                    (
-                        Query(
-                            _rate("vgate_backend_attempts_total", _BACKEND, "backend, result"),
-                            "{{backend}} {{result}}",
-                        ),
-                    ),
-                    unit="reqps",
+                    "vgate_backend_attempts_total",
+                    _BACKEND,
+                    "backend, result",
+                    "{{backend}} {{result}}",
                 ),
-                Panel(
+                _single(
                     "Failed attempts by backend, share of attempts",
-                    (
-                        Query(
-                            _rate(
-                                "vgate_backend_attempts_total",
-                                _BACKEND + ', result!="ok"',
-                                "backend",
-                            )
-                            + "\n/\n"
-                            + _rate("vgate_backend_attempts_total", _BACKEND, "backend"),
-                            "{{backend}}",
-                        ),
-                    ),
+                    _share("vgate_backend_attempts_total", _BACKEND, 'result!="ok"', "backend"),
+                    "{{backend}}",
                     unit="percentunit",
                 ),
-                Panel(
+                _backend_alarm(
                     "Breakers open or half-open",
-                    (
-                        Query(
-                            "sum by (backend) "
-                            f'(vgate_breaker_state{{{_BACKEND}, state!="closed"}})',
-                            "{{backend}}",
-                        ),
-                    ),
-                    kind="stat",
-                    width=8,
-                    height=6,
-                    thresholds=((None, "green"), (1, "red")),
+                    f'sum by (backend) (vgate_breaker_state{{{_BACKEND}, state!="closed"}})',
                 ),
-                Panel(
+                _backend_alarm(
                     "Backends failing health checks",
-                    (
-                        Query(
-                            f"1 - min by (backend) (vgate_backend_healthy{{{_BACKEND}}})",
-                            "{{backend}}",
-                        ),
-                    ),
-                    kind="stat",
-                    width=8,
-                    height=6,
-                    thresholds=((None, "green"), (1, "red")),
+                    f"1 - min by (backend) (vgate_backend_healthy{{{_BACKEND}}})",
                 ),
-                Panel(
+                _single(
                     "Concurrency limit by backend",
-                    (
-                        Query(
-                            f"sum by (backend) (vgate_backend_concurrency_limit{{{_BACKEND}}})",
-                            "{{backend}}",
-                        ),
-                    ),
+                    f"sum by (backend) (vgate_backend_concurrency_limit{{{_BACKEND}}})",
+                    "{{backend}}",
                     width=8,
                     height=6,
                 ),
-                Panel(
+                _single(
                     "vLLM queue by backend (its own running and waiting requests)",
-                    (
-                        Query(
-                            f"sum by (backend, state) (vgate_upstream_requests{{{_BACKEND}}})",
-                            "{{backend}} {{state}}",
-                        ),
-                    ),
+                    f"sum by (backend, state) (vgate_upstream_requests{{{_BACKEND}}})",
+                    "{{backend}} {{state}}",
                     width=24,
                     height=6,
                 ),
@@ -355,32 +371,23 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
         (
             "Resilience and chaos",
             [
-                Panel(
-                    "Retries by route",
-                    (Query(_rate("vgate_retries_total", _ROUTE, "model"), "{{model}}"),),
-                    unit="reqps",
-                    width=8,
+                _rate_panel(
+                    "Retries by route", "vgate_retries_total", _ROUTE, "model", "{{model}}", width=8
                 ),
-                Panel(
+                _rate_panel(
                     "Fallbacks",
-                    (
-                        Query(
-                            _rate("vgate_fallbacks_total", "", "from_model, to_model"),
-                            "{{from_model}} → {{to_model}}",
-                        ),
-                    ),
-                    unit="reqps",
+                    "vgate_fallbacks_total",
+                    "",
+                    "from_model, to_model",
+                    "{{from_model}} → {{to_model}}",
                     width=8,
                 ),
-                Panel(
+                _rate_panel(
                     "Chaos injections",
-                    (
-                        Query(
-                            _rate("vgate_chaos_injected_total", "", "experiment, fault"),
-                            "{{experiment}} {{fault}}",
-                        ),
-                    ),
-                    unit="reqps",
+                    "vgate_chaos_injected_total",
+                    "",
+                    "experiment, fault",
+                    "{{experiment}} {{fault}}",
                     width=8,
                     description="Faults injected by chaos experiments (also the dashboard's "
                     "annotations).",
@@ -390,15 +397,12 @@ def gateway_rows() -> list[tuple[str, list[Panel]]]:
         (
             "Keys and limits",
             [
-                Panel(
+                _rate_panel(
                     "Limit refusals by key",
-                    (
-                        Query(
-                            _rate("vgate_limit_refusals_total", "", "key, code"),
-                            "{{key}} {{code}}",
-                        ),
-                    ),
-                    unit="reqps",
+                    "vgate_limit_refusals_total",
+                    "",
+                    "key, code",
+                    "{{key}} {{code}}",
                     width=24,
                     description="Requests refused by a key's own rate limits or quota, by the "
                     "key's name (from the keys file) and the refusal.",
@@ -469,14 +473,10 @@ def slo_rows(slos: Iterable[SloObjective]) -> list[tuple[str, list[Panel]]]:
                         f"{fast.long_window} and {fast.short_window}, the slower one above "
                         f"{slow.burn_rate:g} over {slow.long_window} and {slow.short_window}.",
                     ),
-                    Panel(
+                    _single(
                         "Alerts pending or firing",
-                        (
-                            Query(
-                                f"sum by (alertname, alertstate) (ALERTS{selector}) or vector(0)",
-                                "{{alertname}} {{alertstate}}",
-                            ),
-                        ),
+                        f"sum by (alertname, alertstate) (ALERTS{selector}) or vector(0)",
+                        "{{alertname}} {{alertstate}}",
                         width=24,
                         height=5,
                         description="The burn-rate alerts of `vgate slo rules` for this "
