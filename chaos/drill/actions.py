@@ -52,6 +52,7 @@ __all__ = [
 
 ADMIN_TIMEOUT_S = 30.0
 BACKUP_SUFFIX = ".drill-backup"
+SIGNAL_TIMEOUT_S = 10.0  # for a SIGKILL or SIGSTOP to show in the process table
 
 
 def start_experiment(
@@ -162,33 +163,45 @@ def exhaust_quota(
 
 
 def kill_worker(
-    port: int, signal_name: str = "SIGKILL", configuration: dict[str, Any] | None = None
+    port: int | str, signal_name: str = "SIGKILL", configuration: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Sends `signal_name` to the process listening on `port` (a worker; `vgate up`
-    restarts its own)."""
-    pid = _listener(port)
-    os.kill(pid, _signal(signal_name))
+    restarts its own). A SIGKILL returns once that process is dead; another signal (SIGTERM:
+    a graceful stop) once it is sent. `port` may be a string (a drill's configuration from
+    an environment variable)."""
+    number, signum = _port(port), _signal(signal_name)
+    pid = _listener(number)
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        raise ActivityFailed(f"the process listening on port {number} ({pid}) is gone") from None
+    if signum == signal.SIGKILL:
+        _wait(lambda: not _alive(pid), SIGNAL_TIMEOUT_S, f"{pid} lives on after SIGKILL")
     return {"pid": pid, "signal": signal_name}
 
 
-def pause_worker(port: int, configuration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Freezes the worker listening on `port` (SIGSTOP): connections are accepted by the
-    kernel and never answered, the hardest outage to see."""
-    pid = _listener(port)
+def pause_worker(port: int | str, configuration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Freezes the worker listening on `port` and its children (SIGSTOP): connections are
+    accepted by the kernel and never answered, the hardest outage to see. Returns once it
+    is stopped."""
+    number = _port(port)
+    pid = _listener(number)
     for process in _family(pid):
         process.send_signal(signal.SIGSTOP)
+    _wait(lambda: _stopped(pid), SIGNAL_TIMEOUT_S, f"{pid} is not stopped after SIGSTOP")
     return {"pid": pid}
 
 
-def resume_worker(port: int, configuration: dict[str, Any] | None = None) -> dict[str, Any]:
+def resume_worker(port: int | str, configuration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Thaws what `pause_worker` froze (SIGCONT to every stopped process that listens on
-    `port`, and its children)."""
+    `port`, and its children); none stopped: nothing to do."""
+    number = _port(port)
     resumed = []
     for process in psutil.process_iter(["status"]):
         if process.info["status"] != psutil.STATUS_STOPPED:
             continue
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if any(c.laddr and c.laddr.port == port for c in process.net_connections("tcp")):
+            if any(c.laddr and c.laddr.port == number for c in process.net_connections("tcp")):
                 for member in _family(process.pid):
                     member.send_signal(signal.SIGCONT)
                 resumed.append(process.pid)
@@ -287,16 +300,62 @@ def _admin(
     return dict(response.json())
 
 
+def _port(value: int | str) -> int:
+    """A port number; a drill's configuration substitutes strings (environment variables)."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ActivityFailed(f"port: {value!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ActivityFailed(f"port: {value!r} is not a port number (1 to 65535)")
+    return port
+
+
 def _listener(port: int) -> int:
-    for connection in psutil.net_connections("tcp"):
-        if (
-            connection.status == psutil.CONN_LISTEN
-            and connection.laddr
-            and connection.laddr.port == port
-            and connection.pid is not None
-        ):
-            return int(connection.pid)
-    raise ActivityFailed(f"no process of this user listens on port {port}")
+    """The process that listens on `port`. A worker whose forked children share its socket
+    (`vllm serve --api-server-count`) shows the socket once, under any of them: its topmost
+    holder is the worker."""
+    pids = [
+        int(connection.pid)
+        for connection in psutil.net_connections("tcp")
+        if connection.status == psutil.CONN_LISTEN
+        and connection.laddr
+        and connection.laddr.port == port
+        and connection.pid is not None
+    ]
+    if not pids:
+        raise ActivityFailed(f"no process of this user listens on port {port}")
+    pid = min(pids)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(pid).parent()
+        while parent is not None and _listens(parent, port):
+            pid, parent = parent.pid, parent.parent()
+    return pid
+
+
+def _listens(process: psutil.Process, port: int) -> bool:
+    try:
+        connections = process.net_connections("tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _family(pid: int) -> list[psutil.Process]:
