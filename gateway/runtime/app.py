@@ -23,6 +23,7 @@ from starlette.routing import Route as HTTPRoute
 from gateway.asgi import ASGIApp, header
 from gateway.config import GatewayConfig
 from gateway.edge.admin import admin_routes
+from gateway.edge.admin_relay import AdminRelay, Siblings
 from gateway.edge.auth import Caller
 from gateway.edge.dispatch import Edge, gateway_error, http_error
 from gateway.edge.jwt_auth import token_caller
@@ -67,9 +68,12 @@ def create_app(
     gateway: Gateway,
     *,
     scrape: Callable[[str | None], Awaitable[tuple[bytes, str]]] | None = None,
+    siblings: Siblings | None = None,
 ) -> ASGIApp:
     """`scrape`: /metrics' body and content type for an Accept header, where it is not this
-    process's own registry (several worker processes: gateway/runtime/peer_metrics.py)."""
+    process's own registry; `siblings`: the other worker processes, which the admin API's
+    calls reach too (several worker processes: gateway/runtime/peer_metrics.py,
+    gateway/edge/admin_relay.py)."""
     config = gateway.config  # what only a restart changes: a reload keeps these sections
 
     def model_object(name: str) -> dict[str, Any]:
@@ -194,8 +198,11 @@ def create_app(
     # No redirects: Starlette's answer to a path with a slash too many (or too few) is a 307
     # whose Location is built from the Host header, an open redirect anyone could trigger.
     starlette.router.redirect_slashes = False
+    fallback: ASGIApp = starlette
+    if siblings is not None and siblings.workers > 1 and gateway.admin_key_sha256 is not None:
+        fallback = AdminRelay(starlette, siblings)
     return RequestContextMiddleware(
-        Edge(proxies, starlette),
+        Edge(proxies, fallback),
         metrics=gateway.metrics,
         access_log=gateway.access_log,
         tracer=gateway.tracer,

@@ -1,8 +1,7 @@
 """/metrics for the whole server when it runs several worker processes (`server.workers`).
 
-Each worker serves its own registry's OpenMetrics exposition on a private unix socket,
-`<run dir>/<index>.sock` (the run dir is the parent's, mode 0700, removed when it exits): a
-client connects and reads to the end, nothing is sent. The worker a scrape reaches asks every
+Each worker serves its own registry's OpenMetrics exposition on its private peer socket
+(gateway/runtime/peers.py: a `metrics` request). The worker a scrape reaches asks every
 sibling at once, each for at most `timeout_s`; a sibling that does not answer in time (dead,
 restarting, stuck) is left out and counted in `vgate_metrics_workers{state="missing"}`, so a
 scrape is never held up for longer than that. With one worker none of this exists.
@@ -11,24 +10,19 @@ scrape is never held up for longer than that. With one worker none of this exist
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from gateway.edge import metrics_merge
+from gateway.runtime.peers import METRICS, PeerServer, ask
 
 logger = logging.getLogger("vgate.workers")
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 MAX_EXPOSITION_BYTES = 64 * 1024 * 1024  # one sibling's answer, read at most this far
-
-
-def socket_path(run_dir: str, index: int) -> str:
-    return os.path.join(run_dir, f"{index}.sock")
 
 
 class PeerMetrics:
@@ -49,41 +43,31 @@ class PeerMetrics:
         self._index = index
         self._workers = workers
         self._timeout_s = timeout_s
-        self._server: asyncio.AbstractServer | None = None
+        self._server: PeerServer | None = None
+
+    async def answer(self, payload: bytes) -> bytes:
+        """The peer socket's `metrics` request: this worker's own exposition."""
+        return self._own(OPENMETRICS)[0]
 
     async def start(self) -> None:
-        path = socket_path(self._run_dir, self._index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # the socket of this worker's previous life
-        self._server = await asyncio.start_unix_server(self._answer, path=path)
+        """A peer socket answering metrics alone (a worker's serves admin calls too: see
+        gateway/runtime/workers.py)."""
+        self._server = PeerServer(self._run_dir, self._index, {METRICS: self.answer})
+        await self._server.start()
 
     async def aclose(self) -> None:
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path(self._run_dir, self._index))
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(self._own(OPENMETRICS)[0])
-            await asyncio.wait_for(writer.drain(), self._timeout_s)
-        except (OSError, TimeoutError):
-            pass  # the asker gave up: it counts this worker missing
-        finally:
-            writer.close()
+            await self._server.aclose()
 
     async def _ask(self, index: int) -> bytes | None:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                reader, writer = await asyncio.open_unix_connection(
-                    socket_path(self._run_dir, index), limit=MAX_EXPOSITION_BYTES
-                )
-                try:
-                    return await reader.read(MAX_EXPOSITION_BYTES)
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError):
-            return None
+        return await ask(
+            self._run_dir,
+            index,
+            METRICS,
+            b"",
+            timeout_s=self._timeout_s,
+            limit=MAX_EXPOSITION_BYTES,
+        )
 
     async def exposition(self, accept: str | None) -> tuple[bytes, str]:
         siblings = [i for i in range(self._workers) if i != self._index]

@@ -30,9 +30,10 @@ stop at once). Each worker holds the read end of a pipe whose write end only the
 holds: should the parent die without a word (SIGKILL), every worker sees the pipe close and
 drains as on SIGTERM, so no worker outlives it.
 
-/metrics: every worker serves its own registry to its siblings on a unix socket in the
-parent's run dir, and the worker a scrape reaches answers with the sum
-(gateway/runtime/peer_metrics.py).
+Every worker serves a private unix socket in the parent's run dir (gateway/runtime/peers.py):
+the worker a /metrics scrape reaches answers with the sum of every worker's registry
+(gateway/runtime/peer_metrics.py), and the worker an admin call reaches applies it, then has
+every sibling apply it too (gateway/edge/admin_relay.py).
 """
 
 from __future__ import annotations
@@ -395,6 +396,7 @@ class _WorkerSetup:
         from gateway.errors import ConfigError
         from gateway.runtime.app import create_app
         from gateway.runtime.peer_metrics import PeerMetrics
+        from gateway.runtime.peers import ADMIN, METRICS, PeerAdmin, PeerServer
 
         server = self.server
         if sock is None and channel is None:  # SO_REUSEPORT: a socket of its own
@@ -406,14 +408,20 @@ class _WorkerSetup:
             return CONFIG_ERROR
         # SIGHUP reloads the config, as for `vgate serve` (the parent passes it on to each).
         signal.signal(signal.SIGHUP, lambda signum, frame: gateway.request_reload("SIGHUP"))
-        peers = PeerMetrics(
+        peer_metrics = PeerMetrics(
             gateway.metrics.exposition,
             run_dir=self.run_dir,
             index=self.index,
             workers=server.workers,
         )
+        peer_admin = PeerAdmin(run_dir=self.run_dir, index=self.index, workers=server.workers)
+        peers = PeerServer(
+            self.run_dir,
+            self.index,
+            {METRICS: peer_metrics.answer, ADMIN: peer_admin.answer},
+        )
         uvicorn_config = uvicorn.Config(
-            create_app(gateway, scrape=peers.exposition),
+            create_app(gateway, scrape=peer_metrics.exposition, siblings=peer_admin),
             host=server.host,
             port=server.port,
             loop="uvloop",
