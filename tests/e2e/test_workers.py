@@ -245,3 +245,121 @@ def test_per_key_limits_are_exact_across_workers_through_redis(
     shares = per_worker(gateway)
     assert sum(shares.values()) == 4 * RPM
     assert min(shares.values()) > 0, f"one worker answered nothing: {shares}"
+
+
+# The admin API with several workers: a call reaches every one (gateway/edge/admin_relay.py).
+
+ADMIN = "vg-workers-admin-0123456789abcdefghij"
+ALL_APPLIED = {"applied": 2, "missing": 0, "failed": 0}
+
+
+def with_admin(sims: tuple[Process, Process], **top: Any) -> dict[str, Any]:
+    config = two_workers(sims, **top)
+    config["admin"] = {"key_sha256": hash_key(ADMIN)}
+    route = config["models"][0]
+    # Every request meets the fault once, and is answered with it: no retry, no breaker.
+    route["retries"] = {"max_retries": 0}
+    route["breaker"] = {"consecutive_failures": 1000, "min_requests": 1000}
+    return config
+
+
+def admin(
+    gateway: Gateway, method: str, path: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    response = httpx.request(
+        method,
+        gateway.url + path,
+        json=body,
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def serving(gateway: Gateway) -> None:
+    """Until both workers answer the scrape (each has started its peer socket)."""
+    poll_until(lambda: scrape(gateway)[("vgate_metrics_workers", (("state", "answered"),))] == 2)
+
+
+def on_both(gateway: Gateway, send: Any, count: int = 10) -> list[httpx.Response]:
+    """`count` requests, each on a connection of its own; both workers answered some."""
+    before = per_worker(gateway)
+    responses = [send() for _ in range(count)]
+    after = per_worker(gateway)
+    assert all(after[w] > before.get(w, 0) for w in ("0", "1")), (before, after)
+    return responses
+
+
+def test_a_chaos_experiment_started_through_the_admin_api_reaches_every_worker(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, with_admin(sims, chaos={"enabled": True}))
+    started.append(gateway)
+    serving(gateway)
+    outage = {"fault": {"kind": "error", "status": 503}, "routes": ["tiny-llama"]}
+    assert admin(gateway, "PUT", "/admin/chaos/outage", outage)["workers"] == ALL_APPLIED
+    failed = on_both(gateway, lambda: chat(gateway))
+    # The backend's (injected) 503, answered as an upstream error.
+    assert [r.status_code for r in failed] == [502] * 10, [r.text for r in failed]
+    assert all("Chaos experiment 'outage' injected this 503" in r.text for r in failed)
+    # Every one of them was the injected fault: counted as such by the two workers together.
+    listed = admin(gateway, "GET", "/admin/chaos")
+    assert listed["workers"] == {"answered": 2, "missing": 0, "failed": 0}
+    [experiment] = listed["data"]
+    assert experiment["name"] == "outage" and experiment["injected"] == 10
+    injected = scrape(gateway)
+    assert total(injected, "vgate_chaos_injected_total") == 10
+    stopped = admin(gateway, "DELETE", "/admin/chaos/outage")
+    assert stopped["deleted"] is True and stopped["workers"] == ALL_APPLIED
+    assert [r.status_code for r in on_both(gateway, lambda: chat(gateway))] == [200] * 10
+    assert admin(gateway, "GET", "/admin/chaos")["data"] == []
+
+
+def test_a_config_reload_through_the_admin_api_reaches_every_worker(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, with_admin(sims))
+    started.append(gateway)
+    serving(gateway)
+    unknown = on_both(gateway, lambda: chat(gateway, "via-admin"), count=4)
+    assert [r.status_code for r in unknown] == [404] * 4
+    config_path = next(logs.glob(f"gateway-{gateway.url.rsplit(':', 1)[1]}.yaml"))
+    config = yaml.safe_load(config_path.read_text())
+    config["models"][0]["aliases"] = ["via-admin"]
+    config_path.write_text(yaml.safe_dump(config))
+    assert admin(gateway, "POST", "/admin/config/reload")["workers"] == ALL_APPLIED
+    applied = ("vgate_config_reloads_total", (("outcome", "applied"),))
+    assert scrape(gateway)[applied] == 2  # once in each worker, before the answer
+    known = on_both(gateway, lambda: chat(gateway, "via-admin"))
+    assert [r.status_code for r in known] == [200] * 10
+
+
+def test_a_cache_clear_through_the_admin_api_clears_every_workers_memory_cache(
+    logs: Path, sims: tuple[Process, Process], started: list[Gateway]
+) -> None:
+    gateway = start_gateway(logs, with_admin(sims, cache={"enabled": True}))
+    started.append(gateway)
+    serving(gateway)
+
+    def cached() -> httpx.Response:
+        return httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "tiny-llama", "messages": MESSAGES, "temperature": 0, "max_tokens": 2},
+            headers={"Authorization": f"Bearer {DEMO_KEY}"},
+            timeout=30,
+        )
+
+    # Connections are dealt out in turn: each worker misses once, then hits.
+    first = on_both(gateway, cached, count=4)
+    assert [r.headers["x-vgate-cache"] for r in first] == ["miss", "miss", "hit", "hit"]
+    cleared = admin(gateway, "DELETE", "/admin/cache")
+    assert cleared["deleted"] == 2 and cleared["workers"] == ALL_APPLIED  # one entry each
+    again = on_both(gateway, cached, count=2)
+    assert [r.headers["x-vgate-cache"] for r in again] == ["miss", "miss"]
+    # The reads that count per process answer for the whole server.
+    figures = admin(gateway, "GET", "/admin/cache")
+    assert (figures["entries"], figures["hits"], figures["misses"]) == (2, 2, 4)
+    assert figures["workers"] == {"answered": 2, "missing": 0, "failed": 0}
+    usage = admin(gateway, "GET", "/admin/keys/key-demo")["process_usage"]
+    assert (usage["scope"], usage["requests_today"]) == ("server", 6)
