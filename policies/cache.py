@@ -14,6 +14,7 @@ looked up and what is kept (gateway/router/caching.py); a store only keeps.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections import OrderedDict
@@ -32,6 +33,24 @@ class CacheUnavailable(Exception):
 class Entry:
     body: bytes  # the answer, as a non-streaming response's JSON body
     created: float  # wall-clock seconds (time.time()) when it was kept
+
+
+# What a lease's value starts with: how the process holding it answers. One that streams
+# relays its events through the key's flight stream (gateway/router/relay.py), which a
+# streaming follower in another process reads as they come.
+STREAMING = "s"
+WHOLE = "w"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What one lookup that may claim found: the key's entry; else, on a miss, the key's
+    lease taken by it (`lease`: this process makes the call) or held by another process
+    (`holder`: that lease's value); neither where the store could not say (not shared)."""
+
+    entry: Entry | None = None
+    lease: str = ""
+    holder: str | None = None
 
 
 class CacheStore(Protocol):
@@ -71,11 +90,24 @@ class SharedStore(CacheStore, Protocol):
 
     def put(self, key: str, body: bytes, ttl_s: float, lease: str = "") -> None: ...
 
-    async def claim(self, key: str, lease_s: float) -> str | None: ...
+    stream_readers: asyncio.Semaphore  # followers reading another process's stream at once
+    block_s: float  # one blocking read of a flight's stream waits at most this
+
+    async def claim(self, key: str, lease_s: float, *, streaming: bool = False) -> str | None: ...
+
+    async def look_up(self, key: str, lease_s: float, *, streaming: bool = False) -> Lookup: ...
 
     async def await_entry(self, key: str, within_s: float) -> Entry | None: ...
 
+    async def leader_state(self, key: str) -> tuple[Entry | None, bool]: ...
+
     def release(self, key: str, lease: str) -> None: ...
+
+    async def append(self, key: str, fields: list[tuple[str, bytes]], ttl_s: float) -> None: ...
+
+    async def read_flight(
+        self, key: str, after: str, block_s: float
+    ) -> list[tuple[str, dict[str, bytes]]]: ...
 
 
 class MemoryStore:
@@ -193,6 +225,17 @@ class ResponseCache:
         finally:
             self._observe(time.perf_counter() - start)
 
+    async def look_up(self, key: str, lease_s: float | None, *, streaming: bool) -> Lookup:
+        """The entry under `key`; with `lease_s` and a shared store, on a miss, the key's
+        lease claimed in the same call (`SharedStore.look_up`). Raises `CacheUnavailable`."""
+        start = time.perf_counter()
+        try:
+            if lease_s is None or self.shared is None:
+                return Lookup(entry=await self.store.get(key))
+            return await self.shared.look_up(key, lease_s, streaming=streaming)
+        finally:
+            self._observe(time.perf_counter() - start)
+
     def _observe(self, seconds: float) -> None:
         self.lookup_counts[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
         self.lookup_sum_s += seconds
@@ -221,13 +264,13 @@ class ResponseCache:
         self.stored += 1
         return True
 
-    async def lease(self, key: str, lease_s: float) -> str | None:
+    async def lease(self, key: str, lease_s: float, *, streaming: bool = False) -> str | None:
         """Who makes the key's upstream call: this process ("" without a shared store or
         while it is unavailable, else its lease's token), or another (None)."""
         if self.shared is None:
             return ""
         try:
-            return await self.shared.claim(key, lease_s)
+            return await self.shared.claim(key, lease_s, streaming=streaming)
         except CacheUnavailable:
             return ""
 

@@ -36,7 +36,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 
 from gateway.config import CacheConfig, RedisConfig
-from policies.cache import CacheUnavailable, Entry, ResponseCache
+from policies.cache import STREAMING, WHOLE, CacheUnavailable, Entry, Lookup, ResponseCache
 from policies.redis_pipelined import PIPELINED_MAX_CALLS, PipelinedRedis
 from policies.redis_state import REDIS_ERRORS, RedisClient, RedisHealth
 
@@ -45,6 +45,30 @@ logger = logging.getLogger("vgate.cache")
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# A miss's lookup and its claim in one call: the entry if there is one (no lease taken);
+# else the lease, taken when free; else who holds it (its value: how that process
+# answers). KEYS: the entry, its lease. ARGV: the lease's value (token), its ms.
+_LOOK_UP_OR_CLAIM = """
+local entry = redis.call('GET', KEYS[1])
+if entry then return {0, entry} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
+return {2, redis.call('GET', KEYS[2]) or ''}
+"""
+# A fill by the lease's holder: the entry kept, then the lease given back, in one call (a
+# process waiting finds the entry before the lease is gone). KEYS: the entry, its lease.
+# ARGV: the entry's value, its ms, the lease's token.
+_FILL = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+# A flight's events appended to its stream, whose TTL is set anew. KEYS: the stream.
+# ARGV: the TTL (ms), then its fields and values.
+_APPEND = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return id
 """
 MAX_PENDING_FILLS = 256  # fills in flight at once; past it, a fill is dropped (counted)
 _SCAN_LIMIT = 100_000  # keys an admin count or clear walks at most
@@ -58,6 +82,11 @@ def entry_name(prefix: str, key: str, *, cluster: bool) -> str:
 
 def lease_name(prefix: str, key: str, *, cluster: bool) -> str:
     return f"{prefix}lease:{{{key}}}" if cluster else f"{prefix}lease:{key}"
+
+
+def flight_name(prefix: str, key: str, *, cluster: bool) -> str:
+    """The stream a leading process relays its events through: on the entry's slot."""
+    return f"{prefix}flight:{{{key}}}" if cluster else f"{prefix}flight:{key}"
 
 
 def entry_pattern(
@@ -101,6 +130,14 @@ class RedisStore:
         # size rather than waiting: the cache takes at most a few of its connections.
         self._calls = asyncio.Semaphore(PIPELINED_MAX_CALLS if fast else max_calls)
         self._release = self.calls.register_script(_RELEASE)
+        self._look_up = self.calls.register_script(_LOOK_UP_OR_CLAIM)
+        self._fill = self.calls.register_script(_FILL)
+        self._append = self.calls.register_script(_APPEND)
+        # Followers reading another process's stream (a blocking read each, on a pooled
+        # connection of its own) at once; past this, a follower waits for the whole answer.
+        self.stream_readers = asyncio.Semaphore(max_calls)
+        # How long one blocking read of a flight's stream waits: within the socket timeout.
+        self.block_s = min(1.0, max(0.01, fill_timeout_s / 2))
 
     def _usable(self) -> bool:
         """Whether to try Redis now: always while it answers; while it is down, once per
@@ -170,10 +207,13 @@ class RedisStore:
         try:
             # Nobody waits for a fill: it may take the client's whole socket timeout.
             async with asyncio.timeout(self.fill_timeout_s), self._calls:
-                if value is not None:
-                    await self.calls.set(self._entry_key(key), value, px=ttl_ms)
-                if lease:
-                    await self._release(keys=[self._lease_key(key)], args=[lease])
+                names = [self._entry_key(key), self._lease_key(key)]
+                if value is not None and lease:
+                    await self._fill(keys=names, args=[value, ttl_ms, lease])
+                elif value is not None:
+                    await self.calls.set(names[0], value, px=ttl_ms)
+                elif lease:
+                    await self._release(keys=names[1:], args=[lease])
         except REDIS_ERRORS as error:
             self.failed_fills += 1
             self._failed(error)
@@ -184,13 +224,18 @@ class RedisStore:
     def _lease_key(self, key: str) -> str:
         return lease_name(self.prefix, key, cluster=self._cluster)
 
-    async def claim(self, key: str, lease_s: float) -> str | None:
+    def _token(self, streaming: bool) -> str:
+        """A new lease's value: how its holder answers (a stream it relays, or a whole
+        answer), then a token of its own; given back only by the same value."""
+        return (STREAMING if streaming else WHOLE) + secrets.token_hex(8)
+
+    async def claim(self, key: str, lease_s: float, *, streaming: bool = False) -> str | None:
         """A lease on the key's upstream call, across processes: this process's token when
         it takes it (it calls, keeps the answer, gives the lease back), None when another
         process holds it. Raises `CacheUnavailable` as `get` does."""
         if not self._usable():
             raise CacheUnavailable
-        token = secrets.token_hex(8)
+        token = self._token(streaming)
         lease_ms = max(1, round(lease_s * 1000))
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
@@ -201,6 +246,32 @@ class RedisStore:
         self.health.ok()
         return token if taken else None
 
+    async def look_up(self, key: str, lease_s: float, *, streaming: bool = False) -> Lookup:
+        """The entry under `key`; on a miss, in the same call, the key's lease taken when
+        it is free (`Lookup.lease`, this process then makes the call) or who holds it
+        (`Lookup.holder`). A hit takes no lease. Raises `CacheUnavailable` as `get` does."""
+        if not self._usable():
+            raise CacheUnavailable
+        token = self._token(streaming)
+        lease_ms = max(1, round(lease_s * 1000))
+        try:
+            async with asyncio.timeout(self.timeout_s), self._calls:
+                reply = await self._look_up(
+                    keys=[self._entry_key(key), self._lease_key(key)], args=[token, lease_ms]
+                )
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+        self.health.ok()
+        found = int(reply[0])
+        if found == 0:
+            entry = _entry(reply[1])
+            return Lookup(entry=entry) if entry is not None else Lookup()
+        if found == 1:
+            return Lookup(lease=token)
+        holder = reply[1]
+        return Lookup(holder=holder.decode() if isinstance(holder, bytes) else str(holder))
+
     async def await_entry(self, key: str, within_s: float) -> Entry | None:
         """Wait for another process's answer under `key`: the entry once it is there; None
         when its lease ends without one (that process failed or died), after `within_s`,
@@ -210,20 +281,68 @@ class RedisStore:
         interval = 0.01
         while True:
             try:
-                async with asyncio.timeout(self.timeout_s), self._calls:
-                    pipe = self.calls.pipeline(transaction=False)
-                    pipe.get(self._entry_key(key))
-                    pipe.exists(self._lease_key(key))
-                    raw, leased = await pipe.execute()
-            except REDIS_ERRORS as error:
-                self._failed(error)
+                entry, leased = await self.leader_state(key)
+            except CacheUnavailable:
                 return None
-            if raw is not None:
-                return _entry(raw)
+            if entry is not None:
+                return entry
             if not leased or loop.time() + interval > deadline:
                 return None
             await asyncio.sleep(interval)
             interval = min(interval * 2, 0.1)
+
+    async def leader_state(self, key: str) -> tuple[Entry | None, bool]:
+        """The entry under `key` if there is one, and whether its lease is held (one call);
+        raises `CacheUnavailable`."""
+        try:
+            async with asyncio.timeout(self.timeout_s), self._calls:
+                pipe = self.calls.pipeline(transaction=False)
+                pipe.get(self._entry_key(key))
+                pipe.exists(self._lease_key(key))
+                raw, leased = await pipe.execute()
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+        return (None if raw is None else _entry(raw)), bool(leased)
+
+    # A flight's stream (gateway/router/relay.py): the lease's holder appends the events of
+    # its stream, followers in other processes read them as they come.
+
+    def _flight_key(self, key: str) -> str:
+        return flight_name(self.prefix, key, cluster=self._cluster)
+
+    async def append(self, key: str, fields: list[tuple[str, bytes]], ttl_s: float) -> None:
+        """Append one entry of `fields` to the key's flight stream, which then lives
+        `ttl_s`; raises `CacheUnavailable` when Redis does not take it in time."""
+        args: list[str | bytes | int] = [max(1, round(ttl_s * 1000))]
+        for name, value in fields:
+            args += [name, value]
+        try:
+            async with asyncio.timeout(self.fill_timeout_s), self._calls:
+                await self._append(keys=[self._flight_key(key)], args=args)
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+
+    async def read_flight(
+        self, key: str, after: str, block_s: float
+    ) -> list[tuple[str, dict[str, bytes]]]:
+        """The key's flight stream's entries after the id `after` ("0": from the start),
+        waiting up to `block_s` for one (a blocking XREAD, on a pooled connection of its
+        own: never on the request path's shared one); raises `CacheUnavailable`."""
+        block_ms = max(1, round(block_s * 1000))
+        try:
+            async with asyncio.timeout(block_s + self.fill_timeout_s):
+                reply: Any = await self.redis.xread({self._flight_key(key): after}, block=block_ms)
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
+        entries: list[tuple[str, dict[str, bytes]]] = []
+        for _, items in reply or ():
+            for raw_id, raw_fields in items:
+                fields = {_text(name): _bytes(value) for name, value in raw_fields.items()}
+                entries.append((_text(raw_id), fields))
+        return entries
 
     async def _keys(self, route_tag: str | None, scope_tag: str | None) -> list[bytes]:
         pattern = entry_pattern(self.prefix, route_tag, scope_tag, cluster=self._cluster)
@@ -265,6 +384,14 @@ class RedisStore:
         """Let fills in flight finish (each bounded by the client's socket timeout)."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=2.0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 def _entry(raw: bytes | str) -> Entry | None:

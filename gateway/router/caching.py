@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from gateway.wire.assemble import Assembler
 from gateway.wire.cachekey import GLOBAL_SCOPE, cache_key, directives, is_deterministic
 from gateway.wire.sse import DONE_EVENT, data_event
 from gateway.wire.validation import Endpoint
-from policies.cache import Entry, ResponseCache
+from policies.cache import Lookup, ResponseCache
 from policies.resume import Transcript
 
 if TYPE_CHECKING:
@@ -45,39 +45,81 @@ class CachePlan:
     read: bool  # False with Cache-Control: no-cache (a refresh: the answer is kept anew)
     lease: str = ""  # this process's lease on the call, shared through Redis (coalesce)
     owner: str = ""  # the scope: "key:<name>" or "global"
+    claimed: bool = False  # its lookup asked for the lease too (`ResponseCache.look_up`)
+    holder: str | None = None  # ...and found another process holding it (that lease's value)
 
 
 @dataclass(slots=True)
 class Prefetch:
     """A request's place in a shared cache, worked out before its limits were checked, and
     the read of its entry started then: issued in the same loop turn as the limit check,
-    both go to Redis in one write (policies/redis_pipelined.py), one round trip for two."""
+    both go to Redis in one write (policies/redis_pipelined.py), one round trip for two.
+    Where the request would lead a flight, the read claims the key's lease too."""
 
     place: CachePlan | str | None  # as `cache_place`
     started: float = 0.0  # when the read was issued (perf_counter), for its span
-    read: asyncio.Future[Entry | None] | None = None
+    read: asyncio.Future[Lookup] | None = None
+    cache: ResponseCache | None = None
 
     def drop(self) -> None:
-        """The request goes no further (its limits refused it): the read is not wanted."""
-        if self.read is not None:
-            self.read.cancel()
+        """The request goes no further (its limits refused it): a lease its read took, or
+        is about to take, is given back (never left to expire while others wait on it)."""
+        if self.read is not None and self.cache is not None and isinstance(self.place, CachePlan):
+            give_back(self.cache, self.place.key, self.read)
 
 
-def prefetch(cache: ResponseCache, plan: Plan) -> None:
+def prefetch(cache: ResponseCache, plan: Plan, in_flight: Callable[[str], bool]) -> None:
     """Start reading the request's entry now (see `Prefetch`), where the cache is shared
-    through Redis and the request would read it; embeddings read item by item, later."""
+    through Redis and the request would read it; embeddings read item by item, later.
+    `in_flight`: whether this process has a flight of the key (then it claims nothing)."""
     if cache.shared is None or plan.request.endpoint is Endpoint.EMBEDDINGS:
         return
     place = cache_place(cache, plan)
-    fetched = Prefetch(place)
+    fetched = Prefetch(place, cache=cache)
     if isinstance(place, CachePlan) and place.read:
         fetched.started = time.perf_counter()
-        fetched.read = asyncio.ensure_future(cache.get(place.key))
-        fetched.read.add_done_callback(_retrieved)
+        fetched.read = start_lookup(cache, place, plan, claim=claims(cache, place, in_flight))
     plan.prefetched = fetched
 
 
-def _retrieved(read: asyncio.Future[Entry | None]) -> None:
+def claims(cache: ResponseCache, place: CachePlan, in_flight: Callable[[str], bool]) -> bool:
+    """Whether a lookup claims the key's lease on a miss: where requests coalesce across
+    processes, and none of this process's is in flight for the key (its follower takes
+    none)."""
+    return cache.shared is not None and cache.config.coalesce and not in_flight(place.key)
+
+
+def lease_s(plan: Plan) -> float:
+    """How long a lease on the request's call lasts: its route's whole time, and a second."""
+    return plan.route.timeouts.total_s + 1.0
+
+
+def start_lookup(
+    cache: ResponseCache, place: CachePlan, plan: Plan, *, claim: bool
+) -> asyncio.Future[Lookup]:
+    """The request's lookup, under way in a task of its own (a lease it takes is never
+    lost with a caller that gave up: see `give_back`); with `claim`, it claims too."""
+    place.claimed = claim
+    lookup = cache.look_up(
+        place.key, lease_s(plan) if claim else None, streaming=plan.request.stream
+    )
+    read = asyncio.ensure_future(lookup)
+    read.add_done_callback(_retrieved)
+    return read
+
+
+def give_back(cache: ResponseCache, key: str, read: asyncio.Future[Lookup]) -> None:
+    """The request that made the lookup `read` goes no further: a lease it took is given
+    back once it answers (at once if it has)."""
+
+    def release(done: asyncio.Future[Lookup]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            cache.release(key, done.result().lease)
+
+    read.add_done_callback(release)
+
+
+def _retrieved(read: asyncio.Future[Lookup]) -> None:
     """A read dropped, or never awaited by a request that failed first, logs nothing."""
     if not read.cancelled():
         read.exception()

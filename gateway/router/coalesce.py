@@ -29,10 +29,14 @@ logger = logging.getLogger("vgate.cache")
 
 if TYPE_CHECKING:
     from gateway.router.backend import Backend
+    from gateway.router.caching import Source
+    from gateway.router.relay import Relay, RemoteStream
     from gateway.router.route import Route
     from gateway.router.streams import Finish, ResumableStream, UpstreamStream
 
-    Upstream = UpstreamStream | ResumableStream
+    from typing import TypeAlias
+
+    Upstream: TypeAlias = UpstreamStream | ResumableStream | RemoteStream
 
 
 class Flight:
@@ -50,6 +54,7 @@ class Flight:
         "lag_bytes",
         "opened",
         "readers",
+        "relay",
         "size",
         "stream_options",
         "streaming",
@@ -63,9 +68,7 @@ class Flight:
         self.stream_options: object = None  # a streaming leader's (what its events carry)
         self.lag_bytes = lag_bytes
         self.task: asyncio.Task[Any] | None = None
-        self.upstream: UpstreamStream | ResumableStream | None = (
-            None  # a streaming leader's stream, once opened
-        )
+        self.upstream: Upstream | None = None  # a streaming leader's stream, once opened
         self.opened = False  # a streaming leader's first event has arrived
         self.done = False  # the call has ended: answered, failed or cancelled
         self.body: bytes | None = None  # the whole answer, where there is one to share
@@ -77,6 +80,9 @@ class Flight:
         self.readers: set[FlightStream] = set()
         self.waiting = 0  # followers waiting for the outcome (besides the readers)
         self.joinable = True
+        # Where this process holds the key's lease through Redis and streams: the events
+        # relayed to followers in other processes (gateway/router/relay.py).
+        self.relay: Relay | None = None
         self._wake = asyncio.Event()
 
     def notify(self) -> None:
@@ -110,9 +116,15 @@ class Flight:
 
     def end(self) -> None:
         self.done = True
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            upstream = self.upstream
+            relay.finish(self.error, None if upstream is None else upstream.usage)
         self.notify()
 
     def log(self, events: bytes) -> None:
+        if self.relay is not None:
+            self.relay.send(events)
         self.events.append(events)
         self.size += len(events)
         if self.size > self.lag_bytes:
@@ -144,7 +156,7 @@ class Flight:
 
 async def pump(
     flight: Flight,
-    open_upstream: Callable[[], Awaitable[UpstreamStream | ResumableStream | None]],
+    open_upstream: Callable[[], Awaitable[Upstream | None]],
 ) -> None:
     """A streaming leader's call: open the stream, then log its events to its end. Closing
     the stream settles the leader's outcome and keeps the answer in the cache if whole."""
@@ -196,7 +208,7 @@ class FlightStream:
         "waiting",
     )
 
-    def __init__(self, flight: Flight, route: Route, backend: Backend) -> None:
+    def __init__(self, flight: Flight, route: Route, backend: Backend | Source) -> None:
         self._flight = flight
         self.route = route
         self.backend = backend

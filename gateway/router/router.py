@@ -32,8 +32,12 @@ from gateway.router.caching import (
     Tee,
     answer_events,
     cache_plan,
+    claims,
     complete_answer,
+    give_back,
+    lease_s,
     prefetch,
+    start_lookup,
 )
 from gateway.router.coalesce import Flight, FlightStream, pump
 from gateway.router.embeddings import embed
@@ -41,12 +45,13 @@ from gateway.router.exchange import AnswerBounds, Window
 from gateway.router.hooks import RouterHooks
 from gateway.router.outcome import AttemptRecord, Completion, Outcome, RedisCall
 from gateway.router.plan import Call, Plan, plan
+from gateway.router.relay import MAX_RELAYS, Relay, RemoteStream, follow
 from gateway.router.route import Route
 from gateway.router.streams import ClientStream, ResumableStream, ResumeFailed, UpstreamStream
 from gateway.wire.assemble import Assembler, Incomplete
 from gateway.wire.validation import Endpoint, ProxyRequest
 from policies.admission import Admission
-from policies.cache import CacheUnavailable, ResponseCache
+from policies.cache import STREAMING, CacheUnavailable, Lookup, ResponseCache
 from policies.resume import Transcript, prefill_payload
 from policies.retry import AttemptFailed
 
@@ -70,6 +75,7 @@ class Router:
         self.routes = tuple(routes)
         self.cache = cache  # the process's response cache (None: off); outlives a reload
         self.flights: dict[str, Flight] = {}  # identical requests in flight, by cache key
+        self.relays: set[asyncio.Task[None]] = set()  # streams relayed to other processes
         self.hooks = hooks or RouterHooks()
         self.answers = answers or AnswerBounds()
         self.admission = admission or Admission(limit=1024, max_waiting=256, timeout_s=1.0)
@@ -118,7 +124,10 @@ class Router:
         and the check share one round trip (`gateway.router.caching.Prefetch`). A plan
         that goes no further is dropped (`plan.prefetched.drop()`)."""
         if self.cache is not None:
-            prefetch(self.cache, plan)
+            prefetch(self.cache, plan, self._in_flight)
+
+    def _in_flight(self, key: str) -> bool:
+        return self._flight(key) is not None
 
     async def complete(self, plan: Plan, outcome: Outcome) -> Completion:
         """A whole answer: from the cache where it has one, else shared with an identical
@@ -137,7 +146,10 @@ class Router:
                 return Completion(found[0], "application/json", plan.route.name, "cache")
         if cache.config.coalesce:
             flight = self._flight(caching.key)
-            if flight is None:
+            # The holder of the key's lease leads, even where a flight of this process is
+            # waiting on another holder (two lookups that raced): that one gets the answer
+            # through Redis, and later requests join this one.
+            if flight is None or caching.lease:
                 return await self._lead(cache, caching, plan, outcome)
             if flight.joinable:
                 await flight.outcome()
@@ -175,7 +187,7 @@ class Router:
         flight = Flight(streaming=False, lag_bytes=cache.config.max_entry_bytes)
 
         async def call() -> Completion:
-            if await self._remote_answer(cache, caching, plan, outcome, flight):
+            if await self._remote_answer(cache, caching, plan, outcome, flight) is True:
                 assert flight.body is not None
                 return Completion(flight.body, "application/json", plan.route.name, "cache")
             self._missed(cache, plan, outcome)
@@ -185,6 +197,7 @@ class Router:
             return completion
 
         task = self._fly(caching.key, flight, call())
+        self._give_back_if_cancelled(cache, caching, task)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -199,20 +212,74 @@ class Router:
         plan: Plan,
         outcome: Outcome,
         flight: Flight,
-    ) -> bool:
-        """Whether another process making the same call gave the answer (then the flight's
-        body); else this process holds the call's lease (`caching.lease`), or makes its own
-        call where that process failed, or where no store is shared."""
+    ) -> bool | RemoteStream:
+        """What another process making the same call gave: True, its whole answer (then
+        in the flight's body); a `RemoteStream`, its stream as it comes (a streaming
+        flight, led by a process that relays its stream). False: this process makes the
+        call, holding the key's lease (`caching.lease`) where it could take it, or on its
+        own where another process failed, or where no store is shared."""
+        shared = cache.shared
+        if shared is None or caching.lease or outcome.cache == "bypass":
+            return False  # no store shared, the lookup took the lease, or Redis is down
         total_s = plan.route.timeouts.total_s
-        lease = await cache.lease(caching.key, total_s + 1.0)
-        if lease is not None:
-            caching.lease = lease
+        streaming = plan.request.stream
+        holder = caching.holder
+        if holder is None:  # not claimed with the lookup: claimed now
+            if caching.read:
+                try:
+                    found = await cache.look_up(caching.key, lease_s(plan), streaming=streaming)
+                except CacheUnavailable:
+                    return False
+                if found.entry is not None:
+                    return self._shared(cache, found.entry.body, plan, outcome, flight)
+                caching.lease, holder = found.lease, found.holder
+            else:  # a refresh: never reads the entry
+                lease = await cache.lease(caching.key, lease_s(plan), streaming=streaming)
+                caching.lease, holder = lease or "", None if lease is not None else ""
+            if holder is None:
+                return False
+        if flight.streaming and holder.startswith(STREAMING):
+            followed = await follow(
+                shared,
+                caching.key,
+                plan.route,
+                stream_options=flight.stream_options,
+                within_s=total_s,
+            )
+            if isinstance(followed, RemoteStream):
+                cache.count("coalesced", plan.route.name)
+                outcome.cache = "coalesced"
+                outcome.route = plan.route.name
+                outcome.request = plan.request
+                followed.finish = lambda stream: outcome.record_usage(stream.usage)
+                return followed
+            entry = followed
+        else:
+            entry = await cache.await_entry(caching.key, total_s)
+        if entry is None:
             return False
-        entry = await cache.await_entry(caching.key, total_s)
-        if entry is None or self._coalesced(cache, entry.body, plan, outcome) is None:
+        return self._shared(cache, entry.body, plan, outcome, flight)
+
+    def _shared(
+        self, cache: ResponseCache, body: bytes, plan: Plan, outcome: Outcome, flight: Flight
+    ) -> bool:
+        """Another process's whole answer, the flight's where it is whole."""
+        if self._coalesced(cache, body, plan, outcome) is None:
             return False
-        flight.body, flight.backend = entry.body, "cache"
+        flight.body, flight.backend = body, "cache"
         return True
+
+    @staticmethod
+    def _give_back_if_cancelled(
+        cache: ResponseCache, caching: CachePlan, task: asyncio.Task[Any]
+    ) -> None:
+        """A flight's call cancelled before it ran holds its lookup's lease: given back."""
+
+        def landed(done: asyncio.Task[Any]) -> None:
+            if done.cancelled():
+                cache.release(caching.key, caching.lease)
+
+        task.add_done_callback(landed)
 
     def _flight(self, key: str) -> Flight | None:
         """The flight of `key` still in the air (one that has just ended is not joined)."""
@@ -254,21 +321,36 @@ class Router:
         self, cache: ResponseCache, caching: CachePlan, plan: Plan, outcome: Outcome
     ) -> tuple[bytes, dict[str, Any]] | None:
         """The cached answer (its body, parsed) for the request; None on a miss, or when
-        the store cannot tell in time (a bypass: the request goes on uncached)."""
+        the store cannot tell in time (a bypass: the request goes on uncached). With
+        requests coalescing across processes, a miss's lookup claims the key's lease in
+        the same call (`caching.lease`, or `caching.holder` where another has it)."""
         fetched = plan.prefetched
         started = time.perf_counter()
+        read: asyncio.Future[Lookup] | None = None
         try:
             if fetched is not None and fetched.read is not None:
                 started = fetched.started
-                entry = await fetched.read
+                read = fetched.read
+            elif cache.shared is not None:
+                claim = claims(cache, caching, self._in_flight)
+                read = start_lookup(cache, caching, plan, claim=claim)
+            if read is None:
+                found = await cache.look_up(caching.key, None, streaming=False)
             else:
-                entry = await cache.get(caching.key)
+                # Shielded: a lease the lookup takes after this request left is given back.
+                found = await asyncio.shield(read)
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"
-            _note_redis_call(cache, outcome, started, failed=True)
+            _note_redis_call(cache, caching, outcome, started, failed=True)
             return None
-        _note_redis_call(cache, outcome, started)
+        except asyncio.CancelledError:
+            if read is not None:
+                give_back(cache, caching.key, read)
+            raise
+        _note_redis_call(cache, caching, outcome, started)
+        caching.lease, caching.holder = found.lease, found.holder
+        entry = found.entry
         answer = None if entry is None else complete_answer(entry.body)
         if entry is None or answer is None:
             return None
@@ -326,7 +408,7 @@ class Router:
                 return CachedStream(plan.route, events, answer["usage"])
         if cache.config.coalesce:
             flight = self._flight(caching.key)
-            if flight is None:
+            if flight is None or caching.lease:  # the lease's holder leads (see `complete`)
                 return await self._lead_stream(cache, caching, plan, outcome)
             if flight.joinable:
                 joined = await self._join_stream(cache, flight, plan, outcome)
@@ -347,17 +429,23 @@ class Router:
         def shared(body: bytes) -> None:
             flight.body = body
 
-        async def open_upstream() -> UpstreamStream | ResumableStream | None:
-            if await self._remote_answer(cache, caching, plan, outcome, flight):
+        async def open_upstream() -> UpstreamStream | ResumableStream | RemoteStream | None:
+            remote = await self._remote_answer(cache, caching, plan, outcome, flight)
+            if remote is True:
                 return None  # another process's answer, in the flight's body
+            if isinstance(remote, RemoteStream):
+                return remote  # another process's stream, as it comes
             self._missed(cache, plan, outcome)
             try:
-                return await self._open_stream(plan, outcome, caching, shared)
+                upstream = await self._open_stream(plan, outcome, caching, shared)
             except BaseException:
                 cache.release(caching.key, caching.lease)
                 raise
+            self._relay(cache, caching, plan, flight, upstream)
+            return upstream
 
         task = self._fly(caching.key, flight, pump(flight, open_upstream))
+        self._give_back_if_cancelled(cache, caching, task)
         try:
             opened = await flight.wait_opened()
         except asyncio.CancelledError:
@@ -371,6 +459,31 @@ class Router:
             return self._whole_as_stream(plan, flight, complete_answer(flight.body))
         await task  # raises what failed it
         raise RuntimeError("a flight's stream neither opened nor failed")  # never
+
+    def _relay(
+        self,
+        cache: ResponseCache,
+        caching: CachePlan,
+        plan: Plan,
+        flight: Flight,
+        upstream: UpstreamStream | ResumableStream,
+    ) -> None:
+        """Relay the flight's stream to followers in other processes, where this process
+        holds the key's lease through Redis (gateway/router/relay.py)."""
+        shared = cache.shared
+        if shared is None or not caching.lease or len(self.relays) >= MAX_RELAYS:
+            return
+        header = {"o": flight.stream_options, "b": upstream.backend.name}
+        relay = Relay(
+            shared,
+            caching.key,
+            header,
+            max_bytes=cache.config.max_entry_bytes,
+            ttl_s=lease_s(plan),
+        )
+        self.relays.add(relay.task)
+        relay.task.add_done_callback(self.relays.discard)
+        flight.relay = relay
 
     async def _join_stream(
         self, cache: ResponseCache, flight: Flight, plan: Plan, outcome: Outcome
@@ -732,9 +845,16 @@ def _message_of(exc: BaseException) -> str:
 
 
 def _note_redis_call(
-    cache: ResponseCache, outcome: Outcome, started: float, *, failed: bool = False
+    cache: ResponseCache,
+    caching: CachePlan,
+    outcome: Outcome,
+    started: float,
+    *,
+    failed: bool = False,
 ) -> None:
-    """A lookup that went to Redis, for its span in the trace (a memory lookup has none)."""
+    """A lookup that went to Redis, for its span in the trace (a memory lookup has none):
+    a GET, or the script that claims the lease too."""
     if cache.config.backend != "redis":
         return
-    outcome.add_redis_call(RedisCall("cache", "GET", started, time.perf_counter(), failed))
+    command = "EVALSHA" if caching.claimed else "GET"
+    outcome.add_redis_call(RedisCall("cache", command, started, time.perf_counter(), failed))

@@ -222,3 +222,40 @@ async def test_many_entries_in_one_lookup(client: Redis, fast: PipelinedRedis | 
     await settled(shared)
     found = await shared.get_many(names)
     assert [None if entry is None else entry.body for entry in found] == [b"1", None, b"3"]
+
+
+async def test_a_miss_looks_up_and_claims_in_one_call_and_a_hit_claims_nothing(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    first, second = store(client, fast=fast), store(client)
+    name = key("m", "global", "one call")
+    lease_key = f"t:cache:lease:{name}"
+    taken = await first.look_up(name, 5.0, streaming=True)
+    assert taken.entry is None and taken.lease.startswith("s") and taken.holder is None
+    assert await client.get(lease_key) == taken.lease.encode()
+    assert 4_000 < await client.pttl(lease_key) <= 5_000
+    held = await second.look_up(name, 5.0)
+    assert held.entry is None and held.lease == "" and held.holder == taken.lease
+    first.put(name, b'{"whole": 1}', 30, taken.lease)  # kept and given back in one call
+    await settled(first)
+    assert await client.exists(lease_key) == 0
+    hit = await second.look_up(name, 5.0)
+    assert hit.entry is not None and hit.entry.body == b'{"whole": 1}' and hit.lease == ""
+    assert await client.exists(lease_key) == 0  # a hit takes no lease
+
+
+async def test_a_flight_stream_is_read_from_its_start_then_as_it_comes(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    leader, follower = store(client, fast=fast), store(client)
+    name = key("m", "global", "relayed")
+    await leader.append(name, [("h", b"{}"), ("e", b"data: 1\n\n")], 5.0)
+    so_far = await follower.read_flight(name, "0", 0.05)
+    assert [fields for _, fields in so_far] == [{"h": b"{}", "e": b"data: 1\n\n"}]
+    assert 4_000 < await client.pttl(f"t:cache:flight:{name}") <= 5_000
+    waiting = asyncio.create_task(follower.read_flight(name, so_far[-1][0], 0.25))
+    await asyncio.sleep(0.02)  # blocked on the server by then, most likely: either way it reads
+    await leader.append(name, [("e", b"data: 2\n\n"), ("end", b"null")], 1.0)
+    rest = await waiting
+    assert [fields for _, fields in rest] == [{"e": b"data: 2\n\n", "end": b"null"}]
+    assert await follower.read_flight(name, rest[-1][0], 0.01) == []  # nothing more
