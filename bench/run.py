@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/run.py`
     sys.path.insert(0, str(REPO))
 
-from bench import transports  # noqa: E402
+from bench import transports, workers  # noqa: E402
 from bench.procs import BenchError, Processes, Server, cores, free_port, pinned  # noqa: E402
 from bench.wrk import Wrk, WrkResult, ensure_wrk  # noqa: E402
 
@@ -97,6 +97,9 @@ TARGET_TTFT_CONCURRENCY = 16
 # Per-key limits through Redis against the same limits in process, non-streaming req/s at
 # TARGET_RPS_CONCURRENCY (issue 15).
 TARGET_REDIS_LIMITS_RATIO = 0.8
+# server.workers: 2 workers against 1, same load (issue 15).
+TARGET_WORKERS_CPU_RATIO = 1.1
+TARGET_WORKER_SHARE = (0.4, 0.6)
 # The response cache: a hit's end-to-end p50 with one client, and its CPU against a proxied
 # request's at the target concurrency (issue 16).
 CACHE_BACKENDS = ("memory", "redis")
@@ -324,6 +327,7 @@ class Bench:
         self.warnings: list[str] = []
         self.checks: dict[str, Any] = {}
         self.transport_rows: list[dict[str, Any]] = []
+        self.worker_rows: list[dict[str, Any]] = []
         if not pin:
             self.warnings.append("fewer than 2 cores: nothing pinned; numbers are not comparable")
 
@@ -709,6 +713,15 @@ class Bench:
         self.run_limited(fast, stream)
         self.run_cached(fast, stream)
         self.procs.stop(stream.popen)
+        print("bench: server.workers 1 and 2", file=sys.stderr, flush=True)
+        self.worker_rows = workers.run(
+            self.procs,
+            self.wrk.binary,
+            self.workdir,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+            concurrency=TARGET_RPS_CONCURRENCY,
+        )
         if plan.transports:
             self.run_transports(fast)
         self.procs.stop(fast.popen)
@@ -748,6 +761,7 @@ class Bench:
             "cache": self.cache_rows(),
             "targets": self.targets(),
             "transports": self.transport_rows,
+            "workers": self.worker_rows,
             "checks": self.checks,
             "warnings": self.warnings,
             "phases": [p.to_json() for p in self.phases],
@@ -1201,6 +1215,31 @@ class Bench:
                 "pass": (ratio >= TARGET_REDIS_LIMITS_RATIO) if ratio is not None else None,
             }
         )
+        one = next((row for row in self.worker_rows if row["workers"] == 1), None)
+        two = next((row for row in self.worker_rows if row["workers"] == 2), None)
+        cpu_ratio = (
+            _ratio(two["cpu_us_per_request"], one["cpu_us_per_request"]) if one and two else None
+        )
+        out.append(
+            {
+                "name": "gateway CPU per request, 2 workers over 1",
+                "target": f"<= {TARGET_WORKERS_CPU_RATIO:g}",
+                "value": cpu_ratio,
+                "pass": (cpu_ratio <= TARGET_WORKERS_CPU_RATIO) if cpu_ratio is not None else None,
+            }
+        )
+        shares = [share for share in (two["shares"].values() if two else []) if share is not None]
+        low, high = TARGET_WORKER_SHARE
+        out.append(
+            {
+                "name": "each worker's share of the requests, 2 workers",
+                "target": f"{low:.0%}-{high:.0%}",
+                "value": " / ".join(f"{share:.0%}" for share in shares) or None,
+                "pass": (len(shares) == 2 and all(low <= share <= high for share in shares))
+                if two
+                else None,
+            }
+        )
         for backend in CACHE_BACKENDS:
             hit = self.find("non-stream", f"cache-{backend}-hit", CACHE_LATENCY_CONCURRENCY)
             out.append(
@@ -1326,6 +1365,15 @@ def render_table(report: dict[str, Any]) -> str:
             for m in report["non_stream_modes"]
         ]
         lines.append(_grid(["non_stream", "c", "req/s", "p50 ms", "us/req"], rows))
+    if report.get("workers"):
+        lines.append("")
+        pinned_note = (
+            "gateway on cores 0-1, wrk and the sim apart"
+            if report["workers"][0].get("pinned")
+            else "nothing pinned: fewer than 4 cores, the load shares them"
+        )
+        lines.append(f"server.workers, non-streaming at c=16 ({pinned_note}):")
+        lines.append(workers.table(report["workers"]))
     if report.get("limits"):
         lines.append("")
         lines.append(
