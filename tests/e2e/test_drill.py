@@ -309,3 +309,48 @@ def test_a_wrong_drill_file_is_refused_before_anything_runs(
     assert f"{file}: {expected}" in result.stderr
     assert not (tmp_path / "out").exists()
     assert injected(gateway, "never-started") == 0
+
+
+@pytest.fixture
+def doomed(logs: Path) -> Iterator[tuple[Process, Process, Gateway]]:
+    """Two workers of this test's own behind a gateway of its own: the drill kills one."""
+    first, second = start_sim(logs, ttft_ms=20), start_sim(logs, ttft_ms=20)
+    started = start_gateway(logs, config((first, second), SLOS))
+    yield first, second, started
+    started.stop()
+    first.stop()
+    second.stop()
+
+
+def test_a_drill_that_kills_a_worker_passes_with_the_other_taking_the_load(
+    doomed: tuple[Process, Process, Gateway],
+    logs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """b1 (three quarters of the chat traffic) is SIGKILLed under load: retries and stream
+    resumption move its requests to b2, and nothing is lost or failed in any phase. The
+    port comes from the environment, as a drill's configuration gives it: a string."""
+    first, second, gateway = doomed
+    monkeypatch.setenv("VGATE_DRILL_WORKER_PORT", first.url.rsplit(":", 1)[1])
+    kill = action("kill-b1", "kill_worker", port="${worker_port}") | {"pauses": {"after": 1.5}}
+    file = drill(tmp_path, [kill])
+    experiment = yaml.safe_load(file.read_text())
+    experiment["configuration"] = {"worker_port": {"type": "env", "key": "VGATE_DRILL_WORKER_PORT"}}
+    file.write_text(yaml.safe_dump(experiment, sort_keys=False))
+
+    result = run_drill(gateway, served_config(gateway, logs), tmp_path / "out", file)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert first.popen.wait(5) == -signal.SIGKILL  # the worker was really killed
+    assert second.popen.poll() is None
+    report = json.loads((tmp_path / "out" / f"{file.stem}.json").read_text())
+    assert report["passed"] is True
+    assert all(v["holds"] for v in report["verdicts"])
+    killed_at = next(mark["at"] for mark in report["marks"] if mark["label"] == "kill-b1")
+    ended_before = [r for r in report["requests"] if r["started"] + r["duration_s"] < killed_at]
+    before = {r["backend"] for r in ended_before} - {None}
+    assert {"b1", "b2"} <= before  # both served before the kill
+    after = [r for r in report["requests"] if r["started"] > killed_at + 0.5]
+    assert len(after) > 20  # the load ran on
+    assert {r["outcome"] for r in after} == {"ok"}
+    assert {r["backend"] for r in after} <= {"b2", "b2-embed"}  # the other took it all
