@@ -3,7 +3,9 @@ chaos experiments.
 
 Protected by its own key (config `admin.key_sha256` or `admin.key_sha256_env`), never by an
 API key; without one configured these routes do not exist (404). Off the hot path: plain
-Starlette routes. Never answers with a secret or a hash.
+Starlette routes. Never answers with a secret or a hash. With several worker processes
+(`server.workers`), gateway/edge/admin_relay.py wraps these routes so that a call reaches
+every worker.
 
     GET  /admin/keys           every key: id, name, tier, models, limits, guardrails, disabled
     GET  /admin/keys/{id}      the same for one key, with its usage: `process_usage` (what

@@ -172,7 +172,8 @@ class AdminRelay:
             parsed = _json_object(answer.body) if answer.status is not None else None
             if answer.status is None or (answer.status < 400 and parsed is None):
                 missing += 1
-                problem = {"worker": answer.worker, "status": None, "reason": answer.reason}
+                reason = answer.reason or "an answer that is not a JSON object"
+                problem = {"worker": answer.worker, "status": None, "reason": reason}
             elif answer.status >= 400:
                 failed += 1
                 problem = {

@@ -149,7 +149,11 @@ class PeerAdmin:
             return b""
         if self._apply is None:  # not serving yet
             return b"503\n"
-        status, body = await self._apply(call)
+        try:
+            status, body = await self._apply(call)
+        except Exception:  # a bug: the sibling is told, rather than left waiting for nothing
+            logger.exception("worker %d: admin %s %s failed", self._index, call.method, call.path)
+            return b"500\n"
         logger.info(
             "worker %d: admin %s %s applied for a sibling: %d",
             self._index,

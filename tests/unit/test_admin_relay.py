@@ -108,6 +108,20 @@ def test_a_sibling_not_serving_yet_answers_503(tmp_path: Path) -> None:
     assert asyncio.run(relay()) == [PeerAnswer(1, 503, b"", "")]
 
 
+def test_a_sibling_whose_apply_breaks_answers_500(tmp_path: Path) -> None:
+    async def broken(received: AdminCall) -> tuple[int, bytes]:
+        raise RuntimeError("a bug")
+
+    async def relay() -> list[PeerAnswer]:
+        server = await _sibling(tmp_path, 1, broken)
+        try:
+            return await PeerAdmin(run_dir=str(tmp_path), index=0, workers=2).ask(call())
+        finally:
+            await server.aclose()
+
+    assert asyncio.run(relay()) == [PeerAnswer(1, 500, b"", "")]
+
+
 class FakeSiblings:
     """Siblings answering as they are told, recording what they were asked."""
 
