@@ -58,6 +58,9 @@ class RequestContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _QUIET_PATHS:
+            if scope["type"] == "lifespan" and self.access_log is not None:
+                await self._lifespan(scope, receive, send, self.access_log)
+                return
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -113,6 +116,23 @@ class RequestContextMiddleware:
                 self.access_log.write(record, end)
             if record.key_id is not None and self.usage is not None:
                 self.usage.observe(record.key_id, record)
+
+    async def _lifespan(
+        self, scope: Scope, receive: Receive, send: Send, access_log: AccessLog
+    ) -> None:
+        """The app's lifespan, with the access log flushed once it has shut down: uvicorn
+        runs the lifespan's shutdown after the last connection drained, so every request's
+        line is written before the server reports it stopped (AccessLog batches lines)."""
+
+        async def send_flushed(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                access_log.flush()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_flushed)
+        finally:
+            access_log.flush()
 
 
 async def send_error(send: Send, error: GatewayError) -> None:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from gateway.edge.auth import hash_key
+from tests.e2e.conftest import wait_for_line
 from tests.fake_upstream import FakeUpstream
 from tests.otlp_receiver import OTLPReceiver
 from tests.servers import (
@@ -287,7 +288,7 @@ def test_failed_and_slow_requests_are_kept_though_the_ratio_left_them_out(
     # came after it ended, so the fast one's would be here by now.
     fast_id = fast.headers["x-request-id"]
     assert not any(s["attributes"].get("vgate.request_id") == fast_id for s in receiver.spans)
-    [line] = [e for e in unsampled.wait_for_log(3) if e["request_id"] == fast_id]
+    line = wait_for_line(unsampled, fast_id)  # lines are batched: wait for this one
     assert "trace_id" not in line
 
 
@@ -344,7 +345,7 @@ def test_each_attempt_is_a_child_span_and_the_request_has_genai_attributes(
     assert 0 < answered["attributes"]["vgate.ttfb_s"] <= (answered["end"] - span["start"]) / 1e9
     assert [e["name"] for e in answered["events"]] == ["vgate.first_byte"]
     # The access-log line names the trace.
-    [line] = [e for e in unsampled.wait_for_log(1) if e["request_id"] == request_id]
+    line = wait_for_line(unsampled, request_id)
     assert line["trace_id"] == span["trace_id"]
 
 

@@ -45,6 +45,8 @@ async def test_a_bug_is_a_generic_openai_500_without_traceback(
     }
     for leak in ("Traceback", "KeyError", "secret-internal-detail", ".py"):
         assert leak not in response.text
+    assert app.access_log is not None
+    app.access_log.flush()  # lines are batched (gateway.edge.accesslog)
     line = orjson.loads(log.getvalue())
     assert (line["request_id"], line["status"], line["error"]) == ("req-42", 500, "internal_error")
     # The traceback is for the operators' log, under the same request id.
@@ -68,6 +70,8 @@ async def test_a_bug_after_the_response_started_ends_it_and_is_logged(
         # drops the connection, so the client sees a broken response, never a whole one.
         with pytest.raises(KeyError, match="late"):
             await client.post("/v1/chat/completions")
+    assert app.access_log is not None
+    app.access_log.flush()  # lines are batched (gateway.edge.accesslog)
     line = orjson.loads(log.getvalue())
     assert (line["status"], line["error"]) == (200, "internal_error")
     assert any(r.getMessage().startswith("unhandled error in request") for r in caplog.records)

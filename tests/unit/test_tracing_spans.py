@@ -183,6 +183,7 @@ def test_the_access_log_names_the_trace_of_a_traced_request_only() -> None:
     access = AccessLog(log)
     access.write(traced, START + 0.1)
     access.write(untraced, START + 0.1)
+    access.flush()
     first, second = (orjson.loads(line) for line in log.getvalue().splitlines())
     assert traced.trace is not None
     assert first["trace_id"] == f"{traced.trace[0]:032x}" and len(first["trace_id"]) == 32
@@ -196,6 +197,8 @@ def test_a_request_kept_at_its_end_names_its_trace_in_a_log_written_after(
     record.status = 502
     finished(exporter, (record, START + 0.1), sample_ratio=0.0)
     log = io.BytesIO()
-    AccessLog(log).write(record, START + 0.1)
+    access = AccessLog(log)
+    access.write(record, START + 0.1)
+    access.flush()
     assert record.traceparent is not None
     assert orjson.loads(log.getvalue())["trace_id"] == record.traceparent[3:35].decode()
