@@ -135,7 +135,11 @@ class ProxyEndpoint:
                     self.default_max_tokens_estimate,
                     prompt=request.prompt,  # measured once, by validation
                 )
-                started = time.perf_counter()
+                # A Redis call's span only for a request that may be traced: `record.trace`
+                # is None where tracing is off or the caller's traceparent said "not
+                # sampled" (gateway.edge.tracing), and such a request exports no span.
+                shared = self._redis_limits if record.trace is not None else None
+                started = time.perf_counter() if shared is not None else 0.0
                 # The request's cache read (a shared cache) goes to Redis with the limit
                 # check, in the same write: one round trip for both.
                 router.prefetch(plan)
@@ -146,8 +150,7 @@ class ProxyEndpoint:
                 finally:
                     if not admitted and plan.prefetched is not None:
                         plan.prefetched.drop()
-                shared = self._redis_limits
-                if shared is not None:  # for its span in the trace
+                if shared is not None:
                     ended = time.perf_counter()
                     record.redis_calls = [
                         RedisCall("limits", "EVALSHA", started, ended, failed=shared.down)
