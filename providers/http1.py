@@ -315,6 +315,7 @@ class Response:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; what arrived before a failure comes first."""
         connection = self._connection
+        loop = asyncio.get_running_loop()
         while True:
             if connection.buffered:
                 yield connection.take()
@@ -325,7 +326,15 @@ class Response:
                 self.close()
                 raise connection.error
             else:
-                await self._next_event()
+                # `_next_event`, inlined: this runs once per event of every stream.
+                waiter = connection.body_waiter = loop.create_future()
+                try:
+                    await waiter
+                except BaseException:
+                    self.close()  # cancelled mid-body: the connection is spoiled
+                    raise
+                finally:
+                    connection.body_waiter = None
 
     async def _next_event(self) -> None:
         connection = self._connection

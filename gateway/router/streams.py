@@ -108,6 +108,10 @@ class UpstreamStream:
         """
         observer = self.observer
         name = self.backend.name
+        if self._chunks is None:
+            assert self.response is not None
+            self._chunks = self.response.chunks()
+        chunks = self._chunks
         # One timer for every read: asyncio.timeout_at around each would cost more than
         # the event's own handling (gateway.router.readtimer).
         self._timer = timer = ReadTimer(self.idle_s, self.deadline)
@@ -115,7 +119,13 @@ class UpstreamStream:
             while not observer.done:
                 timer.start()
                 try:
-                    events = await self._next()
+                    # `_next`, inlined: this runs once per event.
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        events = observer.flush() or None
+                    else:
+                        events = observer.feed(chunk)
                 except asyncio.CancelledError:
                     if not timer.expired():
                         raise
