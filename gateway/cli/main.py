@@ -174,7 +174,7 @@ def workers_warnings(config: GatewayConfig, server: ServerConfig) -> list[str]:
         f"{config.source}: server.workers is {server.workers} but there is no redis: "
         f"each process keeps its own per-key rate limits, quotas and concurrency limits "
         f"(a key gets up to {server.workers}x its limits), its own circuit breakers and "
-        f"its own memory cache; set redis.url to share them"
+        f"its own memory cache; set redis.url, redis.sentinel or redis.cluster to share them"
     ]
 
 
