@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -521,4 +522,211 @@ def test_a_limited_request_reads_the_cache_in_its_limit_checks_round_trip(
     finally:
         probe.conn.close()
         process.stop()
+        redis.stop()
+
+
+def test_a_miss_costs_one_round_trip_on_the_requests_path(
+    logs: Path, sim: Process, keys_file: Path
+) -> None:
+    """With the cache shared through Redis and coalescing on, a miss's lookup and the
+    claim of its key's lease are one call (one script): one round trip on the request's
+    path. The fill (the entry kept and the lease given back, also one script) goes after
+    the answer, in the background. It was four: the GET, the SET NX of the lease, then the
+    fill's SET and the lease's release."""
+    settings = config(sim, keys_file, backend="redis", scope="global")
+    redis = start_redis(logs)
+    settings["redis"] = {"url": redis.url, "key_prefix": "e2e-miss", "socket_timeout_s": 1.0}
+    process = start_gateway(logs, settings)
+    probe = RedisProbe(redis)
+
+    def settled() -> bool:  # every fill landed: no lease left
+        return probe.ask("KEYS", "e2e-miss:cache:lease:*") == b"*0\r\n"
+
+    try:
+        # The first miss loads the scripts (NOSCRIPT, then SCRIPT LOAD): not counted.
+        warm = chat(process, messages=[{"role": "user", "content": "warm"}], **DETERMINISTIC)
+        assert warm.headers["x-vgate-cache"] == "miss"
+        poll_until(settled)
+        misses = 8
+        before = probe.reads()
+        for index in range(misses):
+            messages = [{"role": "user", "content": f"miss {index}"}]
+            response = chat(process, messages=messages, **DETERMINISTIC)
+            assert response.status_code == 200 and response.headers["x-vgate-cache"] == "miss"
+            poll_until(settled)  # one at a time: each miss's calls are its own
+        reads = probe.reads() - before
+        # Per miss: the lookup that claims, then the fill: 2 (it was 4). A few to spare
+        # for the gateway's own background calls (a silent breaker subscription's PING).
+        assert reads <= 2 * misses + 3, reads
+        hit = chat(process, messages=[{"role": "user", "content": "miss 0"}], **DETERMINISTIC)
+        assert hit.headers["x-vgate-cache"] == "hit"
+        assert probe.ask("KEYS", "e2e-miss:cache:lease:*") == b"*0\r\n"  # a hit took none
+    finally:
+        probe.conn.close()
+        process.stop()
+        redis.stop()
+
+
+class TimedStream:
+    """A streaming request read in a thread, each event's arrival time noted."""
+
+    def __init__(self, gateway: Gateway, messages: list[dict[str, str]], **body: Any) -> None:
+        self.gateway = gateway
+        self.payload = {
+            "model": "tiny-llama",
+            "messages": messages,
+            "stream": True,
+            **DETERMINISTIC,
+            **body,
+        }
+        self.events: list[tuple[float, bytes]] = []
+        self.headers: dict[str, str] = {}
+        self.status = 0
+        self.first_content = threading.Event()
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self) -> None:
+        url = self.gateway.url + "/v1/chat/completions"
+        headers = {"Authorization": f"Bearer {ALICE}"}
+        with httpx.stream("POST", url, json=self.payload, headers=headers, timeout=30) as r:
+            self.status = r.status_code
+            self.headers = dict(r.headers)
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append((time.monotonic(), line[6:].encode()))
+                    if b'"content"' in line.encode() and b'"content":""' not in line.encode():
+                        self.first_content.set()
+        self.first_content.set()  # ended: nobody waits for what will not come
+
+    def join(self, timeout_s: float = 30.0) -> None:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "the stream did not end"
+
+    @property
+    def text(self) -> str:
+        chunks = [orjson.loads(e) for _, e in self.events if e.startswith(b"{")]
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
+        )
+
+    def first_content_at(self) -> float:
+        return next(t for t, e in self.events if b'"content":"' in e and b'"content":""' not in e)
+
+
+@pytest.fixture
+def paced(logs: Path) -> Iterator[Process]:
+    """A worker streaming 20 tokens a second: a 40-token answer takes two seconds."""
+    process = start_sim(logs, tokens_per_s=20)
+    yield process
+    process.stop()
+
+
+def two_gateways(
+    logs: Path, sim: Process, keys_file: Path, redis: RedisServer, prefix: str, **route: Any
+) -> list[Gateway]:
+    settings = config(sim, keys_file, backend="redis", scope="global")
+    settings["models"][0].update(route)
+    settings["redis"] = {"url": redis.url, "key_prefix": prefix, "socket_timeout_s": 1.0}
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda _: start_gateway(logs, settings), range(2)))
+
+
+def test_a_stream_reaches_a_follower_in_another_process_as_it_comes(
+    logs: Path, paced: Process, keys_file: Path
+) -> None:
+    """Gateway A leads a paced stream; an identical request to gateway B, made once A's
+    client has its first content, gets the events so far at once and the rest as they
+    come (relayed through Redis): its first content arrives well before A's stream ends.
+    One upstream request in all."""
+    redis = start_redis(logs)
+    leader_gateway, follower_gateway = two_gateways(logs, paced, keys_file, redis, "e2e-relay")
+    try:
+        messages = [{"role": "user", "content": "relayed"}]
+        before = sim_requests(paced)
+        leader = TimedStream(leader_gateway, messages, max_tokens=40)
+        assert leader.first_content.wait(30)
+        follower = TimedStream(follower_gateway, messages, max_tokens=40)
+        leader.join()
+        follower.join()
+        assert leader.status == follower.status == 200
+        assert leader.headers["x-vgate-cache"] == "miss"
+        assert follower.headers["x-vgate-cache"] == "coalesced"
+        leader_end = leader.events[-1][0]
+        # A 2 s stream: the follower's first content comes with the events so far, more
+        # than half a second before the leader's last (waiting for the whole answer, it
+        # came after it).
+        assert follower.first_content_at() < leader_end - 0.5, (
+            follower.first_content_at() - leader_end
+        )
+        # ... and its events keep coming while the leader's do.
+        assert sum(1 for t, _ in follower.events if t < leader_end - 0.2) >= 3
+        assert follower.text == leader.text and len(leader.text) > 0
+        assert follower.events[-1][1] == b"[DONE]"
+        assert follower.headers["x-vgate-backend"] == "w1"  # the backend that answered
+        assert sim_requests(paced) - before == 1
+    finally:
+        for gateway in (leader_gateway, follower_gateway):
+            gateway.stop()
+        redis.stop()
+
+
+def test_a_leader_that_fails_never_leaves_a_follower_in_another_process_hanging(
+    logs: Path, paced: Process, keys_file: Path
+) -> None:
+    """A: the leader's upstream fails before its first event: the follower in the other
+    process makes its own call, once, and its client gets the whole answer. B: the
+    leader's stream is cut mid-way (not resumed): the follower, part way through, ends
+    with the same clean error event. Neither hangs."""
+    redis = start_redis(logs)
+    leader_gateway, follower_gateway = two_gateways(
+        logs, paced, keys_file, redis, "e2e-relay-fail", resume={"enabled": False}
+    )
+    faults = paced.url + "/sim/faults"
+    try:
+        # A: every second request fails with a 500 after 1.5 s: the leader's (the
+        # second), not the follower's own (the third).
+        httpx.put(
+            faults, json={"error_status": 500, "error_rate": 0.5, "latency_ms": 1500}, timeout=5
+        ).raise_for_status()
+        try:
+            chat(leader_gateway, messages=[{"role": "user", "content": "first"}], max_tokens=2)
+            before = sim_requests(paced)
+            messages = [{"role": "user", "content": "fails first"}]
+            leader = TimedStream(leader_gateway, messages, max_tokens=10)
+            poll_until(lambda: sim_requests(paced) > before)  # the leader's call is made
+            follower = TimedStream(follower_gateway, messages, max_tokens=10)
+            leader.join()
+            follower.join()
+            made = sim_requests(paced) - before  # (setting the faults resets the count)
+        finally:
+            httpx.delete(faults, timeout=5).raise_for_status()
+        assert leader.status >= 500
+        assert follower.status == 200 and follower.events[-1][1] == b"[DONE]"
+        assert len(follower.text) > 0
+        assert made == 2  # the leader's, and the follower's own
+
+        # B: cut after 8 events, every request.
+        httpx.put(faults, json={"cut_after_chunks": 8}, timeout=5).raise_for_status()
+        try:
+            before = sim_requests(paced)
+            messages = [{"role": "user", "content": "cut mid-way"}]
+            leader = TimedStream(leader_gateway, messages, max_tokens=40)
+            assert leader.first_content.wait(30)
+            follower = TimedStream(follower_gateway, messages, max_tokens=40)
+            leader.join()
+            follower.join()
+            made = sim_requests(paced) - before
+        finally:
+            httpx.delete(faults, timeout=5).raise_for_status()
+        assert leader.status == follower.status == 200
+        assert follower.headers["x-vgate-cache"] == "coalesced"
+        for stream in (leader, follower):
+            last = orjson.loads(stream.events[-1][1])
+            assert last["error"]["code"] == "upstream_stream_broken", last
+        assert orjson.loads(follower.events[-1][1]) == orjson.loads(leader.events[-1][1])
+        assert made == 1
+    finally:
+        for gateway in (leader_gateway, follower_gateway):
+            gateway.stop()
         redis.stop()
