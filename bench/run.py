@@ -1484,7 +1484,11 @@ def render_table(report: dict[str, Any]) -> str:
         )
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
-        value = "-" if t["value"] is None else f"{t['value']:,.3f}".rstrip("0").rstrip(".")
+        value = t["value"]
+        if value is None:
+            value = "-"
+        elif not isinstance(value, str):
+            value = f"{value:,.3f}".rstrip("0").rstrip(".")
         lines.append(f"{verdict}  {t['name']}: {value} (target {t['target']})")
     if report["transports"]:
         lines.append("")
