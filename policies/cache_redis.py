@@ -2,8 +2,13 @@
 
 Each entry is one Redis string, `{prefix}:cache:<route tag>:<scope tag>:<hash>` (hashes
 only: never a prompt or a key's name), holding the time it was made and the answer's JSON,
-with the entry's TTL. A lookup is one GET, bounded by `cache.redis_timeout_s`; a fill is a
-SET in a background task, never waited for. Redis failing or slow is not the request's
+with the entry's TTL. A lookup is one GET, bounded by `cache.redis_timeout_s`; where
+requests coalesce across processes it is one script instead (`look_up`: the entry, else
+the key's lease taken if free, else its holder), so a miss costs no more round trips than
+a hit. A fill is a SET in a background task, never waited for (by the lease's holder: one
+script, the SET and the lease given back). Beside the entry, on its slot: its lease
+(`lease:`), the stream a leading process relays its events through (`flight:`, a Redis
+Stream) and the mark of a follower waiting for it (`watch:`). Redis failing or slow is not the request's
 problem: the lookup raises `CacheUnavailable` (the request goes upstream), the outage is
 logged once each way (`RedisHealth`) and counted, and while it lasts one lookup per
 `probe_interval_s` tries Redis while the others bypass at once; the first that gets an
@@ -48,12 +53,18 @@ return 0
 """
 # A miss's lookup and its claim in one call: the entry if there is one (no lease taken);
 # else the lease, taken when free; else who holds it (its value: how that process
-# answers). KEYS: the entry, its lease. ARGV: the lease's value (token), its ms.
+# answers). A streaming claimant that finds a streaming holder marks the key's flight as
+# watched, so that the holder relays its stream. KEYS: the entry, its lease, the flight's
+# watch mark. ARGV: the lease's value (token), its ms, "1" where the claimant streams.
 _LOOK_UP_OR_CLAIM = """
 local entry = redis.call('GET', KEYS[1])
 if entry then return {0, entry} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
-return {2, redis.call('GET', KEYS[2]) or ''}
+local holder = redis.call('GET', KEYS[2]) or ''
+if ARGV[3] == '1' and string.sub(holder, 1, 1) == 's' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+end
+return {2, holder}
 """
 # A fill by the lease's holder: the entry kept, then the lease given back, in one call (a
 # process waiting finds the entry before the lease is gone). KEYS: the entry, its lease.
@@ -87,6 +98,11 @@ def lease_name(prefix: str, key: str, *, cluster: bool) -> str:
 def flight_name(prefix: str, key: str, *, cluster: bool) -> str:
     """The stream a leading process relays its events through: on the entry's slot."""
     return f"{prefix}flight:{{{key}}}" if cluster else f"{prefix}flight:{key}"
+
+
+def watch_name(prefix: str, key: str, *, cluster: bool) -> str:
+    """Set while a follower in another process waits for the flight's stream."""
+    return f"{prefix}watch:{{{key}}}" if cluster else f"{prefix}watch:{key}"
 
 
 def entry_pattern(
@@ -256,9 +272,8 @@ class RedisStore:
         lease_ms = max(1, round(lease_s * 1000))
         try:
             async with asyncio.timeout(self.timeout_s), self._calls:
-                reply = await self._look_up(
-                    keys=[self._entry_key(key), self._lease_key(key)], args=[token, lease_ms]
-                )
+                names = [self._entry_key(key), self._lease_key(key), self._watch_key(key)]
+                reply = await self._look_up(keys=names, args=[token, lease_ms, int(streaming)])
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None
@@ -310,6 +325,19 @@ class RedisStore:
 
     def _flight_key(self, key: str) -> str:
         return flight_name(self.prefix, key, cluster=self._cluster)
+
+    def _watch_key(self, key: str) -> str:
+        return watch_name(self.prefix, key, cluster=self._cluster)
+
+    async def watched(self, key: str) -> bool:
+        """Whether a follower in another process waits for the key's flight stream (marked
+        by its lookup); raises `CacheUnavailable`."""
+        try:
+            async with asyncio.timeout(self.timeout_s), self._calls:
+                return bool(await self.calls.exists(self._watch_key(key)))
+        except REDIS_ERRORS as error:
+            self._failed(error)
+            raise CacheUnavailable from None
 
     async def append(self, key: str, fields: list[tuple[str, bytes]], ttl_s: float) -> None:
         """Append one entry of `fields` to the key's flight stream, which then lives

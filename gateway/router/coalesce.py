@@ -14,6 +14,10 @@ left waiting, the call is cancelled. A follower gets what the leader got:
 
 A leader that fails before it has an answer leaves its followers to make their own call,
 once, without joining another flight: never a storm of retries on one failure.
+
+Across processes (a shared store), a flight's leader is the process holding the key's
+lease; a streaming leader relays its events through Redis (`Flight.relay`, see
+gateway/router/relay.py), and another process's flight reads them as its upstream.
 """
 
 from __future__ import annotations

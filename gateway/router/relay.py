@@ -8,9 +8,14 @@ error the leader's own readers got). A streaming follower in another process rea
 the start, then blocks for the rest (`follow`, `RemoteStream`): the stream becomes its
 process's flight, which that process's own followers share in process (coalesce.py).
 
-- One append in flight per relay: what arrives meanwhile goes in the next, so a stream
-  costs at most one XADD per upstream read, fewer when Redis is slower than the upstream,
-  and the appends of a loop turn share one write on the pipelined client.
+- Only when watched: a streaming follower's lookup that finds a streaming holder marks the
+  key's flight as watched (in the same script); the leader checks for the mark at its
+  first events, then after 50 ms, backing off to every 500 ms, and relays nothing until it
+  is there (then everything so far at once). Most streams have no follower elsewhere: an
+  append per upstream read would cost every one of them (bench/relay.py).
+- One append in flight per relay: what arrives meanwhile goes in the next, so a watched
+  stream costs at most one XADD per upstream read, fewer when Redis is slower than the
+  upstream, and the appends of a loop turn share one write on the pipelined client.
 - Bounded: the relay stops at `cache.max_entry_bytes` (an `abort` marker: a reader part
   way through ends with an error event, one yet to start makes its own call), its key
   lives the lease's time while the stream runs and `END_TTL_S` after its marker, and a
@@ -25,6 +30,7 @@ process's flight, which that process's own followers share in process (coalesce.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -47,12 +53,17 @@ END = "end"  # the stream ran to its end: its usage (JSON)
 ABORT = "abort"  # it did not: {"message", "code"} of the error its readers got
 END_TTL_S = 5.0  # how long a stream outlives its marker: for followers still reading it
 MAX_RELAYS = 1024  # streams one process relays at once; past it, followers wait for the whole
+# How often a leader checks whether a follower in another process watches its stream: at
+# its first events, then after 50 ms, doubling to every 500 ms.
+WATCH_FIRST_S = 0.05
+WATCH_MAX_S = 0.5
 
 
 class Relay:
     """A leading flight's stream, appended to its key's flight stream as it passes."""
 
     __slots__ = (
+        "_ended",
         "_head",
         "_key",
         "_last",
@@ -63,6 +74,7 @@ class Relay:
         "_ttl_s",
         "_wake",
         "appends",
+        "checks",
         "failed",
         "task",
     )
@@ -85,7 +97,9 @@ class Relay:
         self._size = 0
         self._last: tuple[str, bytes] | None = None  # the marker, once the stream ended
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
         self.appends = 0
+        self.checks = 0  # whether watched, asked of Redis
         self.failed = False
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -112,10 +126,28 @@ class Relay:
                 self._last = (END, orjson.dumps(usage))
             else:
                 self._last = _abort(error.message, error.code or "upstream_stream_broken")
+        self._ended.set()
         self._wake.set()
 
     async def _run(self) -> None:
         store, key = self._store, self._key
+        # Relayed only once watched: most streams have no follower in another process,
+        # and then cost a check now and then (backing off), not an append per read.
+        await self._wake.wait()  # the stream's first events
+        interval = WATCH_FIRST_S
+        while True:
+            self.checks += 1
+            try:
+                if await store.watched(key):
+                    break
+            except CacheUnavailable:
+                self.failed = True
+                return
+            if self._last is not None:
+                return  # ended unwatched: a follower that came since finds the entry
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), interval)
+            interval = min(interval * 2, WATCH_MAX_S)
         while True:
             await self._wake.wait()
             self._wake.clear()

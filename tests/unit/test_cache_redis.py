@@ -236,6 +236,9 @@ async def test_a_miss_looks_up_and_claims_in_one_call_and_a_hit_claims_nothing(
     assert 4_000 < await client.pttl(lease_key) <= 5_000
     held = await second.look_up(name, 5.0)
     assert held.entry is None and held.lease == "" and held.holder == taken.lease
+    assert not await first.watched(name)  # a follower of the whole answer: nothing to relay
+    watching = await second.look_up(name, 5.0, streaming=True)
+    assert watching.holder == taken.lease and await first.watched(name)  # a stream's does
     first.put(name, b'{"whole": 1}', 30, taken.lease)  # kept and given back in one call
     await settled(first)
     assert await client.exists(lease_key) == 0
