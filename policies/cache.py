@@ -105,7 +105,9 @@ class SharedStore(CacheStore, Protocol):
 
     def release(self, key: str, lease: str) -> None: ...
 
-    async def append(self, key: str, fields: list[tuple[str, bytes]], ttl_s: float) -> None: ...
+    async def append(
+        self, key: str, fields: list[tuple[str, bytes]], ttl_s: float, *, last: bool = False
+    ) -> None: ...
 
     async def read_flight(
         self, key: str, after: str, block_s: float

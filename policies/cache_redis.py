@@ -8,11 +8,12 @@ the key's lease taken if free, else its holder), so a miss costs no more round t
 a hit. A fill is a SET in a background task, never waited for (by the lease's holder: one
 script, the SET and the lease given back). Beside the entry, on its slot: its lease
 (`lease:`), the stream a leading process relays its events through (`flight:`, a Redis
-Stream) and the mark of a follower waiting for it (`watch:`). Redis failing or slow is not the request's
-problem: the lookup raises `CacheUnavailable` (the request goes upstream), the outage is
-logged once each way (`RedisHealth`) and counted, and while it lasts one lookup per
-`probe_interval_s` tries Redis while the others bypass at once; the first that gets an
-answer ends it.
+Stream) and the mark of a follower waiting for it (`watch:`).
+
+Redis failing or slow is not the request's problem: the lookup raises `CacheUnavailable`
+(the request goes upstream), the outage is logged once each way (`RedisHealth`) and
+counted, and while it lasts one lookup per `probe_interval_s` tries Redis while the others
+bypass at once; the first that gets an answer ends it.
 
 On a Redis Cluster an entry's name puts everything after the prefix in a hash tag,
 `{prefix}:cache:{<route tag>:<scope tag>:<hash>}`, and its lease is
@@ -74,11 +75,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
-# A flight's events appended to its stream, whose TTL is set anew. KEYS: the stream.
-# ARGV: the TTL (ms), then its fields and values.
+# A flight's events appended to its stream, whose TTL is set anew; its last entry also
+# drops the watch mark (a later flight of the key starts unwatched). KEYS: the stream, the
+# watch mark. ARGV: the TTL (ms), "1" for the last entry, then its fields and values.
 _APPEND = """
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
 return id
 """
 MAX_PENDING_FILLS = 256  # fills in flight at once; past it, a fill is dropped (counted)
@@ -339,15 +342,19 @@ class RedisStore:
             self._failed(error)
             raise CacheUnavailable from None
 
-    async def append(self, key: str, fields: list[tuple[str, bytes]], ttl_s: float) -> None:
+    async def append(
+        self, key: str, fields: list[tuple[str, bytes]], ttl_s: float, *, last: bool = False
+    ) -> None:
         """Append one entry of `fields` to the key's flight stream, which then lives
-        `ttl_s`; raises `CacheUnavailable` when Redis does not take it in time."""
-        args: list[str | bytes | int] = [max(1, round(ttl_s * 1000))]
+        `ttl_s`; the `last` drops its watch mark. Raises `CacheUnavailable` when Redis
+        does not take it in time."""
+        args: list[str | bytes | int] = [max(1, round(ttl_s * 1000)), int(last)]
         for name, value in fields:
             args += [name, value]
+        names = [self._flight_key(key), self._watch_key(key)]
         try:
             async with asyncio.timeout(self.fill_timeout_s), self._calls:
-                await self._append(keys=[self._flight_key(key)], args=args)
+                await self._append(keys=names, args=args)
         except REDIS_ERRORS as error:
             self._failed(error)
             raise CacheUnavailable from None

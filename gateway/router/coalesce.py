@@ -32,13 +32,13 @@ from gateway.errors import StreamInterrupted
 logger = logging.getLogger("vgate.cache")
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from gateway.router.backend import Backend
     from gateway.router.caching import Source
     from gateway.router.relay import Relay, RemoteStream
     from gateway.router.route import Route
     from gateway.router.streams import Finish, ResumableStream, UpstreamStream
-
-    from typing import TypeAlias
 
     Upstream: TypeAlias = UpstreamStream | ResumableStream | RemoteStream
 
@@ -116,7 +116,10 @@ class Flight:
         return self.opened
 
     def wanted(self) -> bool:
-        return bool(self.readers) or self.waiting > 0
+        """Whether anyone still wants the call: a reader or a follower in this process, or
+        one in another reading its relayed stream."""
+        relayed = self.relay is not None and self.relay.watched
+        return bool(self.readers) or self.waiting > 0 or relayed
 
     def end(self) -> None:
         self.done = True

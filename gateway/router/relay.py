@@ -77,6 +77,7 @@ class Relay:
         "checks",
         "failed",
         "task",
+        "watched",
     )
 
     def __init__(
@@ -100,6 +101,7 @@ class Relay:
         self._ended = asyncio.Event()
         self.appends = 0
         self.checks = 0  # whether watched, asked of Redis
+        self.watched = False  # a follower in another process reads it: it runs to its end
         self.failed = False
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -139,6 +141,7 @@ class Relay:
             self.checks += 1
             try:
                 if await store.watched(key):
+                    self.watched = True
                     break
             except CacheUnavailable:
                 self.failed = True
@@ -161,8 +164,9 @@ class Relay:
             last = self._last
             if last is not None:
                 fields.append(last)
+            ended = last is not None
             try:
-                await store.append(key, fields, END_TTL_S if last is not None else self._ttl_s)
+                await store.append(key, fields, END_TTL_S if ended else self._ttl_s, last=ended)
             except CacheUnavailable:
                 # Its followers give up after the route's idle_s; this stream goes on.
                 self.failed = True

@@ -187,3 +187,35 @@ async def test_a_stream_is_relayed_to_the_other_process_as_it_comes(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_a_watched_stream_outlives_its_leaders_client(
+    redis_server: RedisServer, admin: RedisClient
+) -> None:
+    """The leader's client leaving cancels a stream nobody reads; one that a follower in
+    another process reads runs on to its end (and is kept)."""
+    release = asyncio.Event()
+    fakes_a, fakes_b = FakeAdapters(), FakeAdapters()
+    fakes_a["a"].add(held_answer(release, "Hel", "lo", "!"))
+    one, two = Process(redis_server.url, fakes_a), Process(redis_server.url, fakes_b)
+    try:
+        request = chat(stream=True, **DETERMINISTIC)
+        leading = await one.router.open_stream(one.router.plan(request, ALICE), Outcome())
+        following = await two.router.open_stream(two.router.plan(request, ALICE), Outcome())
+        try:
+            leading.close()  # its client went away, with the follower reading
+            flight = next(iter(one.router.flights.values()))
+            assert flight.wanted() and not flight.done
+            release.set()
+            rest = [events async for events in following.rest()]
+        finally:
+            following.close()
+        body = following.first + b"".join(rest)
+        assert b'"Hel"' in body and b'"!"' in body and body.endswith(b"data: [DONE]\n\n")
+        await until(lambda: one.cache.stored == 1, what="the answer kept")
+        assert len(fakes_a["a"].requests) == 1 and not fakes_b["a"].requests
+        await until(lambda: not one.router.relays, what="the relay's end marker sent")
+        assert await admin.keys("p:cache:watch:*") == []  # dropped with the last entry
+    finally:
+        await one.aclose()
+        await two.aclose()
