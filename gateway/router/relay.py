@@ -202,6 +202,7 @@ class RemoteStream:
         "_key",
         "_store",
         "backend",
+        "body",
         "dropped_events",
         "finish",
         "first",
@@ -223,6 +224,7 @@ class RemoteStream:
         self._closed = False
         self.backend = Source("cache")  # the leader's, from the stream's header
         self.first = b""
+        self.body: bytes | None = None  # the whole answer, once it ended (the leader's entry)
         self.usage: dict[str, Any] | None = None
         self.dropped_events = 0
         self.finish: Finish | None = None
@@ -313,6 +315,11 @@ class RemoteStream:
                 yield events
         if self._aborted is not None:
             raise self._aborted
+        # The whole answer too, for this process's followers that want it whole (kept by
+        # the leader as its stream ended: in one call with its lease's release).
+        wait = max(0.0, min(self._deadline - loop.time(), store.block_s))
+        entry = await store.await_entry(self._key, wait)
+        self.body = None if entry is None else entry.body
 
     def close(self) -> None:
         if not self._closed:

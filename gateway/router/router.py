@@ -251,7 +251,12 @@ class Router:
                 outcome.cache = "coalesced"
                 outcome.route = plan.route.name
                 outcome.request = plan.request
-                followed.finish = lambda stream: outcome.record_usage(stream.usage)
+
+                def finish(stream: Any) -> None:
+                    outcome.record_usage(stream.usage)
+                    flight.body = followed.body  # for this process's followers of the whole
+
+                followed.finish = finish
                 return followed
             entry = followed
         else:

@@ -219,3 +219,38 @@ async def test_a_watched_stream_outlives_its_leaders_client(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_a_relayed_streams_process_gives_its_own_followers_the_whole_answer(
+    redis_server: RedisServer, admin: RedisClient
+) -> None:
+    """In the follower's process, requests that want the whole answer (not a stream, or
+    other stream_options) join that process's flight, which reads the relayed stream: they
+    get the leader's kept answer, never a call of their own."""
+    release = asyncio.Event()
+    fakes_a, fakes_b = FakeAdapters(), FakeAdapters()
+    fakes_a["a"].add(held_answer(release, "Hel", "lo", "!"))
+    fakes_b["a"].then = Events([chat_chunk(role=True), chat_chunk("other", finish="stop"), DONE])
+    one, two = Process(redis_server.url, fakes_a), Process(redis_server.url, fakes_b)
+    try:
+        request = chat(stream=True, **DETERMINISTIC)
+        leader = asyncio.create_task(stream(one.router, request, Outcome(), ALICE))
+        await until(lambda: one.router.relays, what="the leader relays its stream")
+        follower = asyncio.create_task(stream(two.router, request, Outcome(), ALICE))
+        await until(lambda: two.router.flights, what="the other process's flight")
+        whole_outcome, other_outcome = Outcome(), Outcome()
+        whole = asyncio.create_task(
+            complete(two.router, chat(**DETERMINISTIC), whole_outcome, ALICE)
+        )
+        usage = chat(stream=True, stream_options={"include_usage": True}, **DETERMINISTIC)
+        other = asyncio.create_task(stream(two.router, usage, other_outcome, ALICE))
+        await until(lambda: next(iter(two.router.flights.values())).waiting == 2, what="join")
+        release.set()
+        led, followed, answer, otherwise = await asyncio.gather(leader, follower, whole, other)
+        assert led.text == followed.text == otherwise.text == "Hello!"
+        assert b"Hello!" in answer.body
+        assert whole_outcome.cache == other_outcome.cache == "coalesced"
+        assert len(fakes_a["a"].requests) == 1 and not fakes_b["a"].requests
+    finally:
+        await one.aclose()
+        await two.aclose()
