@@ -106,7 +106,13 @@ class SharedStore(CacheStore, Protocol):
     def release(self, key: str, lease: str) -> None: ...
 
     async def append(
-        self, key: str, fields: list[tuple[str, bytes]], ttl_s: float, *, last: bool = False
+        self,
+        key: str,
+        fields: list[tuple[str, bytes]],
+        ttl_s: float,
+        *,
+        first: bool = False,
+        last: bool = False,
     ) -> None: ...
 
     async def read_flight(

@@ -75,13 +75,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
-# A flight's events appended to its stream, whose TTL is set anew; its last entry also
-# drops the watch mark (a later flight of the key starts unwatched). KEYS: the stream, the
-# watch mark. ARGV: the TTL (ms), "1" for the last entry, then its fields and values.
+# A flight's events appended to its stream, whose TTL is set anew. Its first entry starts
+# the stream afresh (what an earlier flight of the key left is dropped); its last drops the
+# watch mark (a later flight starts unwatched). KEYS: the stream, the watch mark. ARGV: the
+# TTL (ms), "f" and/or "l" for the first and the last entry, then its fields and values.
 _APPEND = """
+if string.find(ARGV[2], 'f', 1, true) then redis.call('DEL', KEYS[1]) end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
+if string.find(ARGV[2], 'l', 1, true) then redis.call('DEL', KEYS[2]) end
 return id
 """
 MAX_PENDING_FILLS = 256  # fills in flight at once; past it, a fill is dropped (counted)
@@ -343,12 +345,19 @@ class RedisStore:
             raise CacheUnavailable from None
 
     async def append(
-        self, key: str, fields: list[tuple[str, bytes]], ttl_s: float, *, last: bool = False
+        self,
+        key: str,
+        fields: list[tuple[str, bytes]],
+        ttl_s: float,
+        *,
+        first: bool = False,
+        last: bool = False,
     ) -> None:
         """Append one entry of `fields` to the key's flight stream, which then lives
-        `ttl_s`; the `last` drops its watch mark. Raises `CacheUnavailable` when Redis
-        does not take it in time."""
-        args: list[str | bytes | int] = [max(1, round(ttl_s * 1000)), int(last)]
+        `ttl_s`; the `first` starts it afresh, the `last` drops its watch mark. Raises
+        `CacheUnavailable` when Redis does not take it in time."""
+        mode = ("f" if first else "") + ("l" if last else "")
+        args: list[str | bytes | int] = [max(1, round(ttl_s * 1000)), mode]
         for name, value in fields:
             args += [name, value]
         names = [self._flight_key(key), self._watch_key(key)]

@@ -155,6 +155,7 @@ class Relay:
             await self._wake.wait()
             self._wake.clear()
             fields: list[tuple[str, bytes]] = []
+            first = self._head is not None
             if self._head is not None:
                 fields.append((HEADER, self._head))
                 self._head = None
@@ -166,7 +167,8 @@ class Relay:
                 fields.append(last)
             ended = last is not None
             try:
-                await store.append(key, fields, END_TTL_S if ended else self._ttl_s, last=ended)
+                ttl_s = END_TTL_S if ended else self._ttl_s
+                await store.append(key, fields, ttl_s, first=first, last=ended)
             except CacheUnavailable:
                 # Its followers give up after the route's idle_s; this stream goes on.
                 self.failed = True

@@ -252,13 +252,17 @@ async def test_a_flight_stream_is_read_from_its_start_then_as_it_comes(
 ) -> None:
     leader, follower = store(client, fast=fast), store(client)
     name = key("m", "global", "relayed")
-    await leader.append(name, [("h", b"{}"), ("e", b"data: 1\n\n")], 5.0)
+    await leader.append(name, [("h", b"{}"), ("abort", b"{}")], 5.0, first=True, last=True)
+    # A later flight of the key starts its stream afresh: the earlier one's is gone.
+    await leader.append(name, [("h", b"{}"), ("e", b"data: 1\n\n")], 5.0, first=True)
     so_far = await follower.read_flight(name, "0", 0.05)
     assert [fields for _, fields in so_far] == [{"h": b"{}", "e": b"data: 1\n\n"}]
     assert 4_000 < await client.pttl(f"t:cache:flight:{name}") <= 5_000
     waiting = asyncio.create_task(follower.read_flight(name, so_far[-1][0], 0.25))
     await asyncio.sleep(0.02)  # blocked on the server by then, most likely: either way it reads
-    await leader.append(name, [("e", b"data: 2\n\n"), ("end", b"null")], 1.0)
+    await client.set(f"t:cache:watch:{name}", 1)  # a follower watches
+    await leader.append(name, [("e", b"data: 2\n\n"), ("end", b"null")], 1.0, last=True)
     rest = await waiting
     assert [fields for _, fields in rest] == [{"e": b"data: 2\n\n", "end": b"null"}]
+    assert not await leader.watched(name)  # the last entry dropped the mark
     assert await follower.read_flight(name, rest[-1][0], 0.01) == []  # nothing more
