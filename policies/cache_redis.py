@@ -391,7 +391,11 @@ class RedisStore:
     async def _keys(self, route_tag: str | None, scope_tag: str | None) -> list[bytes]:
         pattern = entry_pattern(self.prefix, route_tag, scope_tag, cluster=self._cluster)
         found: list[bytes] = []
+        # On one server the pattern also matches a key's lease, flight and watch mark.
+        beside = tuple(f"{self.prefix}{kind}:".encode() for kind in ("lease", "flight", "watch"))
         async for key in self.redis.scan_iter(match=pattern, count=1000):
+            if _bytes(key).startswith(beside):
+                continue
             found.append(key)
             if len(found) >= _SCAN_LIMIT:
                 break

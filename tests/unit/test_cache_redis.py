@@ -266,3 +266,19 @@ async def test_a_flight_stream_is_read_from_its_start_then_as_it_comes(
     assert [fields for _, fields in rest] == [{"e": b"data: 2\n\n", "end": b"null"}]
     assert not await leader.watched(name)  # the last entry dropped the mark
     assert await follower.read_flight(name, rest[-1][0], 0.01) == []  # nothing more
+
+
+async def test_the_admin_counts_and_clears_entries_not_what_lies_beside_them(
+    client: Redis, fast: PipelinedRedis | None
+) -> None:
+    shared = store(client, fast=fast)
+    name = key("m", "global", "beside")
+    found = await shared.look_up(name, 5.0, streaming=True)  # a lease
+    await shared.append(name, [("h", b"{}")], 5.0, first=True)  # a flight stream
+    await store(client).look_up(name, 5.0, streaming=True)  # a watch mark
+    shared.put(key("m", "global", "kept"), b"12345", 30)
+    await settled(shared)
+    assert len(await client.keys("t:cache:*")) == 4
+    assert await shared.stats() == {"entries": 1, "bytes": len(b"12345") + 15}
+    assert await shared.clear() == 1
+    assert found.lease and await client.get(f"t:cache:lease:{name}") == found.lease.encode()
