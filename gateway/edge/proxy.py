@@ -212,6 +212,7 @@ class ProxyEndpoint:
             caller=caller.name,
             chaos=None if chaos is None else chaos.decode("latin-1").strip() or None,
             cache=caller.cache,
+            traced=record.trace is not None,
         )
 
     async def _charge_refusal(self, caller: Caller, request: ProxyRequest) -> None:

@@ -38,6 +38,7 @@ class Call:
     caller: str | None = None  # the key's name
     chaos: str | None = None  # the chaos experiment asked for, by a key allowed to
     cache: bool = True  # False: the caller's key keeps its requests out of the response cache
+    traced: bool = False  # whether a trace of the request may be exported (its Redis calls' spans)
 
 
 @dataclass(slots=True)

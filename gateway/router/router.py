@@ -347,13 +347,15 @@ class Router:
         except CacheUnavailable:
             cache.bypass("unavailable")
             outcome.cache = "bypass"
-            _note_redis_call(cache, caching, outcome, started, failed=True)
+            if plan.call.traced:
+                _note_redis_call(cache, caching, outcome, started, failed=True)
             return None
         except asyncio.CancelledError:
             if read is not None:
                 give_back(cache, caching.key, read)
             raise
-        _note_redis_call(cache, caching, outcome, started)
+        if plan.call.traced:  # a span only where the trace may be exported
+            _note_redis_call(cache, caching, outcome, started)
         caching.lease, caching.holder = found.lease, found.holder
         entry = found.entry
         answer = None if entry is None else complete_answer(entry.body)

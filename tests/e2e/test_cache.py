@@ -138,7 +138,7 @@ def streamed_text(response: httpx.Response) -> str:
 
 
 def test_hit_miss_and_bypass(gateway: Gateway, sim: Process) -> None:
-    before = sim_requests(sim)
+    before, logged = sim_requests(sim), len(gateway.access_log())
     miss = chat(gateway, messages=[{"role": "user", "content": "one"}], **DETERMINISTIC)
     hit = chat(gateway, messages=[{"role": "user", "content": "one"}], **DETERMINISTIC)
     assert miss.status_code == hit.status_code == 200
@@ -149,7 +149,7 @@ def test_hit_miss_and_bypass(gateway: Gateway, sim: Process) -> None:
     sampled = chat(gateway, messages=[{"role": "user", "content": "one"}], temperature=0.9)
     assert sampled.headers["x-vgate-cache"] == "bypass"
     assert sim_requests(sim) - before == 2
-    lines = gateway.wait_for_log(3)
+    lines = gateway.wait_for_log(logged + 3)  # the log is written in batches: wait for them
     assert [line.get("cache") for line in lines[-3:]] == ["miss", "hit", "bypass"]
     assert lines[-2]["prompt_tokens"] == lines[-3]["prompt_tokens"]
 
