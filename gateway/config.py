@@ -61,6 +61,9 @@ class ServerConfig(_Frozen):
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     access_log: bool = True
+    # A quiet log writes a line at once and opens a window this long; the lines within it go
+    # out together when it closes (one write under load). 0: every line at once.
+    access_log_flush_s: float = Field(0.05, ge=0, le=5)
     # On SIGTERM, /ready answers 503 for drain_delay_s while the gateway serves and accepts on
     # (load balancers and Kubernetes' endpoints take it out of rotation meanwhile; responses
     # say `Connection: close`, moving keep-alive clients to fresh connections); then the

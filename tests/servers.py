@@ -148,7 +148,10 @@ def start_gateway(
 ) -> Gateway:
     port = free_port()
     # No drain delay (a test that wants one sets it): a stop is at once, as before the drain.
-    config = {**config, "server": {"drain_delay_s": 0, **config.get("server", {}), "port": port}}
+    # No drain delay (a test stops its gateway at once) and every access-log line out at once
+    # (tests count the lines a test's requests wrote: none may lag into the next test).
+    server = {"drain_delay_s": 0, "access_log_flush_s": 0, **config.get("server", {})}
+    config = {**config, "server": {**server, "port": port}}
     config_path = log_dir / f"gateway-{port}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     access_log = log_dir / f"gateway-{port}.access.jsonl"

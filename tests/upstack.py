@@ -130,6 +130,7 @@ def write_config(log_dir: Path, config: dict[str, Any]) -> tuple[Path, int]:
         "host": "127.0.0.1",
         "port": free_port(),
         "drain_delay_s": 0,
+        "access_log_flush_s": 0,  # every line out at once: tests count them
         **config.get("server", {}),
     }
     port = int(server["port"])

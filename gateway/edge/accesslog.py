@@ -51,8 +51,8 @@ class AccessLog:
         flush_interval_s: float = FLUSH_INTERVAL_S,
         max_buffer_bytes: int = MAX_BUFFER_BYTES,
     ) -> None:
-        if flush_interval_s <= 0 or max_buffer_bytes <= 0:
-            raise ValueError("AccessLog: flush_interval_s and max_buffer_bytes must be > 0")
+        if flush_interval_s < 0 or max_buffer_bytes <= 0:
+            raise ValueError("AccessLog: flush_interval_s must be >= 0, max_buffer_bytes > 0")
         self._stream = stream
         self._flush_interval_s = flush_interval_s
         self._max_buffer_bytes = max_buffer_bytes
@@ -98,7 +98,8 @@ class AccessLog:
         self._buffered += len(data)
         if self._timer is None:  # the log was quiet: out at once, and a window opens
             self._write_out()
-            self._arm()
+            if self._flush_interval_s:  # 0: every line out at once, no window
+                self._arm()
         elif self._buffered >= self._max_buffer_bytes:
             self._write_out()
 

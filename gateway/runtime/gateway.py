@@ -443,7 +443,10 @@ def _watch(metrics: GatewayMetrics, router: Router, connections: ConnectionGuard
 def _access_log(config: GatewayConfig, stream: BinaryIO | None) -> AccessLog | None:
     if not config.server.access_log:
         return None
-    return AccessLog(stream if stream is not None else sys.stdout.buffer)
+    return AccessLog(
+        stream if stream is not None else sys.stdout.buffer,
+        flush_interval_s=config.server.access_log_flush_s,
+    )
 
 
 def _health_checker(router: Router, metrics: GatewayMetrics) -> HealthChecker:

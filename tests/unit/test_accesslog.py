@@ -48,6 +48,16 @@ class Flushed(io.BytesIO):
         self.flushed.set()
 
 
+async def test_no_window_writes_every_line_at_once() -> None:
+    """`server.access_log_flush_s: 0`: no batching, each line written as its request ends."""
+    log = Flushed()
+    access = AccessLog(log, flush_interval_s=0)
+    for number in range(3):
+        access.write(record(f"r{number}"), time.perf_counter())
+        assert ids(log) == [f"r{n}" for n in range(number + 1)]
+    assert log.writes == 3 and access.buffered_bytes == 0
+
+
 async def test_a_quiet_log_writes_at_once_and_batches_the_lines_that_follow() -> None:
     log = Flushed()
     access = AccessLog(log, flush_interval_s=0.05)
@@ -85,7 +95,9 @@ def test_outside_an_event_loop_a_line_is_written_at_once() -> None:
 
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="flush_interval_s"):
-        AccessLog(io.BytesIO(), flush_interval_s=0)
+        AccessLog(io.BytesIO(), flush_interval_s=-1)
+    with pytest.raises(ValueError, match="max_buffer_bytes"):
+        AccessLog(io.BytesIO(), max_buffer_bytes=0)
 
 
 async def test_the_lifespan_shutdown_flushes_the_log() -> None:
