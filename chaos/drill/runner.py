@@ -86,6 +86,10 @@ def load_drill(path: Path, config: GatewayConfig, *, clients: int | None = None)
         ensure_experiment_is_valid(experiment)
     except ChaosException as error:
         raise ConfigError(source, "", f"not a valid Chaos Toolkit experiment: {error}") from None
+    except (ValueError, TypeError) as error:  # a provider Chaos Toolkit cannot inspect
+        raise ConfigError(
+            source, "", f"not a valid Chaos Toolkit experiment: {type(error).__name__}: {error}"
+        ) from None
     entries = experiment.get("extensions") or []
     found = [
         (index, entry)

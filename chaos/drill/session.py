@@ -9,20 +9,26 @@ steady-state probe (`probes.slos_hold`) observes the "before" and "after" phases
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from chaoslib.exceptions import ActivityFailed
+from chaoslib.exceptions import ActivityFailed, InterruptExecution
 from chaoslib.run import RunEventHandler
 
 from chaos.drill.judge import judge
 from chaos.drill.load import Load
 from chaos.drill.results import Mark, Phase, PhaseName, RequestResult
 from gateway.config import SloObjective
+
+logger = logging.getLogger("vgate.drill")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,15 @@ class DrillSession(RunEventHandler):  # type: ignore[misc]
 
     # Chaos Toolkit's events (called on its thread).
 
+    def started(self, experiment: Any, journal: Any) -> None:
+        # Chaos Toolkit's own SIGTERM handler (installed for the run, just before this)
+        # raises an Exception, which its python provider turns into the failure of the
+        # action it lands in: the drill then went on as if nothing had happened. A
+        # KeyboardInterrupt, which the provider lets through, interrupts the run wherever
+        # it is (rollbacks run; the report says interrupted), as Ctrl-C does.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
     def start_method(self, experiment: Any) -> None:
         self._method_started = self.now()
 
@@ -125,6 +140,28 @@ class DrillSession(RunEventHandler):  # type: ignore[misc]
         ok = run.get("status") == "succeeded"
         with self._lock:
             self.marks.append(Mark(at, str(activity.get("name", "?")), kind, ok))  # type: ignore[arg-type]
+        if "status" not in run:  # neither succeeded nor failed: a signal cut it short
+            _go_on_interrupted()
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    logger.warning("SIGTERM: interrupting the drill (its rollbacks run)")
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _go_on_interrupted() -> None:
+    """A signal that cut an activity short goes on at once. Chaos Toolkit calls this handler
+    from the `finally` that then sleeps the activity's `pauses.after` even when a Ctrl-C
+    (KeyboardInterrupt) or SIGTERM (its InterruptExecution) is on its way out: a signal
+    that landed during an action's call waited out the whole pause (120 s in a drill the
+    tests interrupt). Raising it here skips the pause; the registry swallows an Exception,
+    so SIGTERM's goes on as a KeyboardInterrupt, which the run takes as an interruption
+    too (rollbacks, status "interrupted")."""
+    in_flight = sys.exc_info()[1]
+    if isinstance(in_flight, KeyboardInterrupt | SystemExit):
+        raise in_flight
+    if isinstance(in_flight, InterruptExecution):
+        raise KeyboardInterrupt(str(in_flight)) from in_flight
 
 
 def session_of(configuration: Mapping[str, Any] | None) -> DrillSession:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,55 @@ def test_an_interrupted_drill_runs_its_rollbacks_and_reports_itself_interrupted(
     assert report["passed"] is False
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_an_actions_call_skips_its_pause(
+    gateway: Gateway, logs: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Chaos Toolkit sleeps an activity's `pauses.after` in a `finally`, even when a signal
+    cut the activity short: a Ctrl-C that landed during an action's call (here a 30 s
+    sleep, as a slow HTTP call would be) waited out the whole 120 s pause. It goes on at
+    once: rollbacks run, the report says interrupted."""
+    started = faulty_backend("drill-cut-short", duration_s=None)
+    slow = action("slow-call", "slow_call", module="tests.slow_action", seconds=30.0)
+    slow |= {"pauses": {"after": 120}}
+    file = drill(
+        tmp_path,
+        [started, slow],
+        rollbacks=[action("stop-it", "stop_experiment", name="drill-cut-short")],
+    )
+    args = [*vgate_drill(file, "--url", gateway.url, "--config", served_config(gateway, logs))]
+    process = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.append(line)  # as it comes: the test waits for one of them
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        poll_until(lambda: any("Action: slow-call" in line for line in lines))
+        process.send_signal(stop)
+        process.wait(timeout=60)  # not the 30 s call, nor the 120 s pause after it
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=5)
+    output = "".join(lines)
+    assert process.returncode == 1, output
+    assert "Pausing after activity for 120" not in output
+    assert not [e for e in experiments(gateway) if e["name"] == "drill-cut-short"]
+    report = json.loads((tmp_path / "out" / f"{file.stem}.json").read_text())
+    assert report["status"] == "interrupted" and report["passed"] is False
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -288,6 +338,10 @@ def test_an_interrupted_drill_runs_its_rollbacks_and_reports_itself_interrupted(
                 ]
             },
             "not a valid Chaos Toolkit experiment",
+        ),
+        (  # a builtin, whose signature Chaos Toolkit cannot read: no traceback either
+            {"method": [action("nap", "sleep", module="time", secs=1)]},
+            "not a valid Chaos Toolkit experiment: ValueError",
         ),
     ],
 )
