@@ -62,8 +62,11 @@ def config(workers: tuple[Process, Process], *, second: bool, **extra: Any) -> d
     if second:
         route["aliases"] = ["both"]
         route["backends"] = [backend("w1", first_url, weight=3), backend("w2", second_url)]
-    # drain_delay_s as tests.servers.start_gateway serves it: not a change needing a restart.
-    raw = gateway_config([route], config_reload_interval_s=0.1, drain_delay_s=0)
+    # drain_delay_s and access_log_flush_s as tests.servers.start_gateway serves them: not a
+    # change needing a restart.
+    raw = gateway_config(
+        [route], config_reload_interval_s=0.1, drain_delay_s=0, access_log_flush_s=0
+    )
     raw["admin"] = {"key_sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}
     raw.update(extra)
     return raw
