@@ -74,7 +74,10 @@ def test_an_invalid_configuration_stops_at_once(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     parent = Workers(2, _dies(2, starts), listener=None, run_dir=str(tmp_path), balance="shared")
     assert parent.run() == 2
-    assert sorted(starts.read_text().split()) == ["0", "1"]  # nobody was restarted
+    # Nobody was restarted. (The second worker may not have started before the first's
+    # exit stopped the server: stopping at once is the point.)
+    started = starts.read_text().split()
+    assert started and len(started) == len(set(started)) and set(started) <= {"0", "1"}
 
 
 def test_workers_that_exit_cleanly_while_stopping_exit_0(tmp_path: Path) -> None:
