@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import BodyTooLarge, ClientDisconnected
 
@@ -13,6 +13,28 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Where the server puts a `BodyWriter` in a request's scope (vgate's own protocol under
+# uvicorn, gateway.edge.connections); absent under any other server.
+BODY_WRITER = "vgate.body_writer"
+
+
+class BodyWriter(Protocol):
+    """The server's writer for the pieces of a response body already started with `send`:
+    a stream's events written as they are read, with no ASGI message and no coroutine per
+    event (gateway.router.streams, `pump`). The response still ends with `send`."""
+
+    def writes_chunks(self) -> bool:
+        """Whether the response is a started chunked body that pieces may be added to."""
+        ...
+
+    def write_chunk(self, body: bytes) -> bool:
+        """Write one piece now; whether the client's writes are paused (then `drain`)."""
+        ...
+
+    async def drain(self) -> None:
+        """Until the client's writes may go on (at once if it has gone)."""
+        ...
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

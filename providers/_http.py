@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ClassVar
 
 from gateway.config import BackendConfig, UpstreamConfig
@@ -51,6 +51,10 @@ class HTTPUpstreamResponse:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._response.chunks()
+
+    def pump(self, sink: Callable[[bytes], bool]) -> Awaitable[bool]:
+        """providers.http1's `Response.pump`: the router's streams use it when present."""
+        return self._response.pump(sink)
 
     def close(self) -> None:
         self._response.close()

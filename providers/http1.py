@@ -25,7 +25,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -90,11 +90,14 @@ class _Connection(asyncio.Protocol):
         self.framing = 0
         self.body: deque[bytes] = deque()
         self.buffered = 0
+        self.received = 0  # body pieces parsed: a read that adds none was all framing
         self.complete = False
         self.keep_alive = False
         self.error: Exception | None = None
         self.head_waiter: asyncio.Future[None] | None = None
         self.body_waiter: asyncio.Future[None] | None = None
+        # Set while `Response.pump` runs: takes each body piece as it is parsed.
+        self.sink: Callable[[bytes], bool] | None = None
         self._paused = False
 
     # asyncio.Protocol
@@ -111,27 +114,27 @@ class _Connection(asyncio.Protocol):
         elif len(data) > self.max_head_bytes - self.framing:
             self._feed_in_steps(data)
         else:  # _feed, inlined: this is every read of every answer
-            buffered = self.buffered
+            received = self.received
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
                 self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
                 self.abort()
                 return
-            if self.buffered == buffered:
+            if self.received == received:
                 self.framing += len(data)
             else:
                 self.framing = 0
 
     def _feed(self, data: bytes | memoryview) -> bool:
-        buffered = self.buffered  # only parsing adds to it, so a rise is body received
+        received = self.received
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
             self.abort()
             return False
-        if self.buffered == buffered:
+        if self.received == received:
             self.framing += len(data)
         else:
             self.framing = 0
@@ -202,6 +205,14 @@ class _Connection(asyncio.Protocol):
         _wake(self.head_waiter)
 
     def on_body(self, body: bytes) -> None:
+        self.received += 1
+        sink = self.sink
+        if sink is not None:
+            if sink(body) and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+                _wake(self.body_waiter)
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -336,6 +347,45 @@ class Response:
                 finally:
                     connection.body_waiter = None
 
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """Body bytes handed to `sink` as each read is parsed, inside the read's own
+        callback: no task wakes up, nothing is queued, per read. Returns True when the body
+        has ended, False when `sink` returned true (it asks for a pause: reading stops until
+        `pump` is called again); raises as `chunks` does. Bytes that arrived before go first.
+
+        `sink` must not raise (it runs inside the parser) and must be quick: it holds up
+        every other connection of the loop.
+        """
+        connection = self._connection
+        if connection.buffered and sink(connection.take()) and not connection.complete:
+            return False
+        if connection.complete:
+            self.close()
+            return True
+        if connection.error is not None:
+            self.close()
+            raise connection.error
+        connection.sink = sink
+        if connection._paused and connection.transport is not None and not connection.closed:
+            connection._paused = False
+            connection.transport.resume_reading()
+        waiter = connection.body_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        except BaseException:
+            self.close()  # cancelled mid-body: the connection is spoiled
+            raise
+        finally:
+            connection.body_waiter = None
+            connection.sink = None
+        if connection.complete:
+            self.close()
+            return True
+        if connection.error is not None:
+            self.close()
+            raise connection.error
+        return False
+
     async def _next_event(self) -> None:
         connection = self._connection
         waiter = connection.body_waiter = asyncio.get_running_loop().create_future()
@@ -469,6 +519,10 @@ class ConnectionPool:
         return protocol
 
     def release(self, connection: _Connection) -> None:
+        if connection._paused and connection.transport is not None:
+            # A sink paused it as the answer ended: idle, it must hear the upstream close.
+            connection._paused = False
+            connection.transport.resume_reading()
         if connection in self._held:
             self._held.discard(connection)
             self._slots.release()

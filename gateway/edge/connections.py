@@ -43,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from gateway.asgi import BODY_WRITER
 from gateway.config import ServerConfig
 
 log = logging.getLogger("vgate.connections")
@@ -317,6 +318,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             on_response=self.on_response_complete,
         )
         cycle.loop = self.loop
+        scope[BODY_WRITER] = cycle  # type: ignore[literal-required]
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(cycle, app)
         else:
@@ -518,6 +520,28 @@ class OneWriteCycle(RequestResponseCycle):
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+    # gateway.asgi.BodyWriter: a stream's events written from the upstream's read callback.
+
+    def writes_chunks(self) -> bool:
+        return bool(
+            self.chunked_encoding
+            and not self._head_request
+            and self.response_started
+            and not self.response_complete
+            and self._head is None
+        )
+
+    def write_chunk(self, body: bytes) -> bool:
+        if self.disconnected:
+            return False  # as `send` does: dropped; the disconnect cancels the request
+        if body:  # an empty chunk would end the body
+            self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return self.flow.write_paused
+
+    async def drain(self) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
 
     def _write_head(self) -> None:
         head, self._head = self._head, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import StreamInterrupted, UpstreamBroken
@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 # What the router does when the client's stream closes: settle its outcome, free its slot.
 Finish = Callable[["ClientStream"], None]
+# `pump`'s writer: takes events at once, and says whether the client's writes are paused...
+Write = Callable[[bytes], bool]
+# ...and then waits until they may go on.
+Drain = Callable[[], Awaitable[None]]
+# What takes an upstream read's bytes in `pump`; true asks for a pause.
+Sink = Callable[[bytes], bool]
 DIVERGED = "stream_resume_diverged"
 
 
@@ -176,6 +182,109 @@ class UpstreamStream:
             observer.done = True
             yield DONE_EVENT
 
+    async def pump(self, write: Write, drain: Drain) -> None:
+        """`rest()` for a writer that takes events at once (the edge's, under uvicorn):
+        each read is split, observed and written inside the read's own callback, so an
+        event costs no task switch, no generator and no ASGI message. Same guarantees and
+        errors as `rest()`: it raises `StreamInterrupted` when the stream cannot be finished,
+        and `[DONE]` is written if the upstream forgot it."""
+        observer = self.observer
+        name = self.backend.name
+        # The lean client's own pump; any other response (chaos's, a test's fake) is read
+        # through its chunks, with the same sink.
+        read: Callable[[Sink], Awaitable[bool]] = getattr(self.response, "pump", self._pump_chunks)
+        self._timer = timer = ReadTimer(self.idle_s, self.deadline)
+        clock = asyncio.get_running_loop().time
+        failure: list[Exception] = []
+
+        def sink(chunk: bytes) -> bool:
+            """One read's body bytes; true asks the connection to stop reading."""
+            if failure or observer.done or observer.error is not None:
+                return True  # what follows the end or an error is not the client's
+            timer.started = clock()  # the idle limit counts from the last read
+            try:
+                events = observer.feed(chunk)
+                paused = write(events) if events else False
+            except Exception as exc:  # raised in the task, never into the parser
+                failure.append(exc)
+                return True
+            return paused or observer.done or observer.error is not None
+
+        try:
+            while True:
+                timer.start()
+                try:
+                    ended = await read(sink)
+                    if failure and isinstance(failure[0], UpstreamBroken):
+                        raise failure.pop()  # a malformed stream: as one that broke
+                    if ended and not failure:
+                        tail = observer.flush()
+                        if tail:
+                            write(tail)
+                except asyncio.CancelledError:
+                    if not timer.expired():
+                        raise
+                    if observer.finished:
+                        break  # the answer is whole; only its [DONE] is late
+                    if timer.idle_expired:
+                        reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
+                    else:
+                        reason = "ran past the request's total time (timeouts.total_s)"
+                    raise StreamInterrupted(
+                        f"Backend '{name}' {reason}; the stream was cut off.",
+                        code="upstream_timeout",
+                    ) from None
+                except UpstreamBroken as exc:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' broke off the stream: {exc}",
+                        code="upstream_stream_broken",
+                    ) from None
+                finally:
+                    timer.stop()
+                if failure:
+                    break  # the writer's own failure (a diverged resumption), raised below
+                if observer.error is not None:
+                    raise StreamInterrupted(
+                        f"Backend '{name}' reported an error mid-stream: "
+                        f"{observer.error.get('message', 'no message')}",
+                        code="upstream_stream_error",
+                    )
+                if observer.done:
+                    break
+                if ended:
+                    if observer.finished:
+                        break
+                    raise StreamInterrupted(
+                        f"Backend '{name}' ended the stream before the answer finished.",
+                        code="upstream_stream_incomplete",
+                    )
+                await drain()
+        except StreamInterrupted as interrupted:
+            if self.tried is not None:
+                self.tried.failed(interrupted.code or "stream_interrupted")
+            raise
+        finally:
+            timer.close()
+        if failure:
+            raise failure[0]
+        if not observer.done:
+            # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
+            observer.done = True
+            write(DONE_EVENT)
+
+    async def _pump_chunks(self, sink: Sink) -> bool:
+        """`pump` of providers.http1's responses, over `chunks()`: True at the body's end,
+        False when `sink` asked for a pause."""
+        if self._chunks is None:
+            assert self.response is not None
+            self._chunks = self.response.chunks()
+        async for chunk in self._chunks:
+            if sink(chunk):
+                return False
+        return True
+
     async def _next(self) -> bytes | None:
         """Whole events from the next read (maybe b""), or None at end of stream."""
         if self._chunks is None:
@@ -281,6 +390,27 @@ class ResumableStream:
             if first:
                 yield first
 
+    async def pump(self, write: Write, drain: Drain) -> None:
+        """`rest()` through `UpstreamStream.pump`, across resumptions."""
+        while True:
+            if self._splice is None:
+                out = write
+            else:
+
+                def out(events: bytes) -> bool:
+                    spliced = self._spliced(events)
+                    return write(spliced) if spliced else False
+
+            try:
+                await self._stream.pump(out, drain)
+                return
+            except StreamInterrupted as interrupted:
+                if interrupted.code == DIVERGED:
+                    raise
+                first = await self._resume(interrupted)
+            if first and write(first):
+                await drain()
+
     def _spliced(self, events: bytes) -> bytes:
         assert self._splice is not None
         try:
@@ -344,6 +474,8 @@ class ResumableStream:
 
 
 ClientStream = UpstreamStream | ResumableStream | CachedStream | FlightStream
+# The streams that can `pump` into a writer; the others are read through `rest()`.
+PUMPED = (UpstreamStream, ResumableStream)
 
 
 def _sentence(text: str) -> str:

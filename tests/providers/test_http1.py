@@ -15,6 +15,7 @@ from gateway.errors import UpstreamBroken, UpstreamBufferFull, UpstreamConnectEr
 from providers.http1 import ByteBudget, ConnectionPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Respond = Callable[[asyncio.StreamWriter, bytes], Awaitable[bool]]
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -656,3 +657,145 @@ def _quiet(handle: Handler) -> Handler:
             writer.close()
 
     return quiet
+
+
+def paced_chunks(*pieces: bytes, pause_s: float = 0.01) -> Respond:
+    async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(CHUNKED)
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    return respond
+
+
+def test_pump_hands_each_piece_to_the_sink_and_reuses_the_connection(run) -> None:
+    async def main() -> None:
+        server = Server(paced_chunks(b"one", b"two", b"three"))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        pieces: list[bytes] = []
+        assert await response.pump(lambda piece: pieces.append(piece) or False) is True
+        assert b"".join(pieces) == b"onetwothree" and len(pieces) >= 2
+        await (await client.request(b"POST", b"/", b"", b"")).read(100)
+        assert server.connections == 1
+        await client.aclose()
+
+    run(main())
+
+
+def test_pump_pauses_when_the_sink_asks_and_goes_on_when_called_again(run) -> None:
+    async def main() -> None:
+        server = Server(paced_chunks(b"one", b"two", b"three"))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        pieces: list[bytes] = []
+        calls = 0
+        ended = False
+        while not ended:
+            calls += 1
+            ended = await response.pump(lambda piece: pieces.append(piece) or True)
+        assert b"".join(pieces) == b"onetwothree"
+        assert calls >= 3  # a pause after every piece until the end
+        await (await client.request(b"POST", b"/", b"", b"")).read(100)
+        assert server.connections == 1
+        await client.aclose()
+
+    run(main())
+
+
+def test_a_connection_paused_as_its_answer_ended_reads_again_in_the_pool(run) -> None:
+    """A sink that pauses on the last piece leaves its connection paused: pooled so, the
+    next exchange on it would never hear its answer."""
+
+    async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(CHUNKED)
+        await writer.drain()
+        await asyncio.sleep(0.02)  # the body comes while `pump` waits for it
+        writer.write(b"2\r\n{}\r\n0\r\n\r\n")
+        return True
+
+    async def main() -> None:
+        server = Server(respond)
+        client = pool(await server.start())
+        for _ in range(3):
+            async with asyncio.timeout(5):  # a paused pooled connection would wait forever
+                response = await client.request(b"POST", b"/", b"", b"")
+                while not await response.pump(lambda piece: True):
+                    pass
+        assert server.connections == 1
+        await client.aclose()
+
+    run(main())
+
+
+def test_pump_after_chunks_gives_what_was_buffered_first(run) -> None:
+    async def main() -> None:
+        server = Server(paced_chunks(b"one", b"two", b"three", pause_s=0.05))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        first = await anext(response.chunks())
+        await asyncio.sleep(0.07)  # "two" arrives and is buffered
+        pieces = [first]
+        assert await response.pump(lambda piece: pieces.append(piece) or False) is True
+        assert b"".join(pieces) == b"onetwothree"
+        await client.aclose()
+
+    run(main())
+
+
+def test_pump_raises_when_the_body_breaks_off_and_drops_the_connection(run) -> None:
+    async def main() -> None:
+        server = Server(fixed(CHUNKED + b"3\r\none\r\n", keep_open=False))
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        pieces: list[bytes] = []
+        with pytest.raises(UpstreamBroken, match="closed the connection"):
+            while not await response.pump(lambda piece: pieces.append(piece) or False):
+                pass
+        assert pieces == [b"one"]
+        assert not client._idle  # dropped, never pooled
+        await client.aclose()
+
+    run(main())
+
+
+def test_pumped_bodies_are_not_framing(run) -> None:
+    """Reads of body pieces reset the framing count under `pump` as under `chunks`: a long
+    stream of small pieces must not pass the chunk-size line cap."""
+
+    async def main() -> None:
+        pieces = [b"x" * 100] * 400  # 40 KB of body in 400 reads, over a 4 KiB framing cap
+        server = Server(paced_chunks(*pieces, pause_s=0))
+        client = pool(await server.start(), max_head_bytes=4096)
+        response = await client.request(b"POST", b"/", b"", b"")
+        got: list[bytes] = []
+        assert await response.pump(lambda piece: got.append(piece) or False) is True
+        assert b"".join(got) == b"".join(pieces)
+        await client.aclose()
+
+    run(main())
+
+
+def test_cancelling_a_pump_closes_the_connection(run) -> None:
+    async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(CHUNKED + b"3\r\none\r\n")
+        await writer.drain()
+        return True  # and then nothing more: the upstream is still "generating"
+
+    async def main() -> None:
+        server = Server(respond)
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        task = asyncio.ensure_future(response.pump(lambda piece: False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(server.closed_by_client.wait(), 2)
+        await client.aclose()
+
+    run(main())

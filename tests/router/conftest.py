@@ -27,6 +27,7 @@ from gateway.config import (
 from gateway.errors import StreamInterrupted
 from gateway.router import Call, Completion, Outcome, Router, RouterHooks
 from gateway.router.build import build_router
+from gateway.router.streams import PUMPED
 from gateway.wire.validation import Endpoint, ProxyRequest, parse_request
 from providers.fake import FakeAdapters
 
@@ -116,6 +117,38 @@ class Streamed:
         return self.body.endswith(b"data: [DONE]\n\n")
 
 
+# How `stream` reads what follows a stream's first events: "rest" (the edge under any ASGI
+# server) or "pump" (under vgate's own), set by the `stream_reading` fixture.
+READING = {"mode": "rest"}
+
+
+@pytest.fixture(params=["rest", "pump"])
+def stream_reading(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test twice: streams read through `rest()`, then pumped into a writer that
+    asks for a pause after every other write (as a slow client's socket does)."""
+    READING["mode"] = request.param
+    yield request.param
+    READING["mode"] = "rest"
+
+
+class PausingWriter:
+    """`pump`'s writer: keeps what it is given, paused after every other write."""
+
+    def __init__(self, body: list[bytes]) -> None:
+        self.body = body
+        self.writes = 0
+        self.drains = 0
+
+    def write(self, events: bytes) -> bool:
+        assert events, "an empty write would end a chunked body"
+        self.body.append(events)
+        self.writes += 1
+        return self.writes % 2 == 0
+
+    async def drain(self) -> None:
+        self.drains += 1
+
+
 async def stream(
     router: Router, request: ProxyRequest, outcome: Outcome, call: Call = CALL
 ) -> Streamed:
@@ -125,8 +158,12 @@ async def stream(
         body = [opened.first]
         interrupted = None
         try:
-            async for events in opened.rest():
-                body.append(events)
+            if READING["mode"] == "pump" and isinstance(opened, PUMPED):
+                writer = PausingWriter(body)
+                await opened.pump(writer.write, writer.drain)
+            else:
+                async for events in opened.rest():
+                    body.append(events)
         except StreamInterrupted as exc:
             interrupted = exc  # the edge would send it as an error event, and no [DONE]
         return Streamed(b"".join(body), opened.route.name, opened.backend.name, interrupted)

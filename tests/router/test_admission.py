@@ -14,6 +14,9 @@ from policies.admission import Priority
 from providers.fake import Break, Events, FakeAdapters, Refuse, chat_chunk, chat_events
 from tests.router.conftest import CALL, chat, complete, make_router, route, stream
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 ONE_AT_A_TIME = ServerConfig(max_in_flight=1, queue_max_waiting=4, queue_timeout_s=5)
 
 

@@ -24,6 +24,9 @@ from providers.fake import (
 )
 from tests.router.conftest import backend, chat, complete, make_router, route, stream
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 FIRST = {"weight": 1000}  # picked first
 
 

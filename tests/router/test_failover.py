@@ -22,6 +22,9 @@ from tests.router.conftest import (
 )
 from tests.router.test_resumption import answer, broken_after
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 THREE_ATTEMPTS = QUICK_RETRIES.model_copy(update={"max_retries": 2})
 
 

@@ -9,6 +9,9 @@ from gateway.router import Call, Outcome, Router, RouterHooks
 from providers.fake import CannotConnect, Events, FakeAdapters, Refuse, chat_events
 from tests.router.conftest import chat, complete, make_router, route, stream
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 TOO_LONG = {
     "error": {
         "message": "This model's maximum context length is 64 tokens. However, you requested "

@@ -9,6 +9,9 @@ from gateway.router import Call, Outcome
 from providers.fake import Events, FakeAdapters, chat_completion, chat_events
 from tests.router.conftest import backend, chat, complete, make_router, route, stream
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 
 def answer_everything(fakes: FakeAdapters, *names: str) -> None:
     for name in names:

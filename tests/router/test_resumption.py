@@ -24,6 +24,9 @@ from providers.fake import (
 )
 from tests.router.conftest import MESSAGES, backend, chat, make_router, route, stream, timeouts
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 NO_PREFILL = {"continue_final_message": False}
 FIRST = {"weight": 1000}  # picked first: the one whose stream breaks
 

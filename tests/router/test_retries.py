@@ -23,6 +23,9 @@ from providers.fake import (
 )
 from tests.router.conftest import backend, chat, complete, make_router, route, stream, timeouts
 
+# Every stream here is read both ways: through rest() and pumped (tests/router/conftest.py).
+pytestmark = pytest.mark.usefixtures("stream_reading")
+
 RETRY_AFTER_HONOURED = RetryConfig(
     max_retries=1, backoff_initial_s=0.001, backoff_max_s=0.001, retry_after_max_s=20
 )
