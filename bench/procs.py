@@ -178,13 +178,14 @@ class Processes:
         ready_path: str = "/health",
         stdout_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
         timeout_s: float = 30.0,
     ) -> Server:
         """Start a server and wait (bounded) until it answers on 127.0.0.1:`port`."""
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log, contextlib.ExitStack() as stack:
             out = stack.enter_context(stdout_path.open("wb")) if stdout_path else log
-            child = self.popen(argv, stdout=out, stderr=log, env=env)
+            child = self.popen(argv, stdout=out, stderr=log, env=env, cwd=cwd)
         server = Server(name, child, f"http://127.0.0.1:{port}", log_path)
         try:
             wait_http_ok(server.url + ready_path, timeout_s=timeout_s, alive=child)

@@ -362,6 +362,7 @@ class Bench:
         cache: str | None = None,
         redis: Server | None = None,
         limits: str | None = None,
+        source: tuple[str, Path] | None = None,
     ) -> tuple[Server, Path]:
         """The gateway with its default policies on (retries, breakers, health checks, stream
         resumption's transcript, vLLM load scraping, decision logging), or with every policy
@@ -370,8 +371,11 @@ class Bench:
         `traces_to`, an OTLP/HTTP endpoint, turns tracing on with every request sampled;
         `cache`, a backend, turns the response cache on (`redis`: shared through `redis`);
         `limits` (a row's name) gives the demo key every per-key limit, far above the load
-        (each request checks all four and charges them: in process, or through `redis`)."""
+        (each request checks all four and charges them: in process, or through `redis`);
+        `source` (a label, a source tree) runs another build of the gateway (bench/compare.py)."""
         name = "gateway" if policies else "gateway-bare"
+        if source is not None:
+            name += f"-{source[0]}"
         if non_stream is not None:
             name += f"-{non_stream}"
         if traces_to is not None:
@@ -440,8 +444,14 @@ class Bench:
         )
         access_log = self.workdir / f"{name}.access.jsonl"
         argv = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(config)]
+        # `python -m` puts the working directory first on sys.path: another build's tree
+        # is imported by running there.
         gateway = self.procs.server(
-            name, pinned(self.gateway_core, argv), port=port, stdout_path=access_log
+            name,
+            pinned(self.gateway_core, argv),
+            port=port,
+            stdout_path=access_log,
+            cwd=source[1] if source is not None else None,
         )
         return gateway, access_log
 
