@@ -176,7 +176,7 @@ async def _assemble(
     held = 0
     failure: AttemptFailed | None = None
 
-    def hold(events: bytes) -> None:
+    def hold(events: bytes) -> bool:
         nonlocal held
         if held + len(events) > bounds.max_bytes:
             raise broken(
@@ -186,11 +186,11 @@ async def _assemble(
         if not budget.take(len(events)):
             raise UpstreamBufferFull(budget.limit)
         held += len(events)
+        return False
 
     try:
         hold(stream.first)
-        async for events in stream.rest():
-            hold(events)
+        await stream.pump(hold, _no_client)  # read by callback: no task wake-up per read
         if observer.malformed:
             # Its text is missing from the answer: never a whole-looking 200 that is not.
             raise broken(backend, f"sent {observer.malformed} events that are not JSON")
@@ -378,3 +378,7 @@ def _interrupted(
         error = UpstreamError(interrupted.message, code=interrupted.code)
     in_time = asyncio.get_running_loop().time() < deadline
     return AttemptFailed(error, backend=backend.name, retryable=in_time, backend_fault=True)
+
+
+async def _no_client() -> None:
+    """`pump`'s drain for an answer assembled in memory: nothing to wait for."""
