@@ -84,6 +84,9 @@ class SSEObserver:
         if rest:
             self._hold(rest)
         complete = data[: end + 2]
+        if end and complete.find(b"\n\n") == end:
+            # One whole event, the usual read of a stream: passed on as it came, uncopied.
+            return complete if self._observe(complete[:end]) else b""
         out: list[bytes] = []
         for event in complete.split(b"\n\n"):
             if event and self._observe(event):

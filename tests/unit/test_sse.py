@@ -126,3 +126,17 @@ def test_done_is_recognised_with_or_without_the_space() -> None:
     assert DONE_EVENT == DONE
     assert is_done(DONE.rstrip()) and is_done(b"data:[DONE]")
     assert not is_done(b'data: {"done": "[DONE]"}') and not is_done(b": [DONE]")
+
+
+def test_one_event_per_read_as_streams_come() -> None:
+    """The usual read holds one whole event: each is observed as in a batch, blank reads
+    give nothing, and one that is not JSON is dropped and counted."""
+    observer = SSEObserver(drop_usage_chunk=True)
+    assert observer.feed(chunk("a")) == chunk("a")
+    assert observer.feed(b"\n\n") == b""
+    assert observer.feed(b"data: {not json\n\n") == b"" and observer.malformed == 1
+    assert observer.feed(b": a comment\n\n") == b": a comment\n\n"
+    assert observer.feed(chunk("b", "stop")) == chunk("b", "stop") and observer.finished
+    assert observer.feed(USAGE) == b""  # the gateway's own usage chunk
+    assert observer.usage is not None
+    assert observer.feed(DONE) == DONE and observer.done
