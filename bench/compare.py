@@ -11,8 +11,8 @@ completed. A stream event's cost is the difference between the long and the shor
 CPU per stream over their difference in events, so a request's own cost is not counted as
 events'. Medians over the rounds; prints a table, writes JSON (`--json`).
 
-Run: `python bench/compare.py --base b779c82 --rounds 5 --duration 5` (`make bench-compare
-BASE=rev`). `make bench` runs it against BENCH_BASE when set.
+Run: `python bench/compare.py --base b779c82 --rounds 5 --duration 5`. `make bench` ends
+with it (bench/run.py `--base`, `--no-compare`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ LONG_STREAM_MAX_TOKENS = 5 * STREAM_MAX_TOKENS
 LOADS = ("non-stream", "stream-short", "stream-long")
 
 
+class RevisionMissing(BenchError):
+    """The revision to compare against is not in this clone."""
+
+
 @dataclass(frozen=True)
 class Build:
     label: str  # "base" or "head"
@@ -71,7 +75,7 @@ def export_revision(revision: str, into: Path) -> str:
         text=True,
     )
     if commit.returncode != 0:
-        raise BenchError(f"--base {revision!r} is not a commit of this repository")
+        raise RevisionMissing(f"{revision!r} is not a commit of this clone")
     into.mkdir(parents=True)
     archive = subprocess.Popen(
         ["git", "-C", str(REPO), "archive", commit.stdout.strip()], stdout=subprocess.PIPE

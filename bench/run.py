@@ -90,6 +90,13 @@ STREAM_SIM = {"ttft-ms": 10, "tokens-per-s": 200, "tokens-per-chunk": 2}
 NONSTREAM_MAX_TOKENS = 16
 STREAM_MAX_TOKENS = 32
 
+# Issue 15's per-event and non-streaming targets are ratios against the build the issue
+# was measured on (the main of 2026-12-07 16:30), run side by side with this one at the end
+# of `make bench` (bench/compare.py): `--base` names another revision, `--no-compare` skips.
+BASELINE_REVISION = "b779c82"
+TARGET_STREAM_EVENT_RATIO = 0.55
+TARGET_NON_STREAM_RATIO = 0.75
+COMPARE_ROUNDS = 5
 TARGET_RPS = 3000.0
 TARGET_RPS_CONCURRENCY = 16
 TARGET_ADDED_TTFT_MS = 1.0
@@ -1492,6 +1499,12 @@ def render_table(report: dict[str, Any]) -> str:
                 rows,
             )
         )
+    compared = report.get("compare")
+    if compared and "head_over_base" in compared:
+        from bench.compare import render as render_compare  # bench.compare imports this module
+
+        lines.append("")
+        lines.append(render_compare(compared, compared["base"]))
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
         value = t["value"]
@@ -1576,6 +1589,48 @@ def machine_info(wrk_binary: str) -> dict[str, Any]:
     }
 
 
+def add_comparison(
+    report: dict[str, Any], base: str, plan: Plan, procs: Processes, workdir: Path
+) -> None:
+    """This build against `base` side by side (bench/compare.py), and issue 15's two
+    targets that are ratios against it. A base that cannot be had (a shallow clone) is a
+    warning, not a failed run."""
+    from bench import compare  # imports this module: not at the top
+
+    print(f"bench: this build against {base}, side by side", file=sys.stderr, flush=True)
+    workdir.mkdir()
+    try:
+        result = compare.compare(
+            base,
+            rounds=COMPARE_ROUNDS,
+            duration_s=max(plan.duration_s / 2, 3.0),
+            procs=procs,
+            workdir=workdir,
+        )
+    except compare.RevisionMissing as exc:
+        report["warnings"].append(f"no side-by-side comparison: {exc}")
+        report["compare"] = {"base": base, "skipped": str(exc)}
+        return
+    report["compare"] = result
+    ratios = result["head_over_base"]
+    events = ratios["stream-event"]
+    non_stream = ratios["non-stream"]
+    report["targets"] += [
+        {
+            "name": f"CPU per stream event at c=16, this build over {base} (side by side)",
+            "target": f"<= {TARGET_STREAM_EVENT_RATIO:g}",
+            "value": round(events, 3),
+            "pass": events <= TARGET_STREAM_EVENT_RATIO,
+        },
+        {
+            "name": f"CPU per non-streaming request at c=16, this build over {base}",
+            "target": f"<= {TARGET_NON_STREAM_RATIO:g}",
+            "value": round(non_stream, 3),
+            "pass": non_stream <= TARGET_NON_STREAM_RATIO,
+        },
+    ]
+
+
 def write_report(report: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -1618,6 +1673,17 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         "--non-stream",
         choices=("assemble", "passthrough"),
         help="the gateway routes' non_stream mode, to compare the two (default: the config's)",
+    )
+    parser.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end with this build against --base side by side (default: on, off with --quick)",
+    )
+    parser.add_argument(
+        "--base",
+        default=BASELINE_REVISION,
+        help=f"the git revision --compare runs beside this build (default {BASELINE_REVISION})",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument(
@@ -1671,6 +1737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = Processes(workdir)
         try:
             report = Bench(plan, procs, wrk_binary, workdir).run()
+            compare_on = args.compare if args.compare is not None else not args.quick
+            if compare_on:
+                add_comparison(report, args.base, plan, procs, workdir / "compare")
         except BenchError as exc:
             print(f"bench: FAILED: {exc}", file=sys.stderr)
             return 2

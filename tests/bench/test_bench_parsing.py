@@ -8,6 +8,8 @@ import json
 import orjson
 import pytest
 
+from bench.compare import Build, Comparison, RevisionMissing, export_revision
+from bench.compare import render as render_compare
 from bench.procs import BenchError
 from bench.run import render_table
 from bench.streamload import content_in, percentile, run_load, server_timing_ms
@@ -188,3 +190,38 @@ def test_render_table_shows_rows_targets_and_skipped_transports() -> None:
     assert "10.80 / 11.40" in table
     assert "PASS  added TTFT: 0.6 (target <= 1)" in table
     assert "skipped" in table
+
+
+def test_side_by_side_summary_takes_medians_and_the_marginal_cost_of_an_event() -> None:
+    builds = [Build("base", None), Build("head", None)]
+    comparison = Comparison.__new__(Comparison)
+    comparison.builds = builds
+    comparison.rounds = [
+        {
+            "non-stream": {"base": 300.0, "head": 240.0},
+            "stream-short": {"base": 1000.0, "head": 800.0},
+            "stream-long": {"base": 3000.0, "head": 2000.0},
+        },
+        {
+            "non-stream": {"base": 310.0, "head": 310.0},
+            "stream-short": {"base": 1100.0, "head": 900.0},
+            "stream-long": {"base": 3200.0, "head": 2100.0},
+        },
+        {
+            "non-stream": {"base": 290.0, "head": 232.0},
+            "stream-short": {"base": 1000.0, "head": 800.0},
+            "stream-long": {"base": 3000.0, "head": 2000.0},
+        },
+    ]
+    summary = comparison.summary({"stream-short": 19, "stream-long": 83})
+    # Medians: long 3000 / 2000, short 1000 / 800; 64 more events.
+    assert summary["cpu_us_per_stream_event"] == {"base": 2000 / 64, "head": 1200 / 64}
+    assert summary["head_over_base"]["stream-event"] == pytest.approx(0.6)
+    assert summary["head_over_base"]["non-stream"] == pytest.approx(0.8)  # median of ratios
+    table = render_compare(summary, "abc1234")
+    assert "a stream event (marginal)" in table and "0.600" in table
+
+
+def test_a_revision_not_in_the_clone_is_its_own_error(tmp_path) -> None:
+    with pytest.raises(RevisionMissing, match="not a commit of this clone"):
+        export_revision("0" * 40, tmp_path / "base")
