@@ -247,10 +247,14 @@ class _Connection(asyncio.Protocol):
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body.clear()
         self.buffered = 0
+        self.resume()
+        return data
+
+    def resume(self) -> None:
+        """Read again after a pause: a full buffer's, or one a `pump` sink asked for."""
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()
-        return data
 
     def reusable(self) -> bool:
         """Whether the exchange ended cleanly: the answer read whole, the request sent whole
@@ -338,6 +342,8 @@ class Response:
                 raise connection.error
             else:
                 # `_next_event`, inlined: this runs once per event of every stream.
+                if connection._paused:
+                    connection.resume()  # paused by a `pump` that read the first events
                 waiter = connection.body_waiter = loop.create_future()
                 try:
                     await waiter
@@ -366,17 +372,10 @@ class Response:
             self.close()
             raise connection.error
         connection.sink = sink
-        if connection._paused and connection.transport is not None and not connection.closed:
-            connection._paused = False
-            connection.transport.resume_reading()
-        waiter = connection.body_waiter = asyncio.get_running_loop().create_future()
+        connection.resume()
         try:
-            await waiter
-        except BaseException:
-            self.close()  # cancelled mid-body: the connection is spoiled
-            raise
+            await self._next_event()
         finally:
-            connection.body_waiter = None
             connection.sink = None
         if connection.complete:
             self.close()
@@ -388,6 +387,8 @@ class Response:
 
     async def _next_event(self) -> None:
         connection = self._connection
+        if connection._paused and connection.sink is None:
+            connection.resume()  # paused by a `pump` sink: `read` goes on without one
         waiter = connection.body_waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
@@ -519,10 +520,8 @@ class ConnectionPool:
         return protocol
 
     def release(self, connection: _Connection) -> None:
-        if connection._paused and connection.transport is not None:
-            # A sink paused it as the answer ended: idle, it must hear the upstream close.
-            connection._paused = False
-            connection.transport.resume_reading()
+        # A sink may have paused it as the answer ended: idle, it must hear the upstream close.
+        connection.resume()
         if connection in self._held:
             self._held.discard(connection)
             self._slots.release()

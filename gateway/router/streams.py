@@ -99,6 +99,8 @@ class UpstreamStream:
         self.tried = tried  # its attempt's record: ended when the stream closes
 
     async def first_events(self) -> bytes:
+        if hasattr(self.response, "pump"):
+            return await self._pump_first_events()
         while True:
             events = await self._next()
             if events is None:
@@ -113,7 +115,6 @@ class UpstreamStream:
         past `total_s`, or ends before it finished.
         """
         observer = self.observer
-        name = self.backend.name
         if self._chunks is None:
             assert self.response is not None
             self._chunks = self.response.chunks()
@@ -137,38 +138,21 @@ class UpstreamStream:
                         raise
                     if observer.finished:
                         break  # the answer is whole; only its [DONE] is late
-                    if timer.idle_expired:
-                        reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
-                    else:
-                        reason = "ran past the request's total time (timeouts.total_s)"
-                    raise StreamInterrupted(
-                        f"Backend '{name}' {reason}; the stream was cut off.",
-                        code="upstream_timeout",
-                    ) from None
+                    raise self._timed_out(timer) from None
                 except UpstreamBroken as exc:
                     if observer.finished:
                         break
-                    raise StreamInterrupted(
-                        f"Backend '{name}' broke off the stream: {exc}",
-                        code="upstream_stream_broken",
-                    ) from None
+                    raise self._broke_off(exc) from None
                 finally:
                     timer.stop()
                 if events is None:
                     if observer.finished:
                         break
-                    raise StreamInterrupted(
-                        f"Backend '{name}' ended the stream before the answer finished.",
-                        code="upstream_stream_incomplete",
-                    )
+                    raise self._incomplete()
                 if observer.error is not None:
                     if events:
                         yield events  # what came before the error is part of the answer
-                    raise StreamInterrupted(
-                        f"Backend '{name}' reported an error mid-stream: "
-                        f"{observer.error.get('message', 'no message')}",
-                        code="upstream_stream_error",
-                    )
+                    raise self._error_mid_stream(observer.error)
                 if events:
                     yield events
         except StreamInterrupted as interrupted:
@@ -189,7 +173,6 @@ class UpstreamStream:
         errors as `rest()`: it raises `StreamInterrupted` when the stream cannot be finished,
         and `[DONE]` is written if the upstream forgot it."""
         observer = self.observer
-        name = self.backend.name
         # The lean client's own pump; any other response (chaos's, a test's fake) is read
         # through its chunks, with the same sink.
         read: Callable[[Sink], Awaitable[bool]] = getattr(self.response, "pump", self._pump_chunks)
@@ -226,40 +209,23 @@ class UpstreamStream:
                         raise
                     if observer.finished:
                         break  # the answer is whole; only its [DONE] is late
-                    if timer.idle_expired:
-                        reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
-                    else:
-                        reason = "ran past the request's total time (timeouts.total_s)"
-                    raise StreamInterrupted(
-                        f"Backend '{name}' {reason}; the stream was cut off.",
-                        code="upstream_timeout",
-                    ) from None
+                    raise self._timed_out(timer) from None
                 except UpstreamBroken as exc:
                     if observer.finished:
                         break
-                    raise StreamInterrupted(
-                        f"Backend '{name}' broke off the stream: {exc}",
-                        code="upstream_stream_broken",
-                    ) from None
+                    raise self._broke_off(exc) from None
                 finally:
                     timer.stop()
                 if failure:
                     break  # the writer's own failure (a diverged resumption), raised below
                 if observer.error is not None:
-                    raise StreamInterrupted(
-                        f"Backend '{name}' reported an error mid-stream: "
-                        f"{observer.error.get('message', 'no message')}",
-                        code="upstream_stream_error",
-                    )
+                    raise self._error_mid_stream(observer.error)
                 if observer.done:
                     break
                 if ended:
                     if observer.finished:
                         break
-                    raise StreamInterrupted(
-                        f"Backend '{name}' ended the stream before the answer finished.",
-                        code="upstream_stream_incomplete",
-                    )
+                    raise self._incomplete()
                 await drain()
         except StreamInterrupted as interrupted:
             if self.tried is not None:
@@ -273,6 +239,70 @@ class UpstreamStream:
             # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
             observer.done = True
             write(DONE_EVENT)
+
+    async def _pump_first_events(self) -> bytes:
+        """`first_events` through the lean client's `pump`. No async generator is started
+        for the stream: one left unfinished (by `pump`, which reads on without it) costs a
+        finalizing task when it is collected."""
+        observer = self.observer
+        read: Callable[[Sink], Awaitable[bool]] = self.response.pump  # type: ignore[union-attr]
+        got: list[bytes] = []
+        failure: list[Exception] = []
+
+        def sink(chunk: bytes) -> bool:
+            if failure:
+                return True
+            try:
+                events = observer.feed(chunk)
+            except Exception as exc:  # a malformed stream: raised in the task
+                failure.append(exc)
+                return True
+            if events:
+                got.append(events)
+            return bool(got) or observer.error is not None
+
+        while True:
+            ended = await read(sink)
+            if failure:
+                raise failure[0]
+            if got or observer.error is not None:
+                return b"".join(got)
+            if ended:
+                tail = observer.flush()
+                if tail:
+                    return tail
+                raise UpstreamBroken("the stream ended before its first event")
+
+    # Why a stream was cut off, in the words the client's error event carries.
+
+    def _timed_out(self, timer: ReadTimer) -> StreamInterrupted:
+        if timer.idle_expired:
+            reason = f"sent nothing for {self.idle_s:g}s (timeouts.idle_s)"
+        else:
+            reason = "ran past the request's total time (timeouts.total_s)"
+        return StreamInterrupted(
+            f"Backend '{self.backend.name}' {reason}; the stream was cut off.",
+            code="upstream_timeout",
+        )
+
+    def _broke_off(self, exc: UpstreamBroken) -> StreamInterrupted:
+        return StreamInterrupted(
+            f"Backend '{self.backend.name}' broke off the stream: {exc}",
+            code="upstream_stream_broken",
+        )
+
+    def _incomplete(self) -> StreamInterrupted:
+        return StreamInterrupted(
+            f"Backend '{self.backend.name}' ended the stream before the answer finished.",
+            code="upstream_stream_incomplete",
+        )
+
+    def _error_mid_stream(self, error: dict[str, Any]) -> StreamInterrupted:
+        return StreamInterrupted(
+            f"Backend '{self.backend.name}' reported an error mid-stream: "
+            f"{error.get('message', 'no message')}",
+            code="upstream_stream_error",
+        )
 
     async def _pump_chunks(self, sink: Sink) -> bool:
         """`pump` of providers.http1's responses, over `chunks()`: True at the body's end,

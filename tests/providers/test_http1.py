@@ -799,3 +799,41 @@ def test_cancelling_a_pump_closes_the_connection(run) -> None:
         await client.aclose()
 
     run(main())
+
+
+def test_chunks_and_read_go_on_after_a_pump_that_paused(run) -> None:
+    """A pump whose sink paused the connection (the router reads a stream's first events
+    so) leaves the rest to whichever way reads next: it must read again, not wait forever."""
+
+    async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(CHUNKED)
+        await writer.drain()
+        for piece in (b"one", b"two", b"three"):
+            await asyncio.sleep(0.02)  # each comes while the client waits for it
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async def main() -> None:
+        server = Server(respond)
+        client = pool(await server.start())
+        for how in ("chunks", "read"):
+            async with asyncio.timeout(5):
+                response = await client.request(b"POST", b"/", b"", b"")
+                first: list[bytes] = []
+
+                def pause_after(piece: bytes, first: list[bytes] = first) -> bool:
+                    first.append(piece)
+                    return True
+
+                assert await response.pump(pause_after) is False
+                if how == "chunks":
+                    rest = b"".join([piece async for piece in response.chunks()])
+                else:
+                    rest = await response.read(100)
+            assert b"".join(first) + rest == b"onetwothree"
+        assert server.connections == 1
+        await client.aclose()
+
+    run(main())
