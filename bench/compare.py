@@ -49,6 +49,7 @@ from bench.run import (  # noqa: E402
     chat_body,
     check_completion,
     check_stream,
+    streamload_argv,
 )
 from bench.wrk import ensure_wrk  # noqa: E402
 
@@ -114,23 +115,7 @@ class Comparison:
 
     def _stream_load(self, url: str, body: bytes) -> Callable[[], int]:
         plan = self.bench.plan
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.streamload",
-            "--url",
-            url + CHAT_PATH,
-            "--body",
-            body.decode(),
-            "--concurrency",
-            str(CONCURRENCY),
-            "--duration",
-            str(plan.duration_s),
-            "--warmup",
-            "0",
-            "--header",
-            f"Authorization: {AUTH_HEADERS['Authorization']}",
-        ]
+        argv = streamload_argv(url, body, AUTH_HEADERS, CONCURRENCY, plan.duration_s, 0)
 
         def run() -> int:
             done = self.bench.procs.run(

@@ -253,6 +253,36 @@ def cache_outcome(url: str, body: bytes, headers: Mapping[str, str]) -> str | No
         raise BenchError(f"a cacheable request got {exc.code}: {exc.read()[:300]!r}") from None
 
 
+def streamload_argv(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+) -> list[str]:
+    """bench/streamload.py streaming `body` to the gateway or sim at `url`."""
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.streamload",
+        "--url",
+        url + CHAT_PATH,
+        "--body",
+        body.decode(),
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration_s),
+        "--warmup",
+        str(warmup_s),
+    ]
+    for name, value in headers.items():
+        if name.lower() != "content-type":  # streamload sends its own
+            argv += ["--header", f"{name}: {value}"]
+    return argv
+
+
 def check_completion(label: str, url: str, headers: Mapping[str, str]) -> None:
     status, body = http(url + CHAT_PATH, NONSTREAM_BODY, headers)
     if status != 200 or b'"choices"' not in body:
@@ -535,24 +565,9 @@ class Bench:
         measured: Server | None,
     ) -> Phase:
         label = f"stream c={concurrency} {target}"
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.streamload",
-            "--url",
-            url + CHAT_PATH,
-            "--body",
-            STREAM_BODY.decode(),
-            "--concurrency",
-            str(concurrency),
-            "--duration",
-            str(self.plan.duration_s),
-            "--warmup",
-            str(self.plan.warmup_s),
-        ]
-        for name, value in headers.items():
-            if name.lower() != "content-type":
-                argv += ["--header", f"{name}: {value}"]
+        argv = streamload_argv(
+            url, STREAM_BODY, headers, concurrency, self.plan.duration_s, self.plan.warmup_s
+        )
         timeout = self.plan.duration_s + self.plan.warmup_s + 60
         done, acct = accounted(
             observed,
