@@ -7,6 +7,7 @@ server's transport wrapped to count its writes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.asgi import Receive, Scope, Send
+from gateway.asgi import BODY_WRITER, Receive, Scope, Send
 from gateway.edge.connections import ConnectionGuard, ConnectionLimits
 
 PATIENCE_S = 30.0
@@ -168,3 +169,35 @@ async def test_a_bad_header_is_refused_as_uvicorn_refuses_it(
         await stop(server, serving)
     assert [str(exc) for exc in raised] == [error]
     assert not any(header[0] in write for write in writes)
+
+
+async def test_a_served_request_leaves_nothing_for_the_garbage_collector() -> None:
+    """Each request's objects are freed as it ends, by reference counting. A reference
+    cycle per request (the scope once held its cycle, which holds the scope) costs the
+    garbage collector about 7% of a request's CPU, and nothing else shows it."""
+    writers: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        writers.append(type(scope[BODY_WRITER]))
+        body = b"{}"
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    server, serving, port = await serve(app, [])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    requests = 200
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(requests):
+            writer.write(GET)
+            await reader.readuntil(b"\r\n\r\n{}")
+        await asyncio.sleep(0)  # the last request's task finishes
+        found = gc.collect()
+    finally:
+        gc.enable()
+        writer.close()
+        await stop(server, serving)
+    assert len(writers) == requests
+    assert found < requests // 4, f"{found} objects in reference cycles after {requests} requests"
