@@ -365,18 +365,18 @@ class Response:
         connection = self._connection
         if connection.buffered and sink(connection.take()) and not connection.complete:
             return False
-        if connection.complete:
-            self.close()
+        if self._ended():
             return True
-        if connection.error is not None:
-            self.close()
-            raise connection.error
         connection.sink = sink
-        connection.resume()
         try:
             await self._next_event()
         finally:
             connection.sink = None
+        return self._ended()
+
+    def _ended(self) -> bool:
+        """Whether the body has ended (the response is then closed); raises its failure."""
+        connection = self._connection
         if connection.complete:
             self.close()
             return True
@@ -387,8 +387,7 @@ class Response:
 
     async def _next_event(self) -> None:
         connection = self._connection
-        if connection._paused and connection.sink is None:
-            connection.resume()  # paused by a `pump` sink: `read` goes on without one
+        connection.resume()  # a `pump` sink may have paused it
         waiter = connection.body_waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
