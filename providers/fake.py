@@ -87,10 +87,12 @@ StreamItem: TypeAlias = dict[str, Any] | bytes | Pause | Hang | Break
 
 @dataclass(frozen=True, slots=True)
 class Events:
-    """A 200 event stream, one read per item."""
+    """A 200 event stream, one read per item; `at_once`: the whole body in one read, as
+    the lean client's `pump` (providers.http1) gives an answer that arrived whole."""
 
     items: Sequence[StreamItem]
     content_type: str = "text/event-stream"
+    at_once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +155,26 @@ class FakeResponse:
         self.closed = True
 
 
+class WholeBodyResponse(FakeResponse):
+    """An `Events` reply `at_once`: `pump` hands the sink every item's bytes in one read
+    and reports the body ended; after that the response, closed, gives nothing more."""
+
+    def __init__(self, reply: Events) -> None:
+        super().__init__(reply)
+        self.reads = 0  # calls of `pump` that handed the sink something
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        if not self.reads:
+            self.reads += 1
+            sink(b"".join([chunk async for chunk in super().chunks()]))
+        return True
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if not self.reads:
+            async for chunk in super().chunks():
+                yield chunk
+
+
 class FakeAdapter:
     """An `Adapter` answering from a script; `then` answers once the script has run out
     (without it, a request beyond the script raises `ScriptExhausted`)."""
@@ -194,7 +216,11 @@ class FakeAdapter:
             )
         if isinstance(reply, Hang):
             await _forever()
-        response = FakeResponse(reply)
+        response = (
+            WholeBodyResponse(reply)
+            if isinstance(reply, Events) and reply.at_once
+            else FakeResponse(reply)
+        )
         self.responses.append(response)
         return response
 

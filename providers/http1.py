@@ -329,6 +329,8 @@ class Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; what arrived before a failure comes first."""
+        if self._done:
+            return  # closed at its body's end: its connection may be another's now
         connection = self._connection
         loop = asyncio.get_running_loop()
         while True:
@@ -362,6 +364,8 @@ class Response:
         `sink` must not raise (it runs inside the parser) and must be quick: it holds up
         every other connection of the loop.
         """
+        if self._done:
+            return True  # closed at its body's end: its connection may be another's now
         connection = self._connection
         if connection.buffered and sink(connection.take()) and not connection.complete:
             return False

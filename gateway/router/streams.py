@@ -61,6 +61,7 @@ class UpstreamStream:
     __slots__ = (
         "_chunks",
         "_closed",
+        "_drained",
         "_timer",
         "backend",
         "deadline",
@@ -95,6 +96,7 @@ class UpstreamStream:
         self.response: UpstreamResponse | None = None
         self.first = b""
         self._chunks: AsyncIterator[bytes] | None = None
+        self._drained = False  # the body ended in the read that held the first events
         self._timer: ReadTimer | None = None
         self.tried = tried  # its attempt's record: ended when the stream closes
 
@@ -145,10 +147,12 @@ class UpstreamStream:
                     raise self._broke_off(exc) from None
                 finally:
                     timer.stop()
-                if events is None:
-                    if observer.finished:
-                        break
-                    raise self._incomplete()
+                if events is None:  # the body ended
+                    if observer.error is None:
+                        if observer.finished:
+                            break
+                        raise self._incomplete()
+                    events = b""  # its last event, unterminated, was an error
                 if observer.error is not None:
                     if events:
                         yield events  # what came before the error is part of the answer
@@ -173,6 +177,15 @@ class UpstreamStream:
         errors as `rest()`: it raises `StreamInterrupted` when the stream cannot be finished,
         and `[DONE]` is written if the upstream forgot it."""
         observer = self.observer
+        if self._drained:
+            # The first read held the whole body: nothing is left to read, nor to time.
+            try:
+                self._at_end(write)
+            except StreamInterrupted as interrupted:
+                if self.tried is not None:
+                    self.tried.failed(interrupted.code or "stream_interrupted")
+                raise
+            return
         # The lean client's own pump; any other response (chaos's, a test's fake) is read
         # through its chunks, with the same sink.
         read: Callable[[Sink], Awaitable[bool]] = getattr(self.response, "pump", self._pump_chunks)
@@ -200,10 +213,6 @@ class UpstreamStream:
                     ended = await read(sink)
                     if failure and isinstance(failure[0], UpstreamBroken):
                         raise failure.pop()  # a malformed stream: as one that broke
-                    if ended and not failure:
-                        tail = observer.flush()
-                        if tail:
-                            write(tail)
                 except asyncio.CancelledError:
                     if not timer.expired():
                         raise
@@ -218,14 +227,13 @@ class UpstreamStream:
                     timer.stop()
                 if failure:
                     break  # the writer's own failure (a diverged resumption), raised below
+                if ended:
+                    self._at_end(write)
+                    return
                 if observer.error is not None:
                     raise self._error_mid_stream(observer.error)
                 if observer.done:
                     break
-                if ended:
-                    if observer.finished:
-                        break
-                    raise self._incomplete()
                 await drain()
         except StreamInterrupted as interrupted:
             if self.tried is not None:
@@ -237,6 +245,23 @@ class UpstreamStream:
             raise failure[0]
         if not observer.done:
             # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
+            observer.done = True
+            write(DONE_EVENT)
+
+    def _at_end(self, write: Write) -> None:
+        """`pump`'s last step once the body has ended: the last event if it lacked its
+        blank line, and [DONE] if a finished answer forgot it; raises `StreamInterrupted`
+        when the answer is not whole."""
+        observer = self.observer
+        if not observer.done:
+            tail = observer.flush()
+            if tail:
+                write(tail)
+        if observer.error is not None:
+            raise self._error_mid_stream(observer.error)
+        if not observer.done:
+            if not observer.finished:
+                raise self._incomplete()
             observer.done = True
             write(DONE_EVENT)
 
@@ -266,6 +291,7 @@ class UpstreamStream:
             if failure:
                 raise failure[0]
             if got or observer.error is not None:
+                self._drained = ended
                 return b"".join(got)
             if ended:
                 tail = observer.flush()

@@ -837,3 +837,24 @@ def test_chunks_and_read_go_on_after_a_pump_that_paused(run) -> None:
         await client.aclose()
 
     run(main())
+
+
+def test_a_response_read_to_its_end_reads_nothing_of_the_next_exchange(run) -> None:
+    """Its connection went back to the pool when its body ended: what arrives there later
+    is the next exchange's, even when the first one's reader calls again."""
+
+    async def main() -> None:
+        server = Server(fixed(OK))
+        client = pool(await server.start())
+        first = await client.request(b"POST", b"/", b"", b"")
+        assert await first.pump(lambda piece: False) is True
+        second = await client.request(b"POST", b"/", b"", b"")  # the same connection
+        assert server.connections == 1
+        stolen: list[bytes] = []
+        assert await first.pump(lambda piece: stolen.append(piece) or False) is True
+        assert [piece async for piece in first.chunks()] == []
+        assert stolen == []
+        assert await second.read(100) == b"{}"
+        await client.aclose()
+
+    run(main())

@@ -382,3 +382,83 @@ def test_streaming_payload_asks_for_usage_and_leaves_the_original() -> None:
     assert streamed["stream"] is True
     assert streamed["stream_options"] == {"include_usage": True}
     assert original == {"model": "m", "messages": [], "stream": False}
+
+
+# The chunk nearly every one is (one more piece of text) is taken in by a fast path; these
+# streams mix it with every shape that must fall back to the general rules.
+FAST_PATH_STREAMS = {
+    "vllm chat": [
+        chat_chunk([delta("", role="assistant")], prompt_token_ids=None),
+        chat_chunk([{**delta(" Hello"), "token_ids": None}]),
+        chat_chunk([{**delta(" world"), "token_ids": None}]),
+        chat_chunk([{**delta("!", "stop"), "stop_reason": None, "token_ids": None}]),
+    ],
+    "a null field first seen mid-stream": [
+        chat_chunk([delta("", role="assistant")]),
+        chat_chunk([delta("a")]),
+        chat_chunk([{**delta("b"), "token_ids": None}]),
+        chat_chunk([{**delta("c"), "token_ids": None}]),
+        chat_chunk([delta(None, "stop")]),
+    ],
+    "a field that is not null": [
+        chat_chunk([delta("", role="assistant")]),
+        chat_chunk([delta("a")]),
+        chat_chunk([{**delta("b"), "logprobs": {"content": [{"token": "b"}]}}]),
+        chat_chunk([{**delta("c"), "logprobs": {"content": [{"token": "c"}]}}]),
+        chat_chunk([delta(None, "length")]),
+    ],
+    "the role repeated, content null, text in another field": [
+        chat_chunk([delta("", role="assistant")]),
+        chat_chunk([delta("a", role="assistant")]),
+        chat_chunk([delta(None)]),
+        chat_chunk([delta(reasoning_content="think")]),
+        chat_chunk([delta(reasoning_content="ing")]),
+        chat_chunk([delta("b")]),
+        chat_chunk([{"delta": {"content": "c"}, "logprobs": None, "finish_reason": None}]),
+        chat_chunk([delta(None, "stop")]),
+    ],
+    "content that changes its type": [
+        chat_chunk([delta("", role="assistant")]),
+        chat_chunk([delta("a")]),
+        chat_chunk([{"index": 0, "delta": {"content": 7}, "logprobs": None}]),
+        chat_chunk([delta("b")]),
+        chat_chunk([delta(None, "stop")]),
+    ],
+    "two choices": [
+        chat_chunk([delta("", role="assistant"), {**delta("", role="assistant"), "index": 1}]),
+        chat_chunk([delta("a")]),
+        chat_chunk([{**delta("x"), "index": 1}]),
+        chat_chunk([delta("b", "stop"), {**delta("y", "stop"), "index": 1}]),
+    ],
+}
+TEXT_STREAM = [
+    text_chunk([{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}]),
+    text_chunk([{"index": 0, "text": "b", "logprobs": None, "finish_reason": None}]),
+    text_chunk([{"index": 0, "text": None, "logprobs": None, "finish_reason": None}]),
+    text_chunk([{"index": 0, "text": "c", "logprobs": None, "finish_reason": None}]),
+    text_chunk([{"index": 0, "text": "d", "logprobs": None, "finish_reason": "stop"}]),
+]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "chat"),
+    [*((chunks, True) for chunks in FAST_PATH_STREAMS.values()), (TEXT_STREAM, False)],
+    ids=[*FAST_PATH_STREAMS, "text completion"],
+)
+def test_the_token_fast_path_gives_the_general_rules_answer(
+    chunks: list[dict[str, Any]], chat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.wire import assemble
+
+    taken: list[bool] = []
+    fast_path = assemble._one_more_token
+
+    def counted(choice: dict[str, Any], into: dict[str, Any]) -> bool:
+        taken.append(fast_path(choice, into))
+        return taken[-1]
+
+    monkeypatch.setattr(assemble, "_one_more_token", counted)
+    fast = assembled(chunks, chat=chat)
+    assert any(taken), "no chunk took the fast path"
+    monkeypatch.setattr(assemble, "_one_more_token", lambda choice, into: False)
+    assert fast == assembled(chunks, chat=chat)
