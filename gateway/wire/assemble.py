@@ -93,8 +93,6 @@ class Assembler:
             into = self._choices.get(index)
             if into is None:
                 into = self._choices[index] = {}
-            elif _one_more_token(choice, into):
-                continue
             # `_accumulate` inlined for what nearly every chunk holds: nulls, the choice's
             # index and finish_reason, one piece of text (this runs once per token).
             for key, value in choice.items():
@@ -161,32 +159,6 @@ class Assembler:
         parts.pop("index", None)
         choice.update(parts)  # stop_reason (vLLM), token_ids...: as they came
         return choice
-
-
-def _one_more_token(choice: dict[str, Any], into: dict[str, Any]) -> bool:
-    """Take in what nearly every chunk of a choice already begun is: one more piece of its
-    text, every other field null and seen before. Built-in calls only (a loop over the
-    fields costs more than the rest of the chunk's handling); the result is the general
-    rules' own. False leaves the choice to them."""
-    if not choice.keys() <= into.keys():
-        return False  # a field seen for the first time
-    values = list(choice.values())
-    if values.count(None) != len(values) - 1 - ("index" in choice):
-        return False  # something besides the text (and the index) is not null
-    delta = choice.get("delta")
-    if delta is None:
-        held, piece = into.get("text"), choice.get("text")
-    elif type(delta) is dict and len(delta) == 1:
-        fields = into["delta"]
-        if type(fields) is not dict:
-            return False
-        held, piece = fields.get("content"), delta.get("content")
-    else:
-        return False
-    if type(held) is not _Text or type(piece) is not str:
-        return False
-    held.append(piece)
-    return True
 
 
 def _message(delta: Any) -> dict[str, Any]:
