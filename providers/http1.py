@@ -299,6 +299,8 @@ class Response:
         """The whole body; `UpstreamBroken` if it breaks off or exceeds `limit` bytes
         (`setting` names where the limit comes from), `UpstreamBufferFull` if holding it
         would pass `budget`, which it counts against until the response is closed."""
+        if self._done:
+            return b""  # closed at its body's end: its connection may be another's now
         connection = self._connection
         parts: list[bytes] = []
         size = 0

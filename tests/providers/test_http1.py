@@ -853,6 +853,7 @@ def test_a_response_read_to_its_end_reads_nothing_of_the_next_exchange(run) -> N
         stolen: list[bytes] = []
         assert await first.pump(lambda piece: stolen.append(piece) or False) is True
         assert [piece async for piece in first.chunks()] == []
+        assert await first.read(100) == b""
         assert stolen == []
         assert await second.read(100) == b"{}"
         await client.aclose()
