@@ -96,8 +96,10 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.head_waiter: asyncio.Future[None] | None = None
         self.body_waiter: asyncio.Future[None] | None = None
-        # Set while `Response.pump` runs: takes each body piece as it is parsed.
+        # Set while `Response.pump` runs: takes the body pieces of each read once it is
+        # parsed, all at once (`_pieces` holds them until then).
         self.sink: Callable[[bytes], bool] | None = None
+        self._pieces: list[bytes] = []
         self._paused = False
 
     # asyncio.Protocol
@@ -118,27 +120,48 @@ class _Connection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
-                self.abort()
+                self._broken(exc)
                 return
             if self.received == received:
                 self.framing += len(data)
-            else:
-                self.framing = 0
+                return
+            self.framing = 0
+            if self._pieces:
+                self._hand_over()
 
     def _feed(self, data: bytes | memoryview) -> bool:
         received = self.received
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
-            self.abort()
+            self._broken(exc)
             return False
         if self.received == received:
             self.framing += len(data)
         else:
             self.framing = 0
+            if self._pieces:
+                self._hand_over()
         return True
+
+    def _broken(self, exc: httptools.HttpParserError) -> None:
+        if self._pieces:
+            self._hand_over()  # what arrived before the failure comes first
+        self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+        self.abort()
+
+    def _hand_over(self) -> None:
+        """The body pieces of one read to the pump's sink, at once: the events that came
+        together are observed and written together (one write to the client, not one per
+        piece); a sink that asks for a pause stops the reading."""
+        pieces = self._pieces
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        sink = self.sink
+        if sink is not None and sink(body) and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+            _wake(self.body_waiter)
 
     def _feed_in_steps(self, data: bytes) -> None:
         """Parse `data` no further than the framing cap allows; bytes past it are never kept."""
@@ -206,12 +229,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.received += 1
-        sink = self.sink
-        if sink is not None:
-            if sink(body) and not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
-                _wake(self.body_waiter)
+        if self.sink is not None:
+            self._pieces.append(body)  # handed over once the read is parsed
             return
         self.body.append(body)
         self.buffered += len(body)
@@ -358,13 +377,14 @@ class Response:
                     connection.body_waiter = None
 
     async def pump(self, sink: Callable[[bytes], bool]) -> bool:
-        """Body bytes handed to `sink` as each read is parsed, inside the read's own
-        callback: no task wakes up, nothing is queued, per read. Returns True when the body
-        has ended, False when `sink` returned true (it asks for a pause: reading stops until
-        `pump` is called again); raises as `chunks` does. Bytes that arrived before go first.
+        """Body bytes handed to `sink` once each read is parsed (every piece the read held,
+        in one call), inside the read's own callback: no task wakes up, nothing is queued,
+        per read. Returns True when the body has ended, False when `sink` returned true (it
+        asks for a pause: reading stops until `pump` is called again); raises as `chunks`
+        does. Bytes that arrived before go first.
 
-        `sink` must not raise (it runs inside the parser) and must be quick: it holds up
-        every other connection of the loop.
+        `sink` must not raise (it runs in the protocol's `data_received`) and must be
+        quick: it holds up every other connection of the loop.
         """
         if self._done:
             return True  # closed at its body's end: its connection may be another's now

@@ -859,3 +859,28 @@ def test_a_response_read_to_its_end_reads_nothing_of_the_next_exchange(run) -> N
         await client.aclose()
 
     run(main())
+
+
+def test_the_pieces_of_one_read_reach_the_sink_in_one_call(run) -> None:
+    """Events that came together are observed and written together: one call per read,
+    not one per chunk of the body."""
+    pieces = [b"one", b"two", b"three", b"four", b"five"]
+
+    async def respond(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(CHUNKED)
+        await writer.drain()
+        await asyncio.sleep(0.02)  # the body comes while `pump` waits for it
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+        return True
+
+    async def main() -> None:
+        server = Server(respond)
+        client = pool(await server.start())
+        response = await client.request(b"POST", b"/", b"", b"")
+        calls: list[bytes] = []
+        assert await response.pump(lambda piece: calls.append(piece) or False) is True
+        assert b"".join(calls) == b"".join(pieces)
+        assert len(calls) < len(pieces)  # one per read: the five came in one write
+        await client.aclose()
+
+    run(main())
