@@ -158,7 +158,11 @@ class _Connection(asyncio.Protocol):
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
         sink = self.sink
-        if sink is not None and sink(body) and not self._paused and self.transport is not None:
+        if sink is None:  # not while a read is parsed; were it so, nothing may be lost
+            self.body.append(body)
+            self.buffered += len(body)
+            _wake(self.body_waiter)
+        elif sink(body) and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
             _wake(self.body_waiter)
