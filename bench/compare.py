@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/compare.py`
     sys.path.insert(0, str(REPO))
 
-from bench.procs import BenchError, Processes, Server, pinned  # noqa: E402
+from bench.procs import BenchError, Processes, Server, free_port, pinned  # noqa: E402
 from bench.run import (  # noqa: E402
     AUTH_HEADERS,
     CHAT_PATH,
@@ -56,6 +56,8 @@ from bench.wrk import ensure_wrk  # noqa: E402
 CONCURRENCY = 16
 LONG_STREAM_MAX_TOKENS = 5 * STREAM_MAX_TOKENS
 LOADS = ("non-stream", "stream-short", "stream-long")
+STREAM_LOADS = LOADS[1:]
+FLOOR = "pipe"  # bench/pipe.py, under the stream loads beside the two builds
 
 
 class RevisionMissing(BenchError):
@@ -100,6 +102,7 @@ class Comparison:
         self.bench = bench
         self.builds = builds
         self.gateways: dict[str, Server] = {}
+        self.pipe: Server | None = None  # the floor: bench/pipe.py to the stream worker
         self.rounds: list[dict[str, dict[str, float]]] = []
 
     def start(self) -> None:
@@ -112,6 +115,23 @@ class Comparison:
             check_completion(gateway.name, gateway.url, AUTH_HEADERS)
             check_stream(gateway.name, gateway.url, AUTH_HEADERS)
             self.gateways[build.label] = gateway
+        port = free_port()
+        argv = [
+            sys.executable,
+            str(REPO / "bench" / "pipe.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            stream.url.removeprefix("http://"),
+        ]
+        self.pipe = bench.procs.server(FLOOR, pinned(bench.gateway_core, argv), port=port)
+        check_stream(FLOOR, self.pipe.url, AUTH_HEADERS)
+
+    def servers(self, name: str) -> dict[str, Server]:
+        """Who takes load `name`: both builds, and under the stream loads the byte pipe."""
+        if name in STREAM_LOADS and self.pipe is not None:
+            return {**self.gateways, FLOOR: self.pipe}
+        return self.gateways
 
     def _stream_load(self, url: str, body: bytes) -> Callable[[], int]:
         plan = self.bench.plan
@@ -154,13 +174,15 @@ class Comparison:
         return self._stream_load(url, chat_body(STREAM_MODEL, stream=True, max_tokens=tokens))
 
     def paired(self, name: str) -> dict[str, float]:
-        """Both gateways under the same load at once: CPU µs per completed request each."""
-        labels = list(self.gateways)
-        loads = [self.load(name, self.gateways[label].url) for label in labels]
-        before = {label: self.gateways[label].cpu_seconds() for label in labels}
+        """Both gateways (and for streams the pipe) under the same load at once: CPU µs per
+        completed request each."""
+        servers = self.servers(name)
+        labels = list(servers)
+        loads = [self.load(name, servers[label].url) for label in labels]
+        before = {label: servers[label].cpu_seconds() for label in labels}
         with ThreadPoolExecutor(len(loads)) as pool:
             done = list(pool.map(lambda run: run(), loads))
-        spent = {label: self.gateways[label].cpu_seconds() - before[label] for label in labels}
+        spent = {label: servers[label].cpu_seconds() - before[label] for label in labels}
         return {
             label: spent[label] / max(count, 1) * 1e6
             for label, count in zip(labels, done, strict=True)
@@ -173,7 +195,7 @@ class Comparison:
             print(
                 f"  round {number}: "
                 + "  ".join(
-                    f"{name} " + " / ".join(f"{row[name][b.label]:,.0f}" for b in self.builds)
+                    f"{name} " + " / ".join(f"{cpu:,.0f}" for cpu in row[name].values())
                     for name in LOADS
                 ),
                 file=sys.stderr,
@@ -199,12 +221,24 @@ class Comparison:
             for name in LOADS
         }
         ratios["stream-event"] = per_event["head"] / per_event["base"]
-        return {
+        summary: dict[str, Any] = {
             "cpu_us_per_request": medians,
             "cpu_us_per_stream_event": per_event,
             "events_per_stream": events,
             "head_over_base": ratios,
         }
+        if all(FLOOR in r[name] for r in self.rounds for name in STREAM_LOADS):
+            floor = {
+                name: statistics.median(r[name][FLOOR] for r in self.rounds)
+                for name in STREAM_LOADS
+            }
+            pipe = (floor["stream-long"] - floor["stream-short"]) / extra_events
+            summary["floor"] = {
+                "cpu_us_per_request": floor,
+                "cpu_us_per_stream_event": pipe,
+                "over_floor": {b.label: per_event[b.label] / pipe for b in self.builds},
+            }
+        return summary
 
 
 def render(summary: dict[str, Any], base: str) -> str:
@@ -226,6 +260,14 @@ def render(summary: dict[str, Any], base: str) -> str:
         f"{'a stream event (marginal)':<34}{per_event['base']:>10,.1f}"
         f"{per_event['head']:>10,.1f}{ratios['stream-event']:>11.3f}"
     )
+    floor = summary.get("floor")
+    if floor is not None:
+        over = floor["over_floor"]
+        lines.append(
+            f"a stream event through a byte pipe on uvloop (bench/pipe.py, beside them): "
+            f"{floor['cpu_us_per_stream_event']:,.1f} µs; base {over['base']:.2f}x, "
+            f"head {over['head']:.2f}x that floor"
+        )
     return "\n".join(lines)
 
 
@@ -240,22 +282,24 @@ def compare(
     print(f"bench compare: this tree against {base} ({commit[:12]})", file=sys.stderr, flush=True)
     comparison.start()
     head = comparison.gateways["head"].url
-    events = {
-        name: events_per_stream(
-            head,
-            chat_body(
-                STREAM_MODEL,
-                stream=True,
-                max_tokens=STREAM_MAX_TOKENS if name == "stream-short" else LONG_STREAM_MAX_TOKENS,
-            ),
+    bodies = {
+        name: chat_body(
+            STREAM_MODEL,
+            stream=True,
+            max_tokens=STREAM_MAX_TOKENS if name == "stream-short" else LONG_STREAM_MAX_TOKENS,
         )
-        for name in LOADS[1:]
+        for name in STREAM_LOADS
     }
+    events = {name: events_per_stream(head, body) for name, body in bodies.items()}
+    assert comparison.pipe is not None
+    piped = {name: events_per_stream(comparison.pipe.url, body) for name, body in bodies.items()}
+    if piped != events:  # the same worker's streams: the pipe forwards them as they are
+        raise BenchError(f"streams through the pipe carry {piped} events, the gateway's {events}")
     # One unrecorded round: both processes warm (imports, code paths, connection pools).
     comparison.paired("non-stream")
     comparison.run(rounds)
-    for gateway in comparison.gateways.values():
-        procs.stop(gateway.popen)
+    for server in (*comparison.gateways.values(), comparison.pipe):
+        procs.stop(server.popen)
     summary = comparison.summary(events)
     return {
         "base": base,

@@ -7,7 +7,9 @@ import json
 
 import orjson
 import pytest
+import uvloop
 
+from bench import pipe as pipe_module
 from bench.compare import Build, Comparison, RevisionMissing, export_revision
 from bench.compare import render as render_compare
 from bench.procs import BenchError
@@ -225,3 +227,52 @@ def test_side_by_side_summary_takes_medians_and_the_marginal_cost_of_an_event() 
 def test_a_revision_not_in_the_clone_is_its_own_error(tmp_path) -> None:
     with pytest.raises(RevisionMissing, match="not a commit of this clone"):
         export_revision("0" * 40, tmp_path / "base")
+
+
+def test_the_byte_pipe_is_the_floor_each_build_is_measured_against() -> None:
+    comparison = Comparison.__new__(Comparison)
+    comparison.builds = [Build("base", None), Build("head", None)]
+    comparison.rounds = [
+        {
+            "non-stream": {"base": 300.0, "head": 240.0},
+            "stream-short": {"base": 1000.0, "head": 800.0, "pipe": 500.0},
+            "stream-long": {"base": 3000.0, "head": 2000.0, "pipe": 1140.0},
+        }
+    ]
+    summary = comparison.summary({"stream-short": 19, "stream-long": 83})
+    floor = summary["floor"]
+    assert floor["cpu_us_per_stream_event"] == pytest.approx(10.0)  # 640 µs over 64 events
+    assert floor["over_floor"] == {"base": pytest.approx(3.125), "head": pytest.approx(1.875)}
+    assert "head 1.88x that floor" in render_compare(summary, "abc1234")
+
+
+def test_the_byte_pipe_passes_bytes_both_ways_as_they_come() -> None:
+    async def main() -> None:
+        heard: list[bytes] = []
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            heard.append(await reader.readuntil(b"\r\n\r\n"))
+            for part in (b"HTTP/1.1 200 OK\r\n\r\n", b"data: 1\n\n", b"data: 2\n\n"):
+                writer.write(part)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        upstream_port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        pipe = await loop.create_server(
+            lambda: pipe_module._Client("127.0.0.1", upstream_port), "127.0.0.1", 0
+        )
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", pipe.sockets[0].getsockname()[1]
+        )
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            received = await reader.read()  # to the upstream's close, passed on
+        assert heard == [b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n"]
+        assert received == b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\ndata: 2\n\n"
+        writer.close()
+        pipe.close()
+        server.close()
+
+    uvloop.run(main())
