@@ -203,19 +203,16 @@ class Comparison:
             )
 
     def summary(self, events: dict[str, int]) -> dict[str, Any]:
-        medians = {
-            name: {
-                b.label: statistics.median(r[name][b.label] for r in self.rounds)
-                for b in self.builds
-            }
-            for name in LOADS
-        }
-        extra_events = events["stream-long"] - events["stream-short"]
-        per_event = {
-            b.label: (medians["stream-long"][b.label] - medians["stream-short"][b.label])
-            / extra_events
-            for b in self.builds
-        }
+        def median(name: str, label: str) -> float:
+            return statistics.median(r[name][label] for r in self.rounds)
+
+        def marginal(label: str) -> float:
+            """CPU per event of what `label` ran: the long streams' over the short ones'."""
+            extra_events = events["stream-long"] - events["stream-short"]
+            return (median("stream-long", label) - median("stream-short", label)) / extra_events
+
+        medians = {name: {b.label: median(name, b.label) for b in self.builds} for name in LOADS}
+        per_event = {b.label: marginal(b.label) for b in self.builds}
         ratios = {
             name: statistics.median(r[name]["head"] / r[name]["base"] for r in self.rounds)
             for name in LOADS
@@ -228,13 +225,9 @@ class Comparison:
             "head_over_base": ratios,
         }
         if all(FLOOR in r[name] for r in self.rounds for name in STREAM_LOADS):
-            floor = {
-                name: statistics.median(r[name][FLOOR] for r in self.rounds)
-                for name in STREAM_LOADS
-            }
-            pipe = (floor["stream-long"] - floor["stream-short"]) / extra_events
+            pipe = marginal(FLOOR)
             summary["floor"] = {
-                "cpu_us_per_request": floor,
+                "cpu_us_per_request": {name: median(name, FLOOR) for name in STREAM_LOADS},
                 "cpu_us_per_stream_event": pipe,
                 "over_floor": {b.label: per_event[b.label] / pipe for b in self.builds},
             }

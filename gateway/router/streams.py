@@ -160,8 +160,7 @@ class UpstreamStream:
                 if events:
                     yield events
         except StreamInterrupted as interrupted:
-            if self.tried is not None:
-                self.tried.failed(interrupted.code or "stream_interrupted")
+            self._cut_off(interrupted)
             raise
         finally:
             timer.close()
@@ -182,8 +181,7 @@ class UpstreamStream:
             try:
                 self._at_end(write)
             except StreamInterrupted as interrupted:
-                if self.tried is not None:
-                    self.tried.failed(interrupted.code or "stream_interrupted")
+                self._cut_off(interrupted)
                 raise
             return
         # The lean client's own pump; any other response (chaos's, a test's fake) is read
@@ -236,8 +234,7 @@ class UpstreamStream:
                     break
                 await drain()
         except StreamInterrupted as interrupted:
-            if self.tried is not None:
-                self.tried.failed(interrupted.code or "stream_interrupted")
+            self._cut_off(interrupted)
             raise
         finally:
             timer.close()
@@ -247,6 +244,11 @@ class UpstreamStream:
             # Finished but forgot [DONE], or lost it: the answer is whole, so complete it.
             observer.done = True
             write(DONE_EVENT)
+
+    def _cut_off(self, interrupted: StreamInterrupted) -> None:
+        """Its attempt's record of why the stream could not be finished."""
+        if self.tried is not None:
+            self.tried.failed(interrupted.code or "stream_interrupted")
 
     def _at_end(self, write: Write) -> None:
         """`pump`'s last step once the body has ended: the last event if it lacked its
